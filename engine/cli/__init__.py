@@ -1,0 +1,89 @@
+"""The ``brigade`` command line: one module per subcommand, registered in ``COMMANDS``.
+
+Each subcommand module exposes ``NAME``, ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int``. Errors that a user caused (``UsageError`` and the libraries'
+configuration errors) print one line and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "UsageError", "build_parser"]
+
+# Subcommand modules, imported lazily so that `brigade schedule` never imports torch or ray.
+COMMANDS = [
+    "brigade.engine.cli.models_cmd",
+    "brigade.engine.cli.train_cmd",
+    "brigade.engine.cli.schedule_cmd",
+]
+
+
+class UsageError(ValueError):
+    """A bad command-line value; the message names the value and what would work."""
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean 'the user asked for something invalid' (exit 2)."""
+    kinds: list[type[BaseException]] = [UsageError]
+    for mod, name in (
+        ("brigade.stages.errors", "ConfigError"),
+        ("brigade.schedulers.errors", "ScheduleError"),
+        ("brigade.engine.errors", "PipelineConfigError"),
+    ):
+        try:
+            kinds.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(kinds)
+
+
+def _runtime_errors() -> tuple[type[BaseException], ...]:
+    """Failures during a run (a stage died, a deadlock): one line, exit status 1."""
+    try:
+        from brigade.engine.errors import PipelineError
+    except ImportError:  # pragma: no cover
+        return ()
+    return (PipelineError,)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    """Build the top-level parser; returns it and a map from subcommand name to module."""
+    parser = argparse.ArgumentParser(
+        prog="brigade",
+        description="Pipeline-parallel training with asynchronous stages.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules: dict[str, object] = {}
+    for path in COMMANDS:
+        mod = importlib.import_module(path)
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        modules[mod.NAME] = mod
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``brigade`` console script."""
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except _usage_errors() as err:
+        print(f"brigade {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except _runtime_errors() as err:
+        print(f"brigade {args.command}: failed: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"brigade {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""``brigade fwdgrad``: shared-seed data-parallel forward-gradient training on Ray.
+
+N workers each hold a replica and a shard of the training set; per round each sends back only
+its directional derivatives (a few scalars), the coordinator merges them (naive, mean,
+weighted) and every replica applies the same update from regenerated directions. Prints test
+accuracy, bytes on the wire per round and whether the replicas are still bit-identical;
+``--json PATH`` writes those figures (``final_test_accuracy``, ``bytes_per_step``,
+``wall_s``, ``train_loss`` per epoch, ``replicas_identical``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from . import UsageError, output
+
+__all__ = ["NAME", "HELP", "add_arguments", "run"]
+
+NAME = "fwdgrad"
+HELP = "Shared-seed data-parallel forward-gradient training (workers send scalars, not gradients)."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=10, help="worker actors, one data shard each (default 10)")
+    p.add_argument("--merge", default="mean", help="naive | mean | weighted (default mean)")
+    p.add_argument("--directions", default="independent",
+                   help="independent (a direction per worker) | shared (one for all, the seed report's)")
+    p.add_argument("--model", default="mlp", help="built-in model (see `brigade models`; default mlp)")
+    p.add_argument("--width", type=int, default=None, help="hidden units (mlp) or channels (cnn)")
+    p.add_argument("--data", default="mnist", help="data set (mnist, cifar10, synthetic, digits)")
+    p.add_argument("--data-dir", default=None, help="folder holding the data set's files")
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training samples")
+    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test samples")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64, help="samples per worker per round (default 64)")
+    p.add_argument("--optimizer", default="sgd", help="sgd | momentum | nesterov | adam | rmsprop")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: measured, per optimizer and guess)")
+    p.add_argument("--momentum", type=float, default=None, help="momentum / nesterov coefficient")
+    p.add_argument("--clip-norm", type=float, default=None, help="clip each estimate to this L2 norm")
+    p.add_argument("--decay", default=None, help="learning-rate decay: constant | inverse | sqrt | cosine")
+    p.add_argument("--weight-decay", type=float, default=None, help="decoupled weight decay")
+    p.add_argument("--guess", default="random",
+                   help="random (shared seed, scalars only) | local (aux-head guess; sends the estimate)")
+    p.add_argument("--projections", default="1",
+                   help="directions per worker per round: N, or one count per block with --scope block (e.g. 1,1,256)")
+    p.add_argument("--dist", default="rademacher", help="rademacher | gaussian")
+    p.add_argument("--scope", default=None, help="global (one direction over the model) | block (per block)")
+    p.add_argument("--shards", default="equal", help="equal | uneven (shard i holds a share ∝ i+1)")
+    p.add_argument("--seed", type=int, default=0, help="the shared seed (default 0)")
+    p.add_argument("--backend", default="ray", help="ray (actors) | local (workers in this process)")
+    p.add_argument("--address", default=None, help="join this Ray cluster (`auto` or host:port)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster started on demand")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a worker before failing")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
+    p.add_argument("--save", default=None, metavar="PATH", help="write the trained state_dict")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _projections(text: str) -> int | tuple[int, ...]:
+    try:
+        ns = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--projections {text!r} must be an integer or comma-separated integers, e.g. 1,1,256") from None
+    if not ns:
+        raise UsageError("--projections needs at least one number")
+    return ns[0] if len(ns) == 1 else ns
+
+
+def config_from_args(args: argparse.Namespace):
+    from brigade.engine.fgdp import FGDPConfig
+
+    okw = {
+        k: v
+        for k, v in dict(momentum=args.momentum, clip_norm=args.clip_norm, decay=args.decay,
+                         weight_decay=args.weight_decay).items()
+        if v is not None
+    }
+    projections = _projections(args.projections)
+    scope = args.scope or ("block" if isinstance(projections, tuple) or args.guess == "local" else "global")
+    return FGDPConfig(
+        workers=args.workers, merge=args.merge, directions=args.directions, guess=args.guess,
+        projections=projections, dist=args.dist, scope=scope, optimizer=args.optimizer,
+        lr=args.lr, optimizer_kw=okw, batch_size=args.batch_size, shards=args.shards,
+        seed=args.seed, timeout_s=args.timeout,
+    )
+
+
+def _data(args: argparse.Namespace):
+    from brigade.stages.data import load_dataset
+
+    train = load_dataset(args.data, args.data_dir, "train")
+    test = load_dataset(args.data, args.data_dir, "test")
+    for flag, value in (("--train-limit", args.train_limit), ("--test-limit", args.test_limit)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be a positive number of samples; got {value}")
+    if args.train_limit:
+        train = train.take(args.train_limit)
+    if args.test_limit:
+        test = test.take(args.test_limit)
+    return train, test
+
+
+def _model(args: argparse.Namespace, train):
+    import torch
+
+    from brigade.stages.models import build_model, model_options, shape_kwargs
+
+    shape = shape_kwargs(tuple(train.x.shape[1:]), train.num_classes)
+    kw = {k: v for k, v in {**shape, "width": args.width}.items() if v is not None and k in model_options(args.model)}
+    torch.manual_seed(args.seed)
+    return build_model(args.model, **kw)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
+    from brigade.engine.fgdp import ForwardGradientDP
+
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be at least 1; got {args.epochs}")
+    cfg = config_from_args(args)
+    train, test = _data(args)
+    model = _model(args, train)
+    torch.set_num_threads(1)
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    dp = ForwardGradientDP(model, train, test, None, cfg, address=args.address, num_cpus=args.num_cpus,
+                           backend=args.backend)
+    try:
+        total = args.epochs * dp.rounds_per_epoch
+        with output.progress_bar(console, f"fwdgrad x{cfg.workers}", disable=args.quiet) as update:
+            update(0, total, {})
+
+            def on_round(rec: dict) -> None:
+                update(rec["t"] + 1, total, {"epoch": rec["epoch"] + 1, "loss": rec["loss"],
+                                             "bytes/round": output.fmt_bytes(rec["bytes"])})
+
+            report = dp.fit(args.epochs, on_round=on_round)
+        state = dp.state_dict() if args.save else None
+    finally:
+        dp.shutdown()
+    report.update(model=args.model, data=args.data, workers=cfg.workers, merge=cfg.merge,
+                  guess=cfg.guess, backend=args.backend, total_wall_s=time.perf_counter() - started)
+    print_report(report, Console())
+    if args.save:
+        output.save_state_dict(state, args.save)
+    if args.json:
+        output.write_json(args.json, report)
+    return 0
+
+
+def print_report(report: dict, console) -> None:
+    cfg = report["config"]
+    console.print(
+        f"[bold]{report['model']}[/] on {report['data']}: {cfg['workers']} workers, merge {cfg['merge']}, "
+        f"guess {cfg['guess']}, directions {cfg['directions']}, projections {cfg['projections']}, "
+        f"{report['rounds']} rounds, backend {report['backend']}"
+    )
+    console.print(
+        f"test accuracy [bold]{report['final_test_accuracy']:.4f}[/]   train wall {report['wall_s']:.1f} s   "
+        f"bytes/round {output.fmt_bytes(report['bytes_per_step'])} "
+        f"(up {output.fmt_bytes(report['bytes_up_per_step'])}, down {output.fmt_bytes(report['bytes_down_per_step'])}; "
+        f"parameters {output.fmt_bytes(report['param_bytes'])})   "
+        f"replicas identical: {report['replicas_identical']}"
+    )
+    console.print("train loss per epoch: " + ", ".join(f"{v:.4f}" for v in report["train_loss"]))

@@ -1,0 +1,113 @@
+"""``brigade train``: train a built-in model on a built-in data set through a pipeline."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from . import output
+from . import UsageError
+
+NAME = "train"
+HELP = "Train a built-in model on a data set with a pipeline; print accuracy and idle time."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``brigade train`` (README lists them with examples)."""
+    p.add_argument("--model", default="mlp", help="built-in model (see `brigade models`)")
+    p.add_argument("--width", type=int, default=None, help="base width (channels / units)")
+    p.add_argument("--data", default="synthetic",
+                   help="synthetic | mnist | cifar10 | digits (default: synthetic)")
+    p.add_argument("--data-dir", default=None, help="folder holding the data set's files")
+    p.add_argument("--stages", type=int, default=2, help="pipeline workers (default 2)")
+    p.add_argument("--balance", default=None,
+                   help="blocks per stage, comma-separated (workers x virtual entries)")
+    p.add_argument("--balance-by", default="uniform", choices=["uniform", "params", "time"],
+                   help="how to cut the model when --balance is not given")
+    p.add_argument("--schedule", default=None,
+                   help="gpipe | 1f1b | interleaved | zb1p (default: the method's first)")
+    p.add_argument("--method", default="backprop", help="learning rule (default backprop)")
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--virtual", type=int, default=1, help="stages per worker (interleaved)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--optimizer", default="sgd",
+                   help="sgd | momentum | nesterov | adam | adamw | rmsprop")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="ray", choices=["ray", "local"],
+                   help="ray: one actor per stage (default); local: one process")
+    p.add_argument("--address", default=None,
+                   help="join an existing Ray cluster (auto or host:port)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
+    p.add_argument("--save", default=None, metavar="PATH", help="write the trained state_dict")
+    p.add_argument("--trace", default=None, metavar="PATH",
+                   help="write the measured timeline (read it with `brigade report`)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _balance(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--balance {text!r} must be comma-separated integers, e.g. 2,3") from None
+
+
+def config_from_args(args: argparse.Namespace):
+    """Turn parsed flags into a TrainConfig (its checks name the bad value)."""
+    from brigade.engine.train import TrainConfig
+
+    return TrainConfig(
+        model=args.model, width=args.width, data=args.data, data_dir=args.data_dir,
+        stages=args.stages, balance=_balance(args.balance), balance_by=args.balance_by,
+        schedule=args.schedule, method=args.method, microbatches=args.microbatches,
+        virtual=args.virtual, batch_size=args.batch_size, epochs=args.epochs,
+        steps=args.steps, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
+        backend=args.backend, address=args.address,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from brigade.engine.train import run_training
+
+    cfg = config_from_args(args)
+    console = Console(stderr=True)
+    with output.progress_bar(console, "training", disable=args.quiet) as update:
+        report = run_training(cfg, progress=update)
+    print_report(report, Console())
+    if args.save:
+        output.save_state_dict(report["state_dict"], args.save)
+    if args.trace:
+        output.atomic_write_text(args.trace, report["timeline"].to_json())
+    if args.json:
+        output.write_json(args.json, output.json_figures(report))
+    return 0
+
+
+def print_report(report: dict, console: Console) -> None:
+    """Accuracy, throughput and the per-stage idle-time table."""
+    cfg = report["config"]
+    console.print(
+        f"[bold]{cfg['model']}[/] on {cfg['data']}: {report['steps']} steps, "
+        f"schedule {cfg['schedule']}, method {cfg['method']}, backend {cfg['backend']}, "
+        f"balance {report['balance']}"
+    )
+    console.print(
+        f"test accuracy [bold]{report['final_test_accuracy']:.4f}[/]   "
+        f"throughput {report['samples_per_s']:.1f} samples/s   "
+        f"train wall {report['wall_s']:.1f} s   bubble {report['bubble_fraction']:.3f}"
+    )
+    table = Table(title="per-stage time (measured)")
+    for col in ("worker", "stages", "busy s", "idle fraction", "peak stored activations"):
+        table.add_column(col, justify="right")
+    for row in report["stages"]:
+        table.add_row(
+            str(row["worker"]), ",".join(map(str, row["stages"])), f"{row['busy_s']:.2f}",
+            f"{row['idle_fraction']:.3f}", output.fmt_bytes(row["peak_stored_activation_bytes"]),
+        )
+    console.print(table)

@@ -1,0 +1,99 @@
+"""Typed configuration of a Pipeline, checked once, with errors that say what would work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import PipelineConfigError
+
+__all__ = ["PipelineConfig", "BACKENDS", "METHOD_SCHEDULES"]
+
+BACKENDS = ("ray", "local")
+
+# Which schedules each learning rule can run under (the first is the default).
+METHOD_SCHEDULES: dict[str, tuple[str, ...]] = {
+    "backprop": ("1f1b", "gpipe", "interleaved", "zb1p"),
+}
+
+
+@dataclass
+class PipelineConfig:
+    """Everything that shapes a pipeline run except the model, optimizer and loss."""
+
+    stages: int | list[int] = 2
+    schedule: str = "1f1b"
+    method: str = "backprop"
+    microbatches: int = 4
+    virtual: int = 1
+    backend: str = "ray"
+    balance_by: str = "uniform"
+    address: str | None = None
+    cpus_per_stage: float | None = None
+    gpus_per_stage: float | None = None
+    timeout_s: float = 300.0
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.schedule = self.schedule.lower()
+        self.method = self.method.lower()
+        self.backend = self.backend.lower()
+        if self.method not in METHOD_SCHEDULES:
+            raise PipelineConfigError(
+                f"unknown method {self.method!r}; valid methods: {', '.join(METHOD_SCHEDULES)}"
+            )
+        valid = METHOD_SCHEDULES[self.method]
+        if self.schedule not in valid:
+            raise PipelineConfigError(
+                f"schedule {self.schedule!r} cannot run method {self.method!r}; "
+                f"valid schedules for {self.method}: {', '.join(valid)}"
+            )
+        if self.backend not in BACKENDS:
+            raise PipelineConfigError(
+                f"unknown backend {self.backend!r}; valid backends: {', '.join(BACKENDS)}"
+            )
+        _positive("microbatches", self.microbatches)
+        _positive("virtual", self.virtual)
+        _positive("timeout_s", self.timeout_s)
+        if self.virtual > 1 and self.schedule != "interleaved":
+            raise PipelineConfigError(
+                f"virtual={self.virtual} needs schedule='interleaved' (got {self.schedule!r}); "
+                "use virtual=1 for other schedules"
+            )
+        if self.schedule == "interleaved" and self.virtual < 2:
+            raise PipelineConfigError(
+                f"interleaved needs virtual >= 2 stages per worker (got {self.virtual})"
+            )
+        if isinstance(self.stages, int):
+            _positive("stages", self.stages)
+        else:
+            self.stages = list(self.stages)
+            if not self.stages or any(int(b) != b or b < 1 for b in self.stages):
+                raise PipelineConfigError(
+                    f"balance {self.stages} must be a non-empty list of positive block counts"
+                )
+            if len(self.stages) % self.virtual:
+                raise PipelineConfigError(
+                    f"balance has {len(self.stages)} entries, not a multiple of "
+                    f"virtual={self.virtual}; give workers x virtual entries"
+                )
+        for name in ("cpus_per_stage", "gpus_per_stage"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise PipelineConfigError(f"{name}={value} must be >= 0")
+
+    @property
+    def num_workers(self) -> int:
+        """Processes (actors) the pipeline runs: one per physical stage."""
+        if isinstance(self.stages, int):
+            return self.stages
+        return len(self.stages) // self.virtual
+
+    @property
+    def num_model_stages(self) -> int:
+        """Contiguous pieces the model is cut into (workers x virtual)."""
+        return self.num_workers * self.virtual
+
+
+def _positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise PipelineConfigError(f"{name}={value!r} must be a positive number")

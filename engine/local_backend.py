@@ -1,0 +1,66 @@
+"""The one-process backend: every worker in the driver's thread, interleaved by readiness.
+
+Why: the same Worker code and action lists as the Ray backend, with no processes, for tests
+and for laptops. Workers take turns; each runs actions while their messages are present,
+and a full round with no progress is a deadlock in the schedule, reported with the stuck
+actions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+
+from brigade.schedulers import Action
+
+from .errors import PipelineError
+from .spec import WorkerSpec, build_worker
+from .worker import StepResult, Worker
+
+__all__ = ["LocalBackend"]
+
+
+class LocalBackend:
+    """Runs all workers in this process."""
+
+    def __init__(self, specs: list[WorkerSpec]) -> None:
+        self.pids = [os.getpid()] * len(specs)
+        self.workers: list[Worker] = []
+        for spec in specs:
+            self.workers.append(build_worker(spec, send=self._deliver))
+
+    def _deliver(self, dest: int, key, tensor) -> None:
+        self.workers[dest].mailbox.put(key, tensor)
+
+    def run_step(
+        self, training: bool, programs: list[list[Action]], messages: list[list[tuple]]
+    ) -> list[StepResult]:
+        """Execute one step's action lists; returns each worker's result."""
+        for worker, msgs in zip(self.workers, messages):
+            worker.begin(training, msgs)
+        queues = [deque(p) for p in programs]
+        while any(queues):
+            progressed = False
+            for worker, queue in zip(self.workers, queues):
+                while queue and worker.ready(queue[0]):
+                    worker.execute(queue.popleft())
+                    progressed = True
+            if not progressed:
+                stuck = ", ".join(f"worker {w}: {q[0]}" for w, q in enumerate(queues) if q)
+                raise PipelineError(f"deadlock: no worker can proceed ({stuck})")
+        return [worker.end() for worker in self.workers]
+
+    def state_dicts(self) -> dict[int, dict]:
+        """Each stage's module state, by global stage index."""
+        return {s: st.module.state_dict() for w in self.workers for s, st in w.stages.items()}
+
+    def load_state_dicts(self, states: dict[int, dict]) -> None:
+        for w in self.workers:
+            for s, st in w.stages.items():
+                st.module.load_state_dict(states[s])
+
+    def clock_offsets(self) -> list[float]:
+        return [0.0] * len(self.workers)
+
+    def shutdown(self) -> None:
+        self.workers = []

@@ -1,0 +1,272 @@
+"""The public Pipeline: cut a model into stages, run a schedule on them, measure it.
+
+``Pipeline`` hides the processes the way ``ray.util.queue.Queue`` hides its actor: the user
+sees ``step``, ``predict``, ``state_dict``, ``timeline`` and ``shutdown``. The schedule comes
+from :mod:`brigade.schedulers` as data (per-worker action lists) and the same lists drive the
+simulator, so a measured timeline and its prediction print side by side.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from brigade import schedulers
+from brigade.schedulers import Action, Event, Timeline
+from brigade.stages.partition import partition, split
+from brigade.stages.stage import make_stage_module
+
+from .config import PipelineConfig
+from .errors import PipelineConfigError, PipelineError
+from .microbatch import loss_weights, split_batch
+from .spec import WorkerSpec
+
+__all__ = ["Pipeline"]
+
+
+class Pipeline:
+    """A model trained by a pipeline of stages (see DESIGN.md for the contract).
+
+    ``stages`` is the number of workers (processes), or a balance list of block counts with
+    ``workers x virtual`` entries. Interleaved schedules put ``virtual`` non-adjacent model
+    stages on each worker (worker w holds stages w, w + p, ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Sequential,
+        stages: int | list[int] = 2,
+        schedule: str = "1f1b",
+        method: str = "backprop",
+        microbatches: int = 4,
+        virtual: int = 1,
+        optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
+        loss_fn: nn.Module | None = None,
+        backend: str = "ray",
+        *,
+        balance_by: str = "uniform",
+        sample: torch.Tensor | None = None,
+        address: str | None = None,
+        cpus_per_stage: float | None = None,
+        gpus_per_stage: float | None = None,
+        timeout_s: float = 300.0,
+        **options: Any,
+    ) -> None:
+        self.config = PipelineConfig(
+            stages=stages, schedule=schedule, method=method, microbatches=microbatches,
+            virtual=virtual, backend=backend, balance_by=balance_by, address=address,
+            cpus_per_stage=cpus_per_stage, gpus_per_stage=gpus_per_stage,
+            timeout_s=timeout_s, options=options,
+        )
+        if not isinstance(model, nn.Sequential):
+            raise PipelineConfigError(
+                f"model must be an nn.Sequential of blocks (got {type(model).__name__}); "
+                "wrap your layers in nn.Sequential so contiguous cuts are stages"
+            )
+        self.balance = self._balance(model, sample)
+        self.schedule = schedulers.build(
+            self.config.schedule, stages=self.config.num_workers,
+            microbatches=self.config.microbatches, virtual=self.config.virtual,
+        )
+        self._train_program = self.schedule.workers
+        self._events: list[Event] = []
+        self._samples = 0
+        self._steps = 0
+        self._peak_bytes: dict[int, int] = {}
+        self._owns_ray = False
+        self._backend = self._start(model, optimizer, loss_fn or nn.CrossEntropyLoss())
+        self.worker_pids: list[int] = list(self._backend.pids)  # one process id per worker
+
+    # -- construction ---------------------------------------------------------------------
+    def _balance(self, model: nn.Sequential, sample: torch.Tensor | None) -> list[int]:
+        """Blocks per model stage: as given, or by the chosen balancer."""
+        n = self.config.num_model_stages
+        if isinstance(self.config.stages, list):
+            balance = list(self.config.stages)
+            if sum(balance) != len(model):
+                raise PipelineConfigError(
+                    f"balance {balance} sums to {sum(balance)} but the model has "
+                    f"{len(model)} blocks"
+                )
+            return balance
+        return partition(model, n, by=self.config.balance_by, sample=sample).balance
+
+    def _specs(self, model, optimizer, loss_fn) -> list[WorkerSpec]:
+        """Cut the model (a private copy) and assign each stage to its worker."""
+        model = copy.deepcopy(model)
+        pieces = split(model, self.balance)
+        firsts = [sum(self.balance[:i]) for i in range(len(self.balance))]
+        worker_of = [self.schedule.worker_of(s) for s in range(len(pieces))]
+        specs = []
+        for w in range(self.config.num_workers):
+            mods = {
+                s: make_stage_module(list(pieces[s]), firsts[s])
+                for s in range(len(pieces)) if worker_of[s] == w
+            }
+            specs.append(WorkerSpec(
+                index=w, modules=mods, worker_of=worker_of, method=self.config.method,
+                optimizer_factory=optimizer, loss_fn=loss_fn, options=self.config.options,
+            ))
+        return specs
+
+    def _start(self, model, optimizer, loss_fn):
+        specs = self._specs(model, optimizer, loss_fn)
+        if self.config.backend == "local":
+            from .local_backend import LocalBackend
+
+            return LocalBackend(specs)
+        from .ray_backend import RayBackend
+        from .ray_cluster import ensure_ray
+
+        self._owns_ray = ensure_ray(self.config.address)
+        try:
+            return RayBackend(
+                specs, self.config.cpus_per_stage, self.config.gpus_per_stage,
+                self.config.timeout_s,
+            )
+        except BaseException:
+            self._release_ray()
+            raise
+
+    # -- training and evaluation ------------------------------------------------------------
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on one batch: forward, backward and update on every stage."""
+        self._check_open()
+        xs = split_batch(x, self.config.microbatches)
+        ys = split_batch(y, self.config.microbatches)
+        weights = loss_weights(xs)
+        results = self._run(True, self._train_program, xs, [(yj, w) for yj, w in zip(ys, weights)])
+        self._samples += x.shape[0]
+        self._steps += 1
+        loss = sum(v for r in results for v in r.losses)
+        return {"loss": float(loss), "step": self._steps}
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward-only evaluation through the pipeline; returns the last stage's output."""
+        self._check_open()
+        m = min(self.config.microbatches, x.shape[0])
+        xs = split_batch(x, m)
+        program = self._forward_program(m)
+        results = self._run(False, program, xs, [(None, 0.0)] * m)
+        outputs: dict[int, Any] = {}
+        for r in results:
+            outputs.update(r.outputs)
+        return torch.cat([torch.as_tensor(outputs[j]) for j in range(m)])
+
+    def _forward_program(self, m: int) -> list[list[Action]]:
+        """Every worker's forward actions, microbatch by microbatch (no backward)."""
+        program: list[list[Action]] = [[] for _ in range(self.config.num_workers)]
+        for j in range(m):
+            for s in range(self.schedule.num_stages):
+                program[self.schedule.worker_of(s)].append(Action(s, "F", j))
+        return program
+
+    def _run(self, training: bool, program, xs, ys) -> list:
+        """Hand the step's inputs to the first stage's worker and targets to the last's."""
+        n = self.schedule.num_stages
+        first, last = self.schedule.worker_of(0), self.schedule.worker_of(n - 1)
+        messages: list[list[tuple]] = [[] for _ in range(self.config.num_workers)]
+        messages[first] += [(("x", 0, j), xj) for j, xj in enumerate(xs)]
+        messages[last] += [(("y", j), yj) for j, yj in enumerate(ys)]
+        try:
+            results = self._backend.run_step(training, program, messages)
+        except PipelineError:
+            self.shutdown()  # the backend has killed its workers; release the cluster too
+            raise
+        if training:
+            self._collect(results)
+        return results
+
+    def _collect(self, results) -> None:
+        """Keep the step's events on the driver's clock, and the memory peaks."""
+        offsets = self._backend.clock_offsets()
+        for r in results:
+            off = offsets[r.worker]
+            for (w, s, kind, j, t0, t1, cat) in r.events:
+                self._events.append(Event(w, s, kind, j, t0 - off, t1 - off, cat))
+            for s, b in r.peak_stored_bytes.items():
+                self._peak_bytes[s] = max(self._peak_bytes.get(s, 0), b)
+
+    # -- state and reports ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state: same keys and shapes as ``model.state_dict()``."""
+        self._check_open()
+        states = self._backend.state_dicts()
+        out: dict[str, torch.Tensor] = {}
+        for s in sorted(states):
+            out.update(states[s])
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a whole-model state dict into the stages."""
+        self._check_open()
+        firsts = [sum(self.balance[:i]) for i in range(len(self.balance))]
+        per_stage: dict[int, dict] = {s: {} for s in range(len(self.balance))}
+        for key, value in state.items():
+            block = int(key.split(".", 1)[0])
+            s = max(i for i, f in enumerate(firsts) if f <= block)
+            per_stage[s][key] = value
+        self._backend.load_state_dicts(per_stage)
+
+    def timeline(self) -> Timeline:
+        """The measured timeline of every training step run so far."""
+        return Timeline(
+            events=list(self._events),
+            num_workers=self.config.num_workers,
+            samples=self._samples,
+            meta={
+                "source": "measured",
+                "schedule": self.config.schedule,
+                "method": self.config.method,
+                "stages": self.config.num_workers,
+                "microbatches": self.config.microbatches,
+                "virtual": self.config.virtual,
+                "steps": self._steps,
+                "balance": self.balance,
+                "backend": self.config.backend,
+                "peak_stored_activation_bytes": [
+                    self._peak_bytes.get(s, 0) for s in range(len(self.balance))
+                ],
+            },
+        )
+
+    def reset_timeline(self) -> None:
+        """Forget recorded events (e.g. after warm-up steps)."""
+        self._events = []
+        self._samples = 0
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._backend is None:
+            raise PipelineError("this pipeline was shut down; create a new Pipeline")
+
+    def shutdown(self) -> None:
+        """Stop every worker (and the Ray cluster, if this pipeline started it)."""
+        if self._backend is not None:
+            self._backend.shutdown()
+            self._backend = None
+        self._release_ray()
+
+    def _release_ray(self) -> None:
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
+            self._owns_ray = False
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:  # best effort: actors die with the driver anyway
+        try:
+            if getattr(self, "_backend", None) is not None:
+                self.shutdown()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,53 @@
+"""What a worker process needs to build its stages: shipped once, at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from brigade.stages.stage import Stage, StageSpec
+
+from .worker import Send, Worker
+
+__all__ = ["WorkerSpec", "build_worker", "STAGE_CLASSES"]
+
+# Learning rule -> stage class. A new method adds an entry here (and handlers in the worker).
+STAGE_CLASSES: dict[str, type] = {"backprop": Stage}
+
+
+@dataclass
+class WorkerSpec:
+    """The stages one worker holds, with the pieces each stage is built from."""
+
+    index: int
+    modules: dict[int, nn.Module]  # global stage index -> its blocks (names = block indices)
+    worker_of: list[int]  # global stage index -> worker index
+    method: str
+    optimizer_factory: Callable | None
+    loss_fn: nn.Module | None
+    options: dict[str, Any]
+    device: str = "cpu"
+    num_threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+
+
+def build_worker(spec: WorkerSpec, send: Send | None) -> Worker:
+    """Construct the stages of ``spec`` on its device and wrap them in a Worker."""
+    if spec.num_threads > 0:
+        torch.set_num_threads(spec.num_threads)
+    cls = STAGE_CLASSES[spec.method]
+    num_stages = len(spec.worker_of)
+    stages = {}
+    for s, module in sorted(spec.modules.items()):
+        last = s == num_stages - 1
+        stages[s] = cls(
+            module=module,
+            spec=StageSpec(index=s, num_stages=num_stages),
+            optimizer_factory=spec.optimizer_factory,
+            loss_fn=spec.loss_fn if last else None,
+            device=spec.device,
+            **spec.options,
+        )
+    return Worker(spec.index, stages, spec.worker_of, send=send)

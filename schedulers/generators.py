@@ -1,0 +1,284 @@
+"""Schedule generators: pure functions from sizes to per-worker action lists.
+
+``p`` is the number of workers (pipeline depth, the ``stages`` argument), ``m`` the
+microbatches per step, ``S`` the steps, ``v`` the stages per worker. Microbatch indices are
+global: step ``t`` runs microbatches ``t*m .. t*m+m-1``.
+
+Flush schedules (gpipe, 1f1b, interleaved, zb1p) repeat one step's pattern S times; each
+stage ends every step with ``U`` after all its backward work, and the next step starts
+from an empty pipeline. Decoupled schedules (dni, petra) have no flush: over S steps the
+fill and drain are paid once. ``stale`` runs a gpipe backprop step every k-th step and
+forward-only steps (then ``U`` with the last gradient) in between.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .actions import Action
+from .errors import ScheduleError
+from .schedule import Schedule
+
+__all__ = [
+    "gpipe",
+    "one_f_one_b",
+    "interleaved",
+    "zb1p",
+    "dni",
+    "petra",
+    "stale",
+    "interleaved_rounds",
+]
+
+StepPattern = Callable[[int], list[Action]]  # worker -> its actions for microbatches 0..m-1
+
+
+# -- shared pieces ---------------------------------------------------------------------------
+def _sizes(stages: int, microbatches: int, virtual: int, steps: int) -> None:
+    """Positive integer sizes, or an error that names the bad one."""
+    for name, value in (("stages", stages), ("microbatches", microbatches),
+                        ("virtual", virtual), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ScheduleError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _one_stage_per_worker(name: str, virtual: int) -> None:
+    """Only interleaved places several stages on a worker."""
+    if virtual != 1:
+        raise ScheduleError(
+            f"{name} runs one stage per worker, so virtual must be 1 (got {virtual}); "
+            "for several stages per worker use 'interleaved'"
+        )
+
+
+def _enough_microbatches(name: str, p: int, m: int) -> None:
+    """1F1B-style schedules need a steady state: at least one microbatch per worker."""
+    if m < p:
+        raise ScheduleError(
+            f"{name} needs microbatches >= stages so that every worker reaches its steady "
+            f"state: got m={m} with p={p}; use m >= {p}, or 'gpipe' for m={m}"
+        )
+
+
+def _shift(actions: list[Action], offset: int) -> list[Action]:
+    """The same actions for microbatches ``offset + j`` (the next step's)."""
+    return [Action(a.stage, a.kind, a.microbatch + offset) for a in actions]
+
+
+def _flush(name: str, p: int, m: int, v: int, steps: int, pattern: StepPattern,
+           **options: int) -> Schedule:
+    """Repeat one step's pattern ``steps`` times, each step ending in ``U`` per stage."""
+    workers = []
+    for w in range(p):
+        one = pattern(w)
+        row: list[Action] = []
+        for t in range(steps):
+            row += _shift(one, t * m)
+            row += [Action(s, "U", t) for s in range(w, p * v, p)]
+        workers.append(row)
+    return Schedule(name, p * v, p, m, steps, v, workers, options=options)
+
+
+def _f(s: int, j: int) -> Action:
+    return Action(s, "F", j)
+
+
+def _b(s: int, j: int) -> Action:
+    return Action(s, "B", j)
+
+
+# -- backprop with a flush --------------------------------------------------------------------
+def gpipe(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) -> Schedule:
+    """GPipe: all forwards, then all backwards (in microbatch order), then the update."""
+    _sizes(stages, microbatches, virtual, steps)
+    _one_stage_per_worker("gpipe", virtual)
+    m = microbatches
+
+    def pattern(s: int) -> list[Action]:
+        return [_f(s, j) for j in range(m)] + [_b(s, j) for j in range(m)]
+
+    return _flush("gpipe", stages, m, 1, steps, pattern)
+
+
+def one_f_one_b(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) -> Schedule:
+    """1F1B (PipeDream-Flush): p-1-s warm-up forwards, then one forward, one backward."""
+    _sizes(stages, microbatches, virtual, steps)
+    _one_stage_per_worker("1f1b", virtual)
+    p, m = stages, microbatches
+    _enough_microbatches("1f1b", p, m)
+
+    def pattern(s: int) -> list[Action]:
+        warm = min(p - 1 - s, m)
+        order = [_f(s, j) for j in range(warm)]
+        for j in range(m - warm):
+            order += [_f(s, warm + j), _b(s, j)]
+        return order + [_b(s, j) for j in range(m - warm, m)]
+
+    return _flush("1f1b", p, m, 1, steps, pattern)
+
+
+def interleaved_rounds(stages: int, microbatches: int, virtual: int) -> int:
+    """Microbatches per round of interleaved 1F1B, or an error that says which m work.
+
+    As in torch.distributed.pipelining: ``rounds = m // p`` and each round must hold the
+    same number (>= p) of microbatches; any multiple of p works.
+    """
+    p, m = stages, microbatches
+    if virtual < 2:
+        raise ScheduleError(
+            f"interleaved needs virtual >= 2 stages per worker (got {virtual}); "
+            "with one stage per worker use '1f1b'"
+        )
+    if m < p:
+        raise ScheduleError(
+            f"interleaved needs microbatches >= stages: got m={m} with p={p}; use m={p} "
+            f"(any multiple of {p} works)"
+        )
+    rounds = m // p
+    if m % rounds:
+        fits = [n for n in range(p, 4 * m + p) if n % (n // p) == 0]
+        below = max(n for n in fits if n < m)
+        above = min(n for n in fits if n > m)
+        raise ScheduleError(
+            f"interleaved splits m={m} microbatches into m//p={rounds} rounds of equal size, "
+            f"but {m} is not a multiple of {rounds}; use m={below} or m={above} "
+            f"(any multiple of p={p} works)"
+        )
+    return m // rounds
+
+
+def interleaved(stages: int, microbatches: int, virtual: int = 2, steps: int = 1) -> Schedule:
+    """Interleaved 1F1B (Megatron-LM order): worker w holds stages w, w+p, ...; it runs
+    ``(v-1)*g + 2*(p-1-w)`` warm-up forwards, then alternates, chunk by chunk in rounds of
+    g microbatches (g = p when m is a multiple of p)."""
+    _sizes(stages, microbatches, virtual, steps)
+    p, m, v = stages, microbatches, virtual
+    g = interleaved_rounds(p, m, v)
+    n = v * m
+
+    def op(w: int, k: int, kind: str) -> Action:
+        chunk = (k // g) % v
+        if kind == "B":
+            chunk = v - 1 - chunk
+        return Action(chunk * p + w, kind, (k // (g * v)) * g + k % g)
+
+    def pattern(w: int) -> list[Action]:
+        warm = min((v - 1) * g + 2 * (p - 1 - w), n)
+        order = [op(w, k, "F") for k in range(warm)]
+        for k in range(n - warm):
+            order += [op(w, warm + k, "F"), op(w, k, "B")]
+        return order + [op(w, k, "B") for k in range(n - warm, n)]
+
+    return _flush("interleaved", p, m, v, steps, pattern)
+
+
+def zb1p(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) -> Schedule:
+    """Zero-bubble H1 (Qi et al. 2023): 1F1B with B split into I (input gradient, on the
+    critical path) and W (weight gradient, deferred). Stage s defers s of its W's to the
+    drain, where 1F1B would sit idle; in-flight microbatches stay at p."""
+    _sizes(stages, microbatches, virtual, steps)
+    _one_stage_per_worker("zb1p", virtual)
+    p, m = stages, microbatches
+    _enough_microbatches("zb1p", p, m)
+
+    def pattern(s: int) -> list[Action]:
+        order = [_f(s, j) for j in range(p - 1 - s)]
+        f, b, w = p - 1 - s, 0, 0
+        for _ in range(s):  # forward and input-backward, weight-backward deferred
+            order += [_f(s, f), Action(s, "I", b)]
+            f, b = f + 1, b + 1
+        while f < m:
+            order += [_f(s, f), Action(s, "I", b), Action(s, "W", w)]
+            f, b, w = f + 1, b + 1, w + 1
+        while b < m:
+            order += [Action(s, "I", b), Action(s, "W", w)]
+            b, w = b + 1, w + 1
+        return order + [Action(s, "W", j) for j in range(w, m)]
+
+    return _flush("zb1p", p, m, 1, steps, pattern)
+
+
+# -- decoupled: no flush ---------------------------------------------------------------------
+def dni(stages: int, microbatches: int, virtual: int = 1, steps: int = 1,
+        lag: int = 1) -> Schedule:
+    """Decoupled neural interfaces (Jaderberg 2016): ``S`` runs forward, backward from the
+    synthetic gradient and the update at once, so no stage waits for the ones after it.
+    ``T`` trains the synthetic-gradient module when the true gradient comes back; stage s
+    runs it ``lag`` microbatches later. The last stage has no module, hence no ``T``.
+    Updates happen inside ``S``: there are no ``U`` actions."""
+    _sizes(stages, microbatches, virtual, steps)
+    _one_stage_per_worker("dni", virtual)
+    if isinstance(lag, bool) or not isinstance(lag, int) or lag < 0:
+        raise ScheduleError(f"dni option lag must be an integer >= 0, got {lag!r}")
+    p, n = stages, microbatches * steps
+
+    def row(s: int) -> list[Action]:
+        order: list[Action] = []
+        for j in range(n):
+            order.append(Action(s, "S", j))
+            if s < p - 1 and j >= lag:
+                order.append(Action(s, "T", j - lag))
+        if s < p - 1:
+            order += [Action(s, "T", j) for j in range(max(0, n - lag), n)]
+        return order
+
+    return Schedule("dni", p, p, microbatches, steps, 1, [row(s) for s in range(p)],
+                    options={"lag": lag})
+
+
+def petra(stages: int, microbatches: int, virtual: int = 1, steps: int = 1,
+          accumulate: int | None = None) -> Schedule:
+    """PETRA (Rivaud et al. 2025): every tick a stage runs one forward and one delayed
+    backward ``R`` (rebuild the input from the output, then backprop), with one weight
+    version and no flush. Stage s backprops microbatch j at tick ``j + 2(p-1) - s``;
+    ``U`` applies every ``accumulate`` microbatches of gradient (default m)."""
+    _sizes(stages, microbatches, virtual, steps)
+    _one_stage_per_worker("petra", virtual)
+    p, m = stages, microbatches
+    k = m if accumulate is None else accumulate
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ScheduleError(
+            f"petra option accumulate must be a positive integer, got {accumulate!r}; "
+            f"the default is one step's microbatches ({m})"
+        )
+    n = m * steps
+
+    def row(s: int) -> list[Action]:
+        order: list[Action] = []
+        for tick in range(n + 2 * (p - 1)):
+            if 0 <= tick - s < n:
+                order.append(_f(s, tick - s))
+            j = tick - 2 * (p - 1) + s
+            if 0 <= j < n:
+                order.append(Action(s, "R", j))
+                if (j + 1) % k == 0 or j == n - 1:
+                    order.append(Action(s, "U", j // k))
+        return order
+
+    return Schedule("petra", p, p, m, steps, 1, [row(s) for s in range(p)],
+                    options={"accumulate": k})
+
+
+def stale(stages: int, microbatches: int, virtual: int = 1, steps: int = 1,
+          k: int = 4) -> Schedule:
+    """The synthetic-gradients blog's baseline: every k-th step (0, k, 2k, ...) is a gpipe
+    backprop step; the steps between run forward only (for the loss, keeping no
+    activations) and update with the gradient of the last backprop step."""
+    _sizes(stages, microbatches, virtual, steps)
+    _one_stage_per_worker("stale", virtual)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ScheduleError(f"stale option k must be a positive integer, got {k!r}")
+    p, m = stages, microbatches
+
+    def row(s: int) -> list[Action]:
+        order: list[Action] = []
+        for t in range(steps):
+            mbs = range(t * m, (t + 1) * m)
+            order += [_f(s, j) for j in mbs]
+            if t % k == 0:
+                order += [_b(s, j) for j in mbs]
+            order.append(Action(s, "U", t))
+        return order
+
+    return Schedule("stale", p, p, m, steps, 1, [row(s) for s in range(p)],
+                    options={"k": k})

@@ -1,0 +1,205 @@
+"""The validator: a schedule is accepted only if the engine could run it to the end.
+
+Checks, in the order a reader would want to hear about problems:
+
+1. placement: each action's stage exists and lives on the worker whose list holds it;
+   microbatch (or update) indices are in range; no action appears twice;
+2. coverage: every stage runs a forward of every microbatch; backward work of a step is
+   all-or-none per stage (stale's forward-only steps have none); each ``I`` has its ``W``;
+3. order: what an action waits for exists, and on its own worker comes earlier;
+4. no deadlock between workers (a dry run under the rules of :mod:`.deps`).
+
+Each failure raises :class:`ScheduleError` whose message prints the grid with the
+offending actions marked ``<-- ERROR HERE``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Iterable
+
+from .actions import FORWARD_KINDS, Action
+from .dataflow import run_in_order
+from .deps import Dependencies
+from .errors import ScheduleError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .schedule import Schedule
+
+__all__ = ["validate", "check_placement", "check_coverage", "check_order", "check_deadlock"]
+
+# Backward work that comes all-or-none per stage and step; "B I" are one family (one or
+# the other for a microbatch).
+_FAMILIES = {"B": "BI", "I": "BI", "W": "W", "R": "R", "T": "T"}
+
+
+def validate(schedule: "Schedule") -> None:
+    """Raise :class:`ScheduleError` (with the marked grid) unless ``schedule`` can run."""
+    check_placement(schedule)
+    deps = Dependencies(schedule)
+    check_coverage(schedule, deps)
+    check_order(schedule, deps)
+    check_deadlock(schedule, deps)
+
+
+def _fail(schedule: "Schedule", message: str, marks: dict[Action, str] | Iterable[Action]
+          ) -> None:
+    """Raise with the message, then the grid with ``marks`` flagged."""
+    try:
+        grid = schedule.grid(marks=marks)
+    except ScheduleError:  # the grid itself needs a sound placement
+        grid = "\n".join(f"w{w} | " + " ".join(map(str, row))
+                         for w, row in enumerate(schedule.workers))
+    raise ScheduleError(f"{message}\n{grid}")
+
+
+# -- 1. placement ----------------------------------------------------------------------------
+def check_placement(schedule: "Schedule") -> None:
+    """Stages exist and sit on their worker; indices in range; no duplicates."""
+    seen: dict[Action, int] = {}
+    for w, a in schedule:
+        _check_one(schedule, w, a)
+        if a in seen:
+            _fail(schedule, f"{a} appears twice (worker {seen[a]} and worker {w}); each "
+                  "action runs exactly once", {a: "duplicate"})
+        seen[a] = w
+
+
+def _check_one(schedule: "Schedule", w: int, a: Action) -> None:
+    """One action's stage, worker and index."""
+    p, n = schedule.num_stages, schedule.total_microbatches
+    if a.stage >= p:
+        raise ScheduleError(f"{a} on worker {w}: stage {a.stage} does not exist; this "
+                            f"schedule has stages 0..{p - 1}")
+    if schedule.worker_of(a.stage) != w:
+        raise ScheduleError(
+            f"{a} is in worker {w}'s list, but stage {a.stage} lives on worker "
+            f"{schedule.worker_of(a.stage)} (stage % {schedule.num_workers}); move it there")
+    limit = schedule.num_updates if a.kind == "U" else n
+    if a.microbatch >= limit:
+        what = "update" if a.kind == "U" else "microbatch"
+        raise ScheduleError(f"{a} on worker {w}: {what} {a.microbatch} is out of range; "
+                            f"valid {what} indices are 0..{limit - 1}")
+    if a.kind == "T" and a.stage == p - 1:
+        raise ScheduleError(f"{a}: the last stage computes the true gradient and has no "
+                            "synthetic-gradient module to train; drop its T actions")
+
+
+# -- 2. coverage -----------------------------------------------------------------------------
+def check_coverage(schedule: "Schedule", deps: Dependencies) -> None:
+    """Every forward present; backward families complete per step; updates complete."""
+    by_stage: dict[int, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for _, a in schedule:
+        by_stage[a.stage][a.kind].add(a.microbatch)
+    everything = set(range(schedule.total_microbatches))
+    for s in range(schedule.num_stages):
+        kinds = by_stage[s]
+        _forwards(schedule, deps, s, kinds, everything)
+        _backwards(schedule, s, kinds)
+        _updates(schedule, s, kinds)
+
+
+def _forwards(schedule, deps, s, kinds, everything) -> None:
+    """Stage s runs exactly one forward (F or S) of every microbatch."""
+    both = kinds["F"] & kinds["S"]
+    if both:
+        j = min(both)
+        _fail(schedule, f"stage {s} runs microbatch {j} forward twice ({s}F{j} and {s}S{j})",
+              [Action(s, "F", j), Action(s, "S", j)])
+    missing = sorted(everything - kinds["F"] - kinds["S"])
+    if missing:
+        j = missing[0]
+        _fail(schedule, f"stage {s} never runs a forward of microbatch {j} (missing: "
+              f"{_short(missing)}); every stage must run F for microbatches "
+              f"0..{schedule.total_microbatches - 1}", _touching(schedule, deps, s, j))
+
+
+def _touching(schedule: "Schedule", deps: Dependencies, s: int, j: int) -> list[Action]:
+    """Actions about (s, j) on stage s, or those that wait for a forward of it."""
+    own = [a for _, a in schedule if a.stage == s and a.microbatch == j and a.kind != "U"]
+    if own:
+        return own
+    wanted = {Action(s, k, j) for k in FORWARD_KINDS}
+    return [a for _, a in schedule if wanted & set(deps.of(a))]
+
+
+def _backwards(schedule: "Schedule", s: int, kinds: dict[str, set[int]]) -> None:
+    """Per step: each backward family present for all of the step's microbatches or none."""
+    both = kinds["B"] & kinds["I"]
+    if both:
+        j = min(both)
+        _fail(schedule, f"stage {s} runs both {s}B{j} and {s}I{j}; use B, or the I+W split",
+              [Action(s, "B", j), Action(s, "I", j)])
+    lone = sorted(kinds["I"] ^ kinds["W"])
+    if lone:
+        j = lone[0]
+        have, lack = ("I", "W") if j in kinds["I"] else ("W", "I")
+        _fail(schedule, f"stage {s} runs {s}{have}{j} but no {s}{lack}{j}; the zero-bubble "
+              "split needs both I (input gradient) and W (weight gradient)",
+              [Action(s, have, j)])
+    m = schedule.microbatches
+    for family in ("BI", "W", "R", "T"):
+        done = set().union(*(kinds[k] for k in family))
+        for t in sorted({j // m for j in done}):
+            step = set(range(t * m, (t + 1) * m))
+            missing = sorted(step - done)
+            if missing:
+                kind = family[0]
+                present = [Action(s, k, j) for k in family for j in sorted(done & step)
+                           if j in kinds[k]]
+                _fail(schedule, f"stage {s} runs {kind} for some microbatches of step {t} "
+                      f"but not for {_short(missing)}; a step's backward work covers all "
+                      f"its microbatches {t * m}..{t * m + m - 1}", present[-1:])
+
+
+def _updates(schedule: "Schedule", s: int, kinds: dict[str, set[int]]) -> None:
+    """A stage that updates at all runs every update 0..num_updates-1."""
+    if not kinds["U"]:
+        return
+    missing = sorted(set(range(schedule.num_updates)) - kinds["U"])
+    if missing:
+        have = Action(s, "U", min(kinds["U"]))
+        _fail(schedule, f"stage {s} runs updates but not U{_short(missing)}; it needs "
+              f"{s}U0..{s}U{schedule.num_updates - 1} (one per "
+              f"{schedule.accumulate} microbatches)", [have])
+
+
+def _short(items: list[int]) -> str:
+    """A list of indices, cut short when long."""
+    text = ", ".join(map(str, items[:6]))
+    return text + (", ..." if len(items) > 6 else "")
+
+
+# -- 3. order --------------------------------------------------------------------------------
+def check_order(schedule: "Schedule", deps: Dependencies) -> None:
+    """What each action needs exists, and on the same worker comes earlier."""
+    where = {a: (w, i) for w, row in enumerate(schedule.workers) for i, a in enumerate(row)}
+    for w, row in enumerate(schedule.workers):
+        for i, a in enumerate(row):
+            for d in deps.of(a):
+                _check_edge(schedule, deps, where, a, (w, i), d)
+
+
+def _check_edge(schedule, deps, where, a, at, d) -> None:
+    """One dependency edge d -> a."""
+    if d not in where:
+        _fail(schedule, f"{a} needs {d}, which no worker runs ({deps.rule(a)})",
+              {a: f"needs {d}"})
+    w, i = at
+    dw, di = where[d]
+    if dw == w and di > i:
+        _fail(schedule, f"{a} comes before {d} on worker {w} (positions {i} and {di}), but "
+              f"{deps.rule(a)}: move {a} after {d}", {a: f"needs {d}, which comes later"})
+
+
+# -- 4. deadlock -----------------------------------------------------------------------------
+def check_deadlock(schedule: "Schedule", deps: Dependencies) -> None:
+    """Dry-run the lists; if workers wait for each other in a cycle, say who waits for what."""
+    run = run_in_order(schedule, deps=deps)
+    if not run.deadlocked:
+        return
+    waits = [f"worker {w} waits at {a} for {', '.join(map(str, lack))}"
+             for w, (a, lack) in sorted(run.stuck.items())]
+    marks = {a: "waits for " + ", ".join(map(str, lack)) for a, lack in run.stuck.values()}
+    _fail(schedule, "deadlock: " + "; ".join(waits) + ". Reorder the lists so that each "
+          "worker reaches what the others wait for.", marks)

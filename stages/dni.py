@@ -1,0 +1,272 @@
+"""DNI and cDNI stages: update at once with a synthetic gradient, learn it when the real one comes.
+
+Decoupled neural interfaces (Jaderberg et al. 2016, arXiv 1608.05343; conditional DNI,
+Czarnecki et al. 2017). A non-last stage owns a synthetic-gradient module ``sg``
+(``brigade.stages.synthetic``) that predicts dL/dh from its output h (and, for cDNI, the
+label). One action ``forward`` (the schedule's ``S``) does, for microbatch ``mb``::
+
+    h = module(x)                      (with autograd)
+    g = sg(h.detach(), label)          (the predicted dL/dh)
+    backward(h, g)                     -> parameter gradients and dx = dL/dx
+    optimizer.step()                   (at once: the stage never waits for the others)
+    keep (h, label) for mb             until its target arrives
+    return (h, dx)                     h goes forward, dx backward
+
+The last stage has no module to predict with: it computes the loss (times ``weight``, like
+the backprop ``Stage``), backpropagates it, steps, and returns (loss, dL/dx).
+
+The ``dx`` a stage returns is the regression target of the PREVIOUS stage's ``sg``
+(``train_sg``, the schedule's ``T``): the true gradient at the last boundary, elsewhere the
+stage's own synthetic gradient carried back through it, i.e. bootstrapped as in Jaderberg et
+al. (their Fig. 2). ``train_sg`` regresses ``sg(h, label)`` onto it by mean squared error
+(times ``sg_loss_weight``), takes one step of the SG optimizer and frees the kept h.
+
+``update_prob`` < 1 makes each ``forward`` apply its update only with that probability (a
+seeded draw per call; the gradient is dropped otherwise), as in the paper's experiments
+with stages updating at different rates; ``dx`` is computed either way.
+
+The synthetic-gradient module is created at the first ``forward`` of a non-last stage (its
+shape is known only then), from a seed of its own, so creating it does not disturb the
+global random stream. ``state_dict_extra`` / ``load_state_dict_extra`` carry it and its
+optimizer for checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, choose
+from .stage import StageSpec
+from .synthetic import make_synthesizer
+
+__all__ = ["DNIStage", "SG_OPTIMIZERS"]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SG_OPTIMIZERS = ("adam", "sgd")
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes of the storages behind ``tensors``, each storage once (as ``Stage`` counts)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+class DNIStage:
+    """A slice of the model trained with (conditional) decoupled neural interfaces."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        spec: StageSpec,
+        optimizer_factory: OptimizerFactory | None = None,
+        loss_fn: nn.Module | None = None,
+        device: torch.device | str = "cpu",
+        *,
+        conditioned: bool = False,
+        num_classes: int | None = None,
+        sg_hidden_layers: int = 1,
+        sg_lr: float = 1e-3,
+        sg_optimizer: str | OptimizerFactory = "adam",
+        sg_loss_weight: float = 1.0,
+        update_prob: float = 1.0,
+        seed: int = 0,
+        sg_options: dict | None = None,
+    ) -> None:
+        self.module = module
+        self.spec = spec
+        self.device = torch.device(device)
+        self.module.to(self.device)
+        self.optimizer = optimizer_factory(self.module.parameters()) if optimizer_factory else None
+        self.loss_fn = loss_fn
+        if spec.is_last and loss_fn is None:
+            raise ConfigError(f"stage {spec.index} is the last stage and needs a loss_fn")
+        if conditioned and not (isinstance(num_classes, int) and num_classes > 0):
+            raise ConfigError(f"cDNI (conditioned=True) needs num_classes, a positive integer; got {num_classes!r}")
+        if not 0.0 <= update_prob <= 1.0:
+            raise ConfigError(f"update_prob must lie in [0, 1]; got {update_prob}")
+        if sg_loss_weight < 0:
+            raise ConfigError(f"sg_loss_weight must be >= 0; got {sg_loss_weight}")
+        self.conditioned = conditioned
+        self.num_classes = num_classes if conditioned else None
+        self.sg_hidden_layers = sg_hidden_layers
+        self.sg_lr = sg_lr
+        self.sg_optimizer_kind = sg_optimizer if callable(sg_optimizer) else choose(
+            "synthetic-gradient optimizer", sg_optimizer, SG_OPTIMIZERS)
+        self.sg_loss_weight = sg_loss_weight
+        self.update_prob = update_prob
+        self.seed = seed
+        self.sg_options = dict(sg_options or {})
+        self.sg: nn.Module | None = None
+        self.sg_optimizer: torch.optim.Optimizer | None = None
+        self._sg_shape: tuple[int, ...] | None = None
+        self._draws = torch.Generator().manual_seed(seed * 1_000_003 + spec.index)
+        self._kept: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._losses: list[float] = []
+        self._sg_losses: list[float] = []
+        self.peak_stored_bytes = 0
+        self.updates = 0  # optimizer steps taken (update_prob < 1 skips some)
+
+    # -- the synthetic-gradient module ------------------------------------------------
+    def _build_sg(self, shape: tuple[int, ...]) -> None:
+        """Create the SG module for activations of ``shape`` from this stage's own seed."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + self.spec.index + 1)
+            sg = make_synthesizer(shape, self.sg_hidden_layers, self.num_classes, **self.sg_options)
+        self.sg = sg.to(self.device)
+        self._sg_shape = tuple(shape)
+        if callable(self.sg_optimizer_kind):
+            self.sg_optimizer = self.sg_optimizer_kind(self.sg.parameters())
+        elif self.sg_optimizer_kind == "adam":
+            self.sg_optimizer = torch.optim.Adam(self.sg.parameters(), lr=self.sg_lr)
+        else:
+            self.sg_optimizer = torch.optim.SGD(self.sg.parameters(), lr=self.sg_lr)
+
+    def synthetic_gradient(self, h: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """The SG module's prediction of dL/dh (no graph); builds the module if needed."""
+        if self.spec.is_last:
+            raise ConfigError(f"stage {self.spec.index} is the last stage: it has no synthetic-gradient module")
+        if self.sg is None:
+            self._build_sg(tuple(h.shape))
+        with torch.no_grad():
+            return self.sg(h.detach(), self._label(label))
+
+    def _label(self, label: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.conditioned:
+            return None
+        if label is None:
+            raise ConfigError(f"stage {self.spec.index}: cDNI forward needs the microbatch's labels (label=...)")
+        return label.to(self.device)
+
+    # -- forward: the schedule's S --------------------------------------------------------
+    def forward(
+        self,
+        mb: int,
+        x: torch.Tensor,
+        target: torch.Tensor | None = None,
+        weight: float = 1.0,
+        label: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward, backward from the synthetic (or, last stage, true) gradient, and update.
+
+        Returns ``(out, grad_in)``: ``out`` is the detached output (last stage: the scaled
+        loss, a 0-d tensor) to send forward; ``grad_in`` is dL/dx to send backward as the
+        previous stage's SG target (None on the first stage).
+        """
+        x = x.to(self.device)
+        self.module.zero_grad(set_to_none=True)  # each forward's update is self-contained
+        need_dx = not self.spec.is_first and x.is_floating_point()
+        inp = x.detach().requires_grad_(need_dx)
+        with torch.enable_grad():
+            out = self.module(inp)
+            if self.spec.is_last:
+                if target is None:
+                    raise ConfigError(f"stage {self.spec.index}: last stage forward needs a target")
+                loss = self.loss_fn(out, target.to(self.device)) * weight
+                loss.backward()
+                result = loss.detach()
+                self._losses.append(float(result))
+            else:
+                label = self._label(label)
+                g = self.synthetic_gradient(out, label)
+                out.backward(g)
+                result = out.detach()
+                self._kept[mb] = (result, label)
+                self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes())
+        dx = inp.grad if need_dx else None
+        self._maybe_step()
+        return result, dx
+
+    def _maybe_step(self) -> None:
+        if self.optimizer is None:
+            return
+        if self.update_prob >= 1.0 or float(torch.rand((), generator=self._draws)) < self.update_prob:
+            self.optimizer.step()
+            self.updates += 1
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- the SG's training: the schedule's T ----------------------------------------------
+    def train_sg(self, mb: int, target_grad: torch.Tensor) -> float:
+        """Regress ``sg(h_mb, label)`` onto ``target_grad`` (the gradient the next stage
+        sent back for ``mb``); one SG optimizer step; free what ``forward`` kept. Returns
+        the SG loss (mean squared error times ``sg_loss_weight``)."""
+        if self.spec.is_last:
+            raise ConfigError(f"stage {self.spec.index} is the last stage: it has no synthetic gradient to train")
+        try:
+            h, label = self._kept.pop(mb)
+        except KeyError:
+            raise ConfigError(
+                f"stage {self.spec.index}: train_sg({mb}) before forward({mb}) "
+                f"(kept microbatches: {sorted(self._kept)})"
+            ) from None
+        target_grad = target_grad.to(self.device).detach()
+        if target_grad.shape != h.shape:
+            raise ConfigError(
+                f"stage {self.spec.index}: SG target of shape {tuple(target_grad.shape)} for an "
+                f"activation of shape {tuple(h.shape)}"
+            )
+        with torch.enable_grad():
+            loss = nn.functional.mse_loss(self.sg(h, label), target_grad) * self.sg_loss_weight
+            self.sg_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        self.sg_optimizer.step()
+        value = float(loss.detach())
+        self._sg_losses.append(value)
+        return value
+
+    # -- the rest of the dispatch table ---------------------------------------------------
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward-only evaluation: nothing is stored, no graph is built."""
+        return self.module(x.to(self.device))
+
+    def update(self) -> None:
+        """No-op: a DNI stage updates inside ``forward``. Kept for the dispatch table."""
+
+    def pop_losses(self) -> list[float]:
+        """Scaled losses recorded by the last stage since the previous call."""
+        out, self._losses = self._losses, []
+        return out
+
+    def pop_sg_losses(self) -> list[float]:
+        """SG regression losses of ``train_sg`` since the previous call."""
+        out, self._sg_losses = self._sg_losses, []
+        return out
+
+    @property
+    def stored_microbatches(self) -> int:
+        """How many microbatches' (h, label) this stage holds, waiting for their SG target."""
+        return len(self._kept)
+
+    def stored_bytes(self) -> int:
+        """Bytes held between ``forward`` and ``train_sg``: the outputs h and the labels."""
+        return sum(tensor_bytes(h, label) for h, label in self._kept.values())
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict_extra(self) -> dict[str, Any]:
+        """The SG module and its optimizer (None before the first forward / on the last stage)."""
+        if self.sg is None:
+            return {"sg_shape": None, "sg": None, "sg_optimizer": None}
+        return {
+            "sg_shape": self._sg_shape,
+            "sg": self.sg.state_dict(),
+            "sg_optimizer": self.sg_optimizer.state_dict(),
+        }
+
+    def load_state_dict_extra(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict_extra`` returned (building the SG module if needed)."""
+        if state.get("sg") is None:
+            return
+        if self.sg is None:
+            self._build_sg(tuple(state["sg_shape"]))
+        self.sg.load_state_dict(state["sg"])
+        self.sg_optimizer.load_state_dict(state["sg_optimizer"])

@@ -1,0 +1,237 @@
+"""PETRA stages: delayed backward through reversible blocks, one weight version, no stash.
+
+PETRA (Rivaud et al., ICLR 2025) decouples the forward and backward passes of a pipeline
+of reversible stages. Each tick a stage runs the forward of a new microbatch and the
+backward (``reverse``, the schedule's ``R``) of an older one; the backward does not use
+stored activations or stashed weights:
+
+- forward (``F``): run the blocks without autograd; a REVERSIBLE block keeps nothing; a
+  non-reversible block (stem, ``Downsample``, head) keeps its input for ``mb`` until the
+  reverse. The last stage also keeps the target and loss weight, and returns the loss.
+- reverse (``R``): receive ``(y, dL/dy)`` from the next stage, ``y`` being this stage's
+  output as the next stage rebuilt it. Walk the blocks backwards: a reversible block rebuilds
+  its input from its output with the CURRENT weights and backpropagates through that
+  recomputation (``RevBlock.reverse_backward``); a non-reversible block pops its stored input,
+  recomputes its forward with autograd and backpropagates. Parameter gradients accumulate;
+  ``(x, dL/dx)`` goes to the previous stage. The last stage starts from the loss recomputed
+  from its stored input and target (``reverse(mb, None, None)``).
+- every ``accumulate`` reverses the optimizer steps (``update`` flushes a partial count).
+
+There is one version of the weights: whatever they are when ``reverse`` runs is what
+rebuilds and differentiates. Because weights may have changed since the forward, the
+rebuilt input and the gradients are approximations of backprop's; with no update in
+between they are exact up to float rounding (tested to 1e-5).
+
+BatchNorm statistics. The forward runs in the module's mode; in train mode each BatchNorm
+normalises with the microbatch's own statistics and updates its running statistics ONCE,
+there. Every recomputation in ``reverse`` (the inverse of a reversible block and the
+forward recomputed for the gradient, in reversible and non-reversible blocks alike) runs
+inside ``frozen_bn_stats``: it normalises with the batch statistics of the input it is
+given, the reconstructed input for a reversible block (the same values the forward saw, up
+to rounding, when the weights have not moved) or the stored input for a non-reversible one,
+and never updates the running statistics (momentum 0, ``num_batches_tracked`` restored).
+So each microbatch moves the running statistics exactly once, as in ordinary training.
+Layers with randomness (dropout) would recompute differently; the built-in models have none.
+
+Memory: ``stored_bytes`` counts the stored inputs of non-reversible blocks (and, on a last
+stage that ends with a reversible block, its output); an all-reversible stage holds 0
+bytes. A non-reversible block holds at most ``d + 1`` microbatches when the stage's
+forward runs ``d`` microbatches ahead of its reverse (``max_buffered``; for stage s of p
+in the ``petra`` schedule, ``d = 2(p - 1 - s)``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .dni import tensor_bytes
+from .errors import ConfigError
+from .revnet import frozen_bn_stats, is_reversible
+from .stage import StageSpec
+
+__all__ = ["PetraStage"]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class PetraStage:
+    """A slice of a (mostly) reversible model trained with PETRA's delayed reverse pass."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        spec: StageSpec,
+        optimizer_factory: OptimizerFactory | None = None,
+        loss_fn: nn.Module | None = None,
+        device: torch.device | str = "cpu",
+        *,
+        accumulate: int = 1,
+    ) -> None:
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ConfigError(f"accumulate must be a positive integer; got {accumulate!r}")
+        if spec.is_last and loss_fn is None:
+            raise ConfigError(f"stage {spec.index} is the last stage and needs a loss_fn")
+        self.module = module
+        self.spec = spec
+        self.device = torch.device(device)
+        self.module.to(self.device)
+        self.optimizer = optimizer_factory(self.module.parameters()) if optimizer_factory else None
+        self.loss_fn = loss_fn
+        self.accumulate = accumulate
+        self.blocks: list[nn.Module] = list(module.children()) if isinstance(module, nn.Sequential) else [module]
+        self.reversible = [is_reversible(b) for b in self.blocks]
+        # block index -> {mb: stored input}, for the non-reversible blocks only
+        self._inputs: dict[int, dict[int, torch.Tensor]] = {
+            i: {} for i, r in enumerate(self.reversible) if not r
+        }
+        # last stage: mb -> (target, weight, output if the last block is reversible)
+        self._heads: dict[int, tuple[torch.Tensor, float, torch.Tensor | None]] = {}
+        self._losses: list[float] = []
+        self._pending = 0  # reverses accumulated since the last optimizer step
+        self.steps = 0  # optimizer steps taken
+        self.peak_stored_bytes = 0
+        self.max_buffered = 0
+
+    @property
+    def all_reversible(self) -> bool:
+        return all(self.reversible)
+
+    # -- forward: the schedule's F --------------------------------------------------------
+    @torch.no_grad()
+    def forward(
+        self,
+        mb: int,
+        x: torch.Tensor,
+        target: torch.Tensor | None = None,
+        weight: float = 1.0,
+    ) -> torch.Tensor:
+        """Run ``mb`` forward without autograd, keeping only non-reversible blocks' inputs.
+
+        Returns the detached output, or on the last stage the scaled loss (0-d tensor).
+        """
+        h = x.to(self.device)
+        for i, block in enumerate(self.blocks):
+            if not self.reversible[i]:
+                self._inputs[i][mb] = h
+                self.max_buffered = max(self.max_buffered, len(self._inputs[i]))
+            h = block(h)
+        if self.spec.is_last:
+            if target is None:
+                raise ConfigError(f"stage {self.spec.index}: last stage forward needs a target")
+            target = target.to(self.device)
+            loss = self.loss_fn(h, target) * weight
+            self._losses.append(float(loss))
+            self._heads[mb] = (target, weight, h if self.reversible[-1] else None)
+            h = loss
+        self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes())
+        return h.detach()
+
+    # -- reverse: the schedule's R --------------------------------------------------------
+    def reverse(
+        self,
+        mb: int,
+        y: torch.Tensor | None = None,
+        dy: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Rebuild this stage's input for ``mb`` from its output ``y`` and backpropagate
+        ``dy`` = dL/dy with the current weights; accumulate parameter gradients.
+
+        The last stage takes ``y = dy = None`` and starts from its loss. Returns ``(x, dx)``
+        for the previous stage, ``(None, None)`` on the first stage. Steps the optimizer
+        after every ``accumulate`` reverses.
+        """
+        n = len(self.blocks)
+        head_loss = None  # the last stage's loss, built inside the last block's recompute
+        if self.spec.is_last:
+            try:
+                target, weight, y_kept = self._heads.pop(mb)
+            except KeyError:
+                raise ConfigError(f"stage {self.spec.index}: reverse({mb}) before forward({mb})") from None
+            head_loss = (target, weight)
+            if self.reversible[-1]:  # the loss sits on a reversible block's output
+                with torch.enable_grad():
+                    out = y_kept.detach().requires_grad_()
+                    (dy,) = torch.autograd.grad(self.loss_fn(out, target) * weight, out)
+                y, head_loss = y_kept, None
+        elif dy is None:
+            raise ConfigError(f"stage {self.spec.index}: reverse({mb}) needs dL/dy from the next stage")
+        else:
+            dy = dy.to(self.device)
+            y = None if y is None else y.to(self.device)
+        for i in reversed(range(n)):
+            block = self.blocks[i]
+            want_dx = not (self.spec.is_first and i == 0)
+            if self.reversible[i]:
+                if y is None:
+                    raise ConfigError(
+                        f"stage {self.spec.index}: block {i} is reversible and needs the stage "
+                        f"output y for reverse({mb}); got None"
+                    )
+                y, dy = block.reverse_backward(y, dy)
+                continue
+            try:
+                x_b = self._inputs[i].pop(mb)
+            except KeyError:
+                raise ConfigError(f"stage {self.spec.index}: reverse({mb}) before forward({mb})") from None
+            inp = x_b.detach().requires_grad_(want_dx and x_b.is_floating_point())
+            with frozen_bn_stats(block), torch.enable_grad():
+                out = block(inp)
+                if head_loss is not None and i == n - 1:
+                    target, weight = head_loss
+                    torch.autograd.backward(self.loss_fn(out, target) * weight)
+                else:
+                    torch.autograd.backward(out, dy)
+            y, dy = x_b, inp.grad if inp.requires_grad else None
+        self._pending += 1
+        if self._pending >= self.accumulate:
+            self._step()
+        if self.spec.is_first:
+            return None, None
+        return y.detach(), (None if dy is None else dy.detach())
+
+    def _step(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        self._pending = 0
+
+    # -- the rest of the dispatch table ---------------------------------------------------
+    def update(self) -> None:
+        """Flush a partial accumulation: step if any reverse ran since the last step."""
+        if self._pending:
+            self._step()
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward-only evaluation: nothing is stored, no graph is built."""
+        return self.module(x.to(self.device))
+
+    def pop_losses(self) -> list[float]:
+        """Scaled losses recorded by the last stage since the previous call."""
+        out, self._losses = self._losses, []
+        return out
+
+    @property
+    def stored_microbatches(self) -> int:
+        """How many microbatches this stage holds anything for (inputs, or targets)."""
+        mbs = set(self._heads)
+        for kept in self._inputs.values():
+            mbs.update(kept)
+        return len(mbs)
+
+    def stored_bytes(self) -> int:
+        """Bytes of activations held for pending reverses: non-reversible blocks' inputs
+        (and a reversible tail's output on the last stage). Targets are not counted.
+        Storages are counted once per microbatch, as ``Stage`` counts them."""
+        per_mb: dict[int, list[torch.Tensor]] = {}
+        for kept in self._inputs.values():
+            for mb, t in kept.items():
+                per_mb.setdefault(mb, []).append(t)
+        for mb, (_, _, out) in self._heads.items():
+            if out is not None:
+                per_mb.setdefault(mb, []).append(out)
+        return sum(tensor_bytes(*ts) for ts in per_mb.values())

@@ -1,0 +1,229 @@
+"""One pipeline stage and its backpropagation learning rule, as a plain class.
+
+A stage owns a contiguous slice of the model's blocks, its optimizer and, on the last stage,
+the loss. It exposes one method per action kind of a schedule (forward, backward,
+backward-input, backward-weight, update), keyed by microbatch, so that any executor (a thread,
+a Ray actor, a torchrun rank) can drive it in the order a schedule says. It knows nothing of
+processes or transport: tensors come in and go out as arguments.
+
+Gradient accumulation follows single-process training with the same microbatch split: the
+last stage scales microbatch j's mean loss by ``n_j / N`` (its share of the batch), so the
+accumulated gradient equals the gradient of the batch's mean loss.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["Stage", "StageSpec", "make_stage_module"]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def make_stage_module(blocks: list[nn.Module], first_block: int) -> nn.Sequential:
+    """Wrap blocks in a Sequential whose child names are their indices in the whole model.
+
+    Why: the stage's ``state_dict()`` then carries exactly the keys of the whole model's
+    ``state_dict()`` ("3.conv.weight"), so merging the stages' dicts needs no renaming.
+    """
+    return nn.Sequential(OrderedDict((str(first_block + i), b) for i, b in enumerate(blocks)))
+
+
+@dataclass
+class StageSpec:
+    """What a stage needs to know about its place in the pipeline."""
+
+    index: int
+    num_stages: int
+    first_block: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.num_stages:
+            raise ValueError(f"stage index {self.index} outside 0..{self.num_stages - 1}")
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+
+@dataclass
+class _Saved:
+    """Tensors kept from a microbatch's forward until its backward frees them."""
+
+    inp: torch.Tensor
+    out: torch.Tensor  # the stage output, or the scaled loss on the last stage
+    nbytes: int = 0  # bytes autograd saved for this microbatch's backward, plus inp and out
+    grad_in: torch.Tensor | None = None  # set by backward_input, kept for backward_weight
+    grad_out: torch.Tensor | None = None
+    input_done: bool = False  # backward_input ran; backward_weight may follow
+
+
+class _SavedBytes:
+    """Counts the bytes autograd saves during a forward (each storage once).
+
+    Why: the memory a pipeline stage holds per in-flight microbatch is the autograd graph's
+    saved tensors, not just the boundary activation; PETRA's savings are measured with this.
+    Computing the set of parameter storages costs one pass over the parameters per forward.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.nbytes = 0
+        # Parameters and buffers are saved by reference (Linear saves its weight): they are
+        # not activations, so their storages never count.
+        self._seen: set[int] = {
+            t.untyped_storage().data_ptr()
+            for t in (*module.parameters(), *module.buffers())
+            if t.device.type != "meta"
+        }
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.nbytes += t.untyped_storage().nbytes()
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+@dataclass
+class Stage:
+    """A slice of the model trained by backpropagation, driven one action at a time."""
+
+    module: nn.Module
+    spec: StageSpec
+    optimizer_factory: OptimizerFactory | None = None
+    loss_fn: nn.Module | None = None
+    device: torch.device | str = "cpu"
+    _saved: dict[int, _Saved] = field(default_factory=dict, init=False, repr=False)
+    _losses: list[float] = field(default_factory=list, init=False, repr=False)
+    peak_stored_bytes: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
+        self.module.to(self.device)
+        self.optimizer = (
+            self.optimizer_factory(self.module.parameters()) if self.optimizer_factory else None
+        )
+        if self.spec.is_last and self.loss_fn is None:
+            raise ValueError(f"stage {self.spec.index} is the last stage and needs a loss_fn")
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(
+        self,
+        mb: int,
+        x: torch.Tensor,
+        target: torch.Tensor | None = None,
+        weight: float = 1.0,
+    ) -> torch.Tensor:
+        """Run microbatch ``mb`` forward and keep what its backward needs.
+
+        On the last stage ``target`` is required and the return value is the scaled loss
+        (a 0-d tensor, ``weight`` times the mean loss); elsewhere it is the detached output.
+        """
+        x = x.to(self.device)
+        inp = x.detach().requires_grad_(not self.spec.is_first and x.is_floating_point())
+        counter = _SavedBytes(self.module)
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+            out = self.module(inp)
+        if self.spec.is_last:
+            if target is None:
+                raise ValueError(f"stage {self.spec.index}: last stage forward needs a target")
+            out = self.loss_fn(out, target.to(self.device)) * weight
+            self._losses.append(float(out.detach()))
+        counter.pack(inp)
+        counter.pack(out)
+        self._saved[mb] = _Saved(inp, out, counter.nbytes)
+        self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes())
+        return out.detach()
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward-only evaluation: nothing is stored, no graph is built."""
+        return self.module(x.to(self.device))
+
+    # -- backward -----------------------------------------------------------------------
+    def backward(self, mb: int, grad_out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Full backward of microbatch ``mb``; accumulates parameter gradients.
+
+        Returns dL/d(input) for the previous stage (None on the first stage).
+        """
+        saved = self._saved.pop(mb)
+        grad = self._grad_for(saved, grad_out)
+        torch.autograd.backward(saved.out, grad)
+        return None if self.spec.is_first else saved.inp.grad
+
+    def backward_input(self, mb: int, grad_out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The input half of a split backward (zero-bubble schedules): dL/d(input) only.
+
+        The graph is retained for :meth:`backward_weight`. Autograd computes only the
+        outputs needed for the input, so weight gradients are left for later.
+        """
+        saved = self._saved[mb]
+        saved.grad_out = self._grad_for(saved, grad_out)
+        saved.input_done = True
+        if self.spec.is_first or not saved.inp.requires_grad:
+            return None
+        (saved.grad_in,) = torch.autograd.grad(
+            saved.out, saved.inp, saved.grad_out, retain_graph=True
+        )
+        return saved.grad_in
+
+    def backward_weight(self, mb: int) -> None:
+        """The weight half of a split backward: accumulate parameter gradients, free ``mb``.
+
+        It walks the retained graph again from the output (PyTorch has no public way to
+        resume from the input-gradient frontier), so I + W costs more than one B; the
+        schedule still gains by moving W into bubbles.
+        """
+        saved = self._saved.pop(mb)
+        if not saved.input_done:
+            raise RuntimeError(f"stage {self.spec.index}: W{mb} before I{mb}")
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if not params:
+            return
+        grads = torch.autograd.grad(saved.out, params, saved.grad_out, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            p.grad = g if p.grad is None else p.grad.add_(g)
+
+    def _grad_for(self, saved: _Saved, grad_out: torch.Tensor | None) -> torch.Tensor | None:
+        """The gradient to start backward from: given, or none for the last stage's loss."""
+        if self.spec.is_last:
+            return None
+        if grad_out is None:
+            raise ValueError(f"stage {self.spec.index}: backward needs the output gradient")
+        return grad_out.to(self.device)
+
+    # -- update -------------------------------------------------------------------------
+    def update(self) -> None:
+        """One optimizer step on the gradients accumulated since the last update."""
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def pop_losses(self) -> list[float]:
+        """Scaled losses recorded by the last stage since the previous call."""
+        out, self._losses = self._losses, []
+        return out
+
+    @property
+    def stored_microbatches(self) -> int:
+        """How many microbatches' activations this stage holds right now."""
+        return len(self._saved)
+
+    def stored_bytes(self) -> int:
+        """Bytes held right now for pending backwards (autograd's saved tensors)."""
+        return sum(s.nbytes for s in self._saved.values())
