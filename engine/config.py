@@ -13,6 +13,10 @@ BACKENDS = ("ray", "local")
 # Which schedules each learning rule can run under (the first is the default).
 METHOD_SCHEDULES: dict[str, tuple[str, ...]] = {
     "backprop": ("1f1b", "gpipe", "interleaved", "zb1p"),
+    "stale": ("stale",),
+    "dni": ("dni",),
+    "cdni": ("dni",),
+    "petra": ("petra",),
 }
 
 
@@ -31,7 +35,8 @@ class PipelineConfig:
     cpus_per_stage: float | None = None
     gpus_per_stage: float | None = None
     timeout_s: float = 300.0
-    options: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # options of the method's stage class
+    schedule_options: dict = field(default_factory=dict)  # e.g. {"k": 4} for stale
 
     def __post_init__(self) -> None:
         self.schedule = self.schedule.lower()

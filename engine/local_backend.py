@@ -36,8 +36,8 @@ class LocalBackend:
         self, training: bool, programs: list[list[Action]], messages: list[list[tuple]]
     ) -> list[StepResult]:
         """Execute one step's action lists; returns each worker's result."""
-        for worker, msgs in zip(self.workers, messages):
-            worker.begin(training, msgs)
+        for worker, msgs, program in zip(self.workers, messages, programs):
+            worker.begin(training, msgs, program)
         queues = [deque(p) for p in programs]
         while any(queues):
             progressed = False

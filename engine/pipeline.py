@@ -9,8 +9,10 @@ simulator, so a measured timeline and its prediction print side by side.
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,6 +27,54 @@ from .microbatch import loss_weights, split_batch
 from .spec import WorkerSpec
 
 __all__ = ["Pipeline"]
+
+
+def _base_steps(config: PipelineConfig) -> int:
+    """Steps in one period of a flush schedule's pattern (stale repeats every k steps)."""
+    if config.schedule == "stale":
+        k = config.schedule_options.get("k")
+        if k is None:
+            k = inspect.signature(schedulers.generators.stale).parameters["k"].default
+        return int(k)
+    return 1
+
+
+def _concatenate(base: schedulers.Schedule, steps: int, phase: int) -> list[list[Action]]:
+    """Steps ``phase, phase+1, ...`` of a flush schedule's periodic pattern, renumbered
+    from 0. Valid because a flush schedule's steps never overlap on a worker."""
+    m, period = base.microbatches, base.steps
+    program: list[list[Action]] = []
+    for row in base.workers:
+        by_step: dict[int, list[Action]] = {}
+        for a in row:
+            t = a.microbatch if a.kind == "U" else a.microbatch // m
+            by_step.setdefault(t, []).append(a)
+        out = []
+        for i in range(steps):
+            b = (phase + i) % period
+            for a in by_step.get(b, []):
+                j = i if a.kind == "U" else a.microbatch - b * m + i * m
+                out.append(Action(a.stage, a.kind, j))
+        program.append(out)
+    return program
+
+
+def _num_classes(model: nn.Sequential) -> int:
+    """The output width of the model's last Linear layer (for cDNI's label encoding)."""
+    for module in reversed(list(model.modules())):
+        if isinstance(module, nn.Linear):
+            return module.out_features
+    raise PipelineConfigError(
+        "cdni needs num_classes and the model has no final nn.Linear to read it from; "
+        "pass num_classes=... to Pipeline"
+    )
+
+
+def _owned(value: Any) -> torch.Tensor:
+    """A tensor that owns its memory (Ray hands back read-only numpy views)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.from_numpy(np.array(value, copy=True))
 
 
 class Pipeline:
@@ -53,13 +103,14 @@ class Pipeline:
         cpus_per_stage: float | None = None,
         gpus_per_stage: float | None = None,
         timeout_s: float = 300.0,
+        schedule_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
         self.config = PipelineConfig(
             stages=stages, schedule=schedule, method=method, microbatches=microbatches,
             virtual=virtual, backend=backend, balance_by=balance_by, address=address,
             cpus_per_stage=cpus_per_stage, gpus_per_stage=gpus_per_stage,
-            timeout_s=timeout_s, options=options,
+            timeout_s=timeout_s, options=options, schedule_options=dict(schedule_options or {}),
         )
         if not isinstance(model, nn.Sequential):
             raise PipelineConfigError(
@@ -67,11 +118,9 @@ class Pipeline:
                 "wrap your layers in nn.Sequential so contiguous cuts are stages"
             )
         self.balance = self._balance(model, sample)
-        self.schedule = schedulers.build(
-            self.config.schedule, stages=self.config.num_workers,
-            microbatches=self.config.microbatches, virtual=self.config.virtual,
-        )
-        self._train_program = self.schedule.workers
+        self.schedule = self._build(1 if self.decoupled else _base_steps(self.config))
+        self._programs: dict[tuple[int, int], list[list[Action]]] = {}
+        self._stage_options = self._method_options(model)
         self._events: list[Event] = []
         self._samples = 0
         self._steps = 0
@@ -94,6 +143,27 @@ class Pipeline:
             return balance
         return partition(model, n, by=self.config.balance_by, sample=sample).balance
 
+    @property
+    def decoupled(self) -> bool:
+        """Whether the schedule runs without a flush between steps (dni, petra)."""
+        return self.config.schedule in schedulers.DECOUPLED
+
+    def _build(self, steps: int) -> schedulers.Schedule:
+        return schedulers.build(
+            self.config.schedule, stages=self.config.num_workers,
+            microbatches=self.config.microbatches, virtual=self.config.virtual, steps=steps,
+            **self.config.schedule_options,
+        )
+
+    def _method_options(self, model: nn.Sequential) -> dict[str, Any]:
+        """The stage class's options: the user's, plus what the method derives itself."""
+        opts = dict(self.config.options)
+        if self.config.method == "petra":
+            opts.setdefault("accumulate", self.schedule.accumulate)
+        if self.config.method == "cdni" and "num_classes" not in opts:
+            opts["num_classes"] = _num_classes(model)
+        return opts
+
     def _specs(self, model, optimizer, loss_fn) -> list[WorkerSpec]:
         """Cut the model (a private copy) and assign each stage to its worker."""
         model = copy.deepcopy(model)
@@ -108,7 +178,7 @@ class Pipeline:
             }
             specs.append(WorkerSpec(
                 index=w, modules=mods, worker_of=worker_of, method=self.config.method,
-                optimizer_factory=optimizer, loss_fn=loss_fn, options=self.config.options,
+                optimizer_factory=optimizer, loss_fn=loss_fn, options=self._stage_options,
             ))
         return specs
 
@@ -134,15 +204,44 @@ class Pipeline:
     # -- training and evaluation ------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """One optimizer step on one batch: forward, backward and update on every stage."""
+        return self.run([(x, y)])[0]
+
+    def run(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, float]]:
+        """Train on several batches in one pipelined run; one result per batch (step).
+
+        Flush schedules give exactly what as many ``step`` calls give, with one driver
+        round trip instead of one per step. Decoupled schedules (dni, petra) fill and drain
+        once per run, not once per step: pass many batches at a time.
+        """
         self._check_open()
-        xs = split_batch(x, self.config.microbatches)
-        ys = split_batch(y, self.config.microbatches)
-        weights = loss_weights(xs)
-        results = self._run(True, self._train_program, xs, [(yj, w) for yj, w in zip(ys, weights)])
-        self._samples += x.shape[0]
-        self._steps += 1
-        loss = sum(v for r in results for v in r.losses)
-        return {"loss": float(loss), "step": self._steps}
+        if not batches:
+            return []
+        m = self.config.microbatches
+        xs, ys = [], []
+        for x, y in batches:
+            x_chunks = split_batch(x, m)
+            xs += x_chunks
+            ys += list(zip(split_batch(y, m), loss_weights(x_chunks)))
+        results = self._run(True, self._program(len(batches)), xs, ys)
+        per_mb = dict(pair for r in results for pair in r.losses)
+        out = []
+        for t, (x, _) in enumerate(batches):
+            self._steps += 1
+            self._samples += x.shape[0]
+            loss = sum(per_mb[t * m + j] for j in range(m))
+            out.append({"loss": float(loss), "step": self._steps})
+        return out
+
+    def _program(self, steps: int) -> list[list[Action]]:
+        """Per-worker action lists for the next ``steps`` steps (cached by shape)."""
+        phase = 0 if self.decoupled else self._steps % self.schedule.steps
+        key = (steps, phase)
+        if key not in self._programs:
+            if self.decoupled:
+                self._programs[key] = self._build(steps).workers
+            else:
+                self._programs[key] = _concatenate(self.schedule, steps, phase)
+        return self._programs[key]
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +254,7 @@ class Pipeline:
         outputs: dict[int, Any] = {}
         for r in results:
             outputs.update(r.outputs)
-        return torch.cat([torch.as_tensor(outputs[j]) for j in range(m)])
+        return torch.cat([_owned(outputs[j]) for j in range(m)])
 
     def _forward_program(self, m: int) -> list[list[Action]]:
         """Every worker's forward actions, microbatch by microbatch (no backward)."""
@@ -166,12 +265,16 @@ class Pipeline:
         return program
 
     def _run(self, training: bool, program, xs, ys) -> list:
-        """Hand the step's inputs to the first stage's worker and targets to the last's."""
+        """Hand the inputs to the first stage's worker and targets to the last's (and, for
+        cDNI in training, labels to every worker holding an earlier stage)."""
         n = self.schedule.num_stages
         first, last = self.schedule.worker_of(0), self.schedule.worker_of(n - 1)
         messages: list[list[tuple]] = [[] for _ in range(self.config.num_workers)]
         messages[first] += [(("x", 0, j), xj) for j, xj in enumerate(xs)]
         messages[last] += [(("y", j), yj) for j, yj in enumerate(ys)]
+        if training and self._stage_options.get("conditioned", self.config.method == "cdni"):
+            for w in {self.schedule.worker_of(s) for s in range(n - 1)}:
+                messages[w] += [(("l", j), yj) for j, (yj, _) in enumerate(ys)]
         try:
             results = self._backend.run_step(training, program, messages)
         except PipelineError:
@@ -227,6 +330,7 @@ class Pipeline:
                 "virtual": self.config.virtual,
                 "steps": self._steps,
                 "balance": self.balance,
+                "schedule_options": self.config.schedule_options,
                 "backend": self.config.backend,
                 "peak_stored_activation_bytes": [
                     self._peak_bytes.get(s, 0) for s in range(len(self.balance))

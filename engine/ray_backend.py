@@ -86,7 +86,9 @@ class _StageActor:
         """Run one step's program; returns losses, eval outputs and the timeline events."""
         import ray
 
-        self.worker.begin(training, [(k, from_wire(v, self.device)) for k, v in messages])
+        self.worker.begin(
+            training, [(k, from_wire(v, self.device)) for k, v in messages], actions
+        )
         self.worker.run(actions, timeout)
         if self._in_flight:  # surface delivery failures and release the object refs
             ray.get(self._in_flight)

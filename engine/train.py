@@ -53,13 +53,17 @@ class TrainConfig:
     backend: str = "ray"
     address: str | None = None
     synthetic_size: int = 2048
-    options: dict = field(default_factory=dict)
+    window: int | None = None  # steps per pipelined run; default by schedule (see window_steps)
+    options: dict = field(default_factory=dict)  # the method's stage options (sg_lr, ...)
+    schedule_options: dict = field(default_factory=dict)  # e.g. {"k": 4} for stale
 
     def __post_init__(self) -> None:
         for name in ("stages", "microbatches", "virtual", "batch_size", "epochs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PipelineConfigError(f"--{name.replace('_', '-')} {value} must be >= 1")
+        if self.window is not None and self.window < 1:
+            raise PipelineConfigError(f"--window {self.window} must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise PipelineConfigError(f"--steps {self.steps} must be >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -137,7 +141,8 @@ def run_training(cfg: TrainConfig, progress=None) -> dict[str, Any]:
         microbatches=cfg.microbatches, virtual=cfg.virtual,
         optimizer=make_optimizer(cfg.optimizer, cfg.lr), loss_fn=nn.CrossEntropyLoss(),
         backend=cfg.backend, balance_by=cfg.balance_by, address=cfg.address,
-        sample=train.x[: cfg.batch_size], **cfg.options,
+        sample=train.x[: cfg.batch_size], schedule_options=cfg.schedule_options,
+        **cfg.options,
     )
     with pipe:
         report = _train_loop(cfg, pipe, train, total_steps, epochs, progress)
@@ -149,27 +154,37 @@ def run_training(cfg: TrainConfig, progress=None) -> dict[str, Any]:
     return report
 
 
+def window_steps(cfg: TrainConfig, pipe: Pipeline) -> int:
+    """Steps per pipelined run: decoupled schedules fill and drain once per run, so they
+    get long runs (32 steps); flush schedules lose nothing by running step by step."""
+    if cfg.window is not None:
+        return cfg.window
+    return 32 if pipe.decoupled else 1
+
+
 def _train_loop(cfg, pipe, train, total_steps, epochs, progress) -> dict[str, Any]:
-    """Epochs of ``pipe.step``; wall time counts training steps only (not evaluation)."""
+    """Epochs of pipelined runs; wall time counts training only (not evaluation)."""
     done, train_s, losses = 0, 0.0, []
+    window = window_steps(cfg, pipe)
     for epoch in range(epochs):
-        epoch_loss, epoch_batches = 0.0, 0
-        for x, y in batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
-            if done >= total_steps:
+        epoch_losses: list[float] = []
+        pending: list = []
+        stream = batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
+        for x, y in stream:
+            if done + len(pending) >= total_steps:
                 break
             if x.shape[0] < cfg.microbatches:
                 continue  # a last batch too small to split; skipped, as drop_last would
-            t0 = time.perf_counter()
-            out = pipe.step(x, y)
-            train_s += time.perf_counter() - t0
-            _check_finite(out["loss"], done)
-            epoch_loss += out["loss"]
-            epoch_batches += 1
-            done += 1
-            if progress:
-                progress(done, total_steps, {"epoch": epoch + 1, "loss": out["loss"]})
-        if epoch_batches:
-            losses.append(epoch_loss / epoch_batches)
+            pending.append((x, y))
+            if len(pending) == window:
+                done, train_s = _run_window(pipe, pending, done, train_s, epoch_losses)
+                _report(progress, done, total_steps, epoch, epoch_losses)
+                pending = []
+        if pending:
+            done, train_s = _run_window(pipe, pending, done, train_s, epoch_losses)
+            _report(progress, done, total_steps, epoch, epoch_losses)
+        if epoch_losses:
+            losses.append(sum(epoch_losses) / len(epoch_losses))
     samples = pipe.timeline().samples
     return {
         "train_loss": losses,
@@ -177,6 +192,22 @@ def _train_loop(cfg, pipe, train, total_steps, epochs, progress) -> dict[str, An
         "wall_s": train_s,
         "samples_per_s": samples / train_s if train_s > 0 else 0.0,
     }
+
+
+def _run_window(pipe, pending, done, train_s, epoch_losses):
+    """One pipelined run over ``pending`` batches; returns the updated counters."""
+    t0 = time.perf_counter()
+    outs = pipe.run(pending)
+    train_s += time.perf_counter() - t0
+    for i, out in enumerate(outs):
+        _check_finite(out["loss"], done + i)
+        epoch_losses.append(out["loss"])
+    return done + len(outs), train_s
+
+
+def _report(progress, done, total, epoch, epoch_losses) -> None:
+    if progress:
+        progress(done, total, {"epoch": epoch + 1, "loss": epoch_losses[-1]})
 
 
 def _check_finite(loss: float, step: int) -> None:

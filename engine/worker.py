@@ -6,8 +6,15 @@ the action needs from the worker's mailbox, calls the stage, and routes what it 
 the worker that holds the next (or previous) stage. The worker also records the measured
 timeline: every action's start and end, time spent waiting for a message, time spent sending.
 
-Message keys: ``("x", s, j)`` the input of stage s for microbatch j, ``("g", s, j)`` the
-gradient of stage s's output, ``("y", j)`` the target and loss weight of microbatch j.
+Message keys: ``("x", s, j)`` the input of stage s for microbatch j, ``("g", s, j)`` what
+comes back to stage s for j (the gradient of its output; for PETRA the pair of its
+reconstructed output and that gradient), ``("y", j)`` the target and loss weight of j, and
+``("l", j)`` the label of j for stages that condition on it (cDNI).
+
+Handlers by kind: F forward (forward-only when the program has no backward of that
+microbatch on that stage, as stale-gradient steps), B / I / W backward, U update,
+S and T the DNI forward-update and synthetic-gradient training, R PETRA's
+reconstruct-and-backward.
 """
 
 from __future__ import annotations
@@ -25,8 +32,8 @@ from .mailbox import Mailbox
 
 __all__ = ["Worker", "StepResult", "Send"]
 
-# send(dest_worker, key, tensor): hand a message to another worker (or to this one).
-Send = Callable[[int, Hashable, torch.Tensor], None]
+# send(dest_worker, key, payload): hand a message (a tensor, or a tuple of tensors) on.
+Send = Callable[[int, Hashable, Any], None]
 
 
 @dataclass
@@ -34,7 +41,7 @@ class StepResult:
     """What one worker returns for one step."""
 
     worker: int
-    losses: list[float] = field(default_factory=list)  # scaled losses (last stage only)
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (mb, weighted loss)
     outputs: dict[int, Any] = field(default_factory=dict)  # eval-mode logits per microbatch
     events: list[tuple] = field(default_factory=list)  # (worker, stage, kind, mb, t0, t1, cat)
     peak_stored_bytes: dict[int, int] = field(default_factory=dict)  # per stage
@@ -50,6 +57,7 @@ class Worker:
         worker_of: list[int],
         send: Send | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        conditioned: bool = False,
     ) -> None:
         self.index = index
         self.stages = stages
@@ -58,7 +66,9 @@ class Worker:
         self.mailbox = Mailbox()
         self._send = send
         self._clock = clock
+        self.conditioned = conditioned
         self._training = True
+        self._forward_only: set[tuple[int, int]] = set()
         self._result = StepResult(index)
         self._handlers: dict[str, Callable[[Action], None]] = {
             "F": self._forward,
@@ -66,13 +76,27 @@ class Worker:
             "I": self._backward_input,
             "W": self._backward_weight,
             "U": self._update,
+            "S": self._dni_forward,
+            "T": self._dni_train,
+            "R": self._reverse,
         }
 
     # -- the step protocol ----------------------------------------------------------------
-    def begin(self, training: bool, messages: list[tuple[Hashable, Any]] = ()) -> None:
-        """Start a step: set train/eval mode and deliver the step's inputs and targets."""
+    def begin(
+        self,
+        training: bool,
+        messages: list[tuple[Hashable, Any]] = (),
+        program: list[Action] = (),
+    ) -> None:
+        """Start a run: set train/eval mode, deliver its inputs and targets, and note which
+        forwards have no backward in ``program`` (they keep no activations)."""
         self._training = training
         self._result = StepResult(self.index)
+        backward = {(a.stage, a.microbatch) for a in program if a.kind in ("B", "I", "R")}
+        self._forward_only = {
+            (a.stage, a.microbatch) for a in program
+            if a.kind == "F" and (a.stage, a.microbatch) not in backward
+        }
         for stage in self.stages.values():
             stage.module.train(training)
         for key, value in messages:
@@ -84,7 +108,7 @@ class Worker:
         for s, stage in self.stages.items():
             result.peak_stored_bytes[s] = getattr(stage, "peak_stored_bytes", 0)
             if hasattr(stage, "pop_losses"):
-                result.losses.extend(stage.pop_losses())
+                stage.pop_losses()  # the worker keeps its own (mb, loss) record
         return result
 
     def run(self, actions: list[Action], timeout: float | None = None) -> None:
@@ -126,7 +150,17 @@ class Worker:
             if s == self.num_stages - 1:
                 keys.append(("y", j))
             return keys
-        if action.kind in ("B", "I") and s != self.num_stages - 1:
+        last = s == self.num_stages - 1
+        if action.kind in ("B", "I", "R") and not last:
+            return [("g", s, j)]
+        if action.kind == "S":
+            keys = [("x", s, j)]
+            if last:
+                keys.append(("y", j))
+            elif self.conditioned:
+                keys.append(("l", j))
+            return keys
+        if action.kind == "T":
             return [("g", s, j)]
         return []
 
@@ -143,11 +177,16 @@ class Worker:
             else:
                 self._route(a, ("x", a.stage + 1, a.microbatch), out)
             return
+        target = weight = None
         if last:
             target, weight = self.mailbox.take(("y", a.microbatch))
-            stage.forward(a.microbatch, x, target, weight)
+        if (a.stage, a.microbatch) in self._forward_only:
+            out = stage.forward_only(a.microbatch, x, target, weight if last else 1.0)
         else:
-            out = stage.forward(a.microbatch, x)
+            out = stage.forward(a.microbatch, x, target, weight if last else 1.0)
+        if last:
+            self._result.losses.append((a.microbatch, float(out)))
+        else:
             self._route(a, ("x", a.stage + 1, a.microbatch), out)
 
     def _backward(self, a: Action) -> None:
@@ -168,13 +207,51 @@ class Worker:
     def _update(self, a: Action) -> None:
         self.stages[a.stage].update()
 
+    def _dni_forward(self, a: Action) -> None:
+        """DNI: forward, update from the synthetic gradient, send h on and dL/dx back.
+
+        Each microbatch is its own update, so the last stage's loss is the microbatch mean
+        (weight 1); the recorded loss is weighted by n_j / N to report the batch mean.
+        """
+        s, j = a.stage, a.microbatch
+        last = s == self.num_stages - 1
+        x = self.mailbox.take(("x", s, j))
+        target, weight, label = None, 1.0, None
+        if last:
+            target, weight = self.mailbox.take(("y", j))
+        elif self.conditioned:
+            label = self.mailbox.take(("l", j))
+        out, grad_in = self.stages[s].forward(j, x, target, 1.0, label=label)
+        if last:
+            self._result.losses.append((j, float(out) * weight))
+        else:
+            self._route(a, ("x", s + 1, j), out)
+        if s > 0 and grad_in is not None:
+            self._route(a, ("g", s - 1, j), grad_in)
+
+    def _dni_train(self, a: Action) -> None:
+        """DNI: regress the synthetic gradient onto the gradient that came back."""
+        target = self.mailbox.take(("g", a.stage, a.microbatch))
+        self.stages[a.stage].train_sg(a.microbatch, target)
+
+    def _reverse(self, a: Action) -> None:
+        """PETRA: rebuild the input from the output, backward, send (input, grad) back."""
+        s, j = a.stage, a.microbatch
+        if s == self.num_stages - 1:
+            x, dx = self.stages[s].reverse(j)
+        else:
+            y, dy = self.mailbox.take(("g", s, j))
+            x, dx = self.stages[s].reverse(j, y, dy)
+        if s > 0:
+            self._route(a, ("g", s - 1, j), (x, dx))
+
     def _take_grad(self, a: Action) -> torch.Tensor | None:
         if a.stage == self.num_stages - 1:
             return None
         return self.mailbox.take(("g", a.stage, a.microbatch))
 
     # -- routing and recording ----------------------------------------------------------------
-    def _route(self, a: Action, key: tuple, tensor: torch.Tensor) -> None:
+    def _route(self, a: Action, key: tuple, tensor: Any) -> None:
         """Deliver to the worker holding the destination stage (this one: no copy)."""
         dest = self.worker_of[key[1]]
         if dest == self.index or self._send is None:

@@ -18,6 +18,7 @@ COMMANDS = [
     "brigade.engine.cli.models_cmd",
     "brigade.engine.cli.train_cmd",
     "brigade.engine.cli.schedule_cmd",
+    "brigade.engine.cli.report_cmd",
 ]
 
 

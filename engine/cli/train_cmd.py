@@ -27,8 +27,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balance-by", default="uniform", choices=["uniform", "params", "time"],
                    help="how to cut the model when --balance is not given")
     p.add_argument("--schedule", default=None,
-                   help="gpipe | 1f1b | interleaved | zb1p (default: the method's first)")
-    p.add_argument("--method", default="backprop", help="learning rule (default backprop)")
+                   help="gpipe | 1f1b | interleaved | zb1p | dni | petra | stale "
+                        "(default: the method's own)")
+    p.add_argument("--method", default="backprop",
+                   help="backprop | dni | cdni | petra | stale (default backprop)")
+    p.add_argument("--window", type=int, default=None,
+                   help="steps per pipelined run (default 1; 32 for dni and petra, which "
+                        "do not flush between the steps of a run)")
+    p.add_argument("--stale-k", type=int, default=None,
+                   help="stale: one backprop step every k steps (default 4)")
+    p.add_argument("--accumulate", type=int, default=None,
+                   help="petra: microbatches per update (default: --microbatches)")
+    p.add_argument("--sg-lr", type=float, default=None,
+                   help="dni/cdni: synthetic-gradient module learning rate (default 1e-3)")
+    p.add_argument("--sg-hidden-layers", type=int, default=None,
+                   help="dni/cdni: hidden layers of the synthesizer, 0-2 (default 1)")
+    p.add_argument("--update-prob", type=float, default=None,
+                   help="dni/cdni: probability that a stage updates on a microbatch")
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--virtual", type=int, default=1, help="stages per worker (interleaved)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -68,8 +83,34 @@ def config_from_args(args: argparse.Namespace):
         schedule=args.schedule, method=args.method, microbatches=args.microbatches,
         virtual=args.virtual, batch_size=args.batch_size, epochs=args.epochs,
         steps=args.steps, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
-        backend=args.backend, address=args.address,
+        backend=args.backend, address=args.address, window=args.window,
+        options=_method_options(args), schedule_options=_schedule_options(args),
     )
+
+
+def _method_options(args: argparse.Namespace) -> dict:
+    """Stage-class options given on the command line (only those that were set)."""
+    pairs = {"sg_lr": args.sg_lr, "sg_hidden_layers": args.sg_hidden_layers,
+             "update_prob": args.update_prob}
+    given = {k: v for k, v in pairs.items() if v is not None}
+    if given and args.method not in ("dni", "cdni"):
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UsageError(f"{flags} apply to --method dni or cdni, not {args.method!r}")
+    return given
+
+
+def _schedule_options(args: argparse.Namespace) -> dict:
+    """Schedule options given on the command line, checked against the method."""
+    opts = {}
+    if args.stale_k is not None:
+        if args.method != "stale":
+            raise UsageError(f"--stale-k applies to --method stale, not {args.method!r}")
+        opts["k"] = args.stale_k
+    if args.accumulate is not None:
+        if args.method != "petra":
+            raise UsageError(f"--accumulate applies to --method petra, not {args.method!r}")
+        opts["accumulate"] = args.accumulate
+    return opts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     if args.save:
         output.save_state_dict(report["state_dict"], args.save)
     if args.trace:
-        output.atomic_write_text(args.trace, report["timeline"].to_json())
+        output.write_json(args.trace, report["timeline"].to_json())
     if args.json:
         output.write_json(args.json, output.json_figures(report))
     return 0

@@ -1,0 +1,162 @@
+"""Measured throughput and bubble of each backprop schedule beside the simulator's prediction.
+
+    python bench/pipeline_schedules.py                 # 2 stages x 1 thread, m = 8
+    python bench/pipeline_schedules.py --steps 20 --json out.json
+
+On 2 Ray actors (one CPU thread each) it trains resnet18 (width 16, CIFAR-shaped synthetic
+data, balanced by measured time) with gpipe, 1f1b, zb1p and interleaved (v = 2). For each:
+warm-up steps, then a timed window; measured samples/s (wall clock of the window, driver
+included) and bubble fraction beside two predictions of the same schedule:
+  profile     costs from profiling each stage in this process before the run
+              (brigade.stages.partition), plus the measured 4 MB-scaled message latency
+  calibrated  costs from the run's own per-action spans (brigade.schedulers.predict)
+Then the hand-off of a 4 MB activation by the engine's route beside torch.distributed gloo
+send/recv in the same run (bench/transport.py). Targets (issue 4): measured >= 0.9 x
+predicted throughput; hand-off <= 1.5 x gloo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import transport  # noqa: E402  (bench/transport.py)
+
+from brigade.engine import Pipeline  # noqa: E402
+from brigade.schedulers import Costs, build, predict, simulate  # noqa: E402
+from brigade.stages.data import load_dataset  # noqa: E402
+from brigade.stages.models import build_model  # noqa: E402
+from brigade.stages.partition import partition  # noqa: E402
+
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb1p", 1), ("interleaved", 2)]
+
+
+def profile_costs(model, balance, sample, microbatches: int, latency: float) -> Costs:
+    """Per-stage forward/backward seconds of one microbatch, profiled in this process."""
+    mb = sample[: sample.shape[0] // microbatches]
+    part = partition(model, balance, sample=mb)
+    return Costs.from_profile(part.forward_s, part.backward_s, latency=latency,
+                              microbatch_size=mb.shape[0])
+
+
+def run_schedule(model, data, schedule, virtual, balance, args) -> dict:
+    """Warm up, then time ``args.steps`` steps; returns measured and predicted figures."""
+    with Pipeline(model, stages=balance, schedule=schedule, virtual=virtual,
+                  microbatches=args.microbatches, cpus_per_stage=1,
+                  optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
+                  loss_fn=nn.CrossEntropyLoss(), backend="ray") as pipe:
+        for i in range(args.warmup):
+            pipe.step(*data[i % len(data)])
+        pipe.reset_timeline()
+        walls = []
+        for i in range(args.steps):
+            t0 = time.perf_counter()
+            pipe.step(*data[i % len(data)])
+            walls.append(time.perf_counter() - t0)
+        tl = pipe.timeline()
+    samples = args.batch_size * args.steps
+    return {"timeline": tl, "wall_s": sum(walls), "step_s_median": statistics.median(walls),
+            "samples_per_s": samples / sum(walls)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    import ray
+
+    torch.set_num_threads(1)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        hand = transport.measure(["4MB"], rounds=20)[0]
+        torch.manual_seed(0)
+        ds = load_dataset("synthetic", like="cifar10", size=args.batch_size * 4, seed=0)
+        data = [(ds.x[i:i + args.batch_size], ds.y[i:i + args.batch_size])
+                for i in range(0, len(ds), args.batch_size)]
+        model = build_model(args.model, width=args.width)
+        rows = []
+        for name, virtual in SCHEDULES:
+            stages = 2 * virtual
+            balance = partition(model, stages, by="time", sample=data[0][0][:8]).balance
+            res = run_schedule(model, data, name, virtual, balance, args)
+            tl = res["timeline"]
+            costs = profile_costs(model, balance, data[0][0], args.microbatches,
+                                  latency=_latency_for(tl, hand))
+            sched = build(name, stages=2, microbatches=args.microbatches, virtual=virtual,
+                          steps=args.steps)
+            prof = simulate(sched, costs)
+            cal = predict(tl)
+            rows.append({
+                "schedule": name, "virtual": virtual, "balance": balance,
+                "measured_samples_per_s": res["samples_per_s"],
+                "measured_bubble": tl.bubble_fraction,
+                "step_s_median": res["step_s_median"],
+                "profile_samples_per_s": prof.throughput, "profile_bubble": prof.bubble_fraction,
+                "calibrated_samples_per_s": cal.throughput,
+                "calibrated_bubble": cal.bubble_fraction,
+            })
+            r = rows[-1]
+            print(f"{name}: measured {r['measured_samples_per_s']:.1f} samples/s, profile "
+                  f"{r['profile_samples_per_s']:.1f}, calibrated "
+                  f"{r['calibrated_samples_per_s']:.1f}", file=sys.stderr)
+    finally:
+        ray.shutdown()
+    print_tables(rows, hand, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"schedules": rows, "handoff_4MB": hand},
+                                              indent=2, default=str))
+    return 0
+
+
+def _latency_for(tl, hand: dict) -> float:
+    """One-way hand-off time of this run's typical message, scaled from the 4 MB figure."""
+    sends = [e.duration for e in tl.events if e.category == "send"]
+    return statistics.median(sends) if sends else hand["ray-numpy"]
+
+
+def print_tables(rows: list[dict], hand: dict, args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{args.model} width {args.width}, 2 stages x 1 thread, "
+                    f"m={args.microbatches}, batch {args.batch_size}, {args.steps} steps "
+                    "(medians of step wall time; throughput over the window)")
+    for col in ("schedule", "measured samples/s", "predicted (profile)", "measured / predicted",
+                "predicted (calibrated)", "bubble measured", "bubble predicted"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(
+            r["schedule"] + (f" v={r['virtual']}" if r["virtual"] > 1 else ""),
+            f"{r['measured_samples_per_s']:.1f}", f"{r['profile_samples_per_s']:.1f}",
+            f"{r['measured_samples_per_s'] / r['profile_samples_per_s']:.2f}",
+            f"{r['calibrated_samples_per_s']:.1f}",
+            f"{r['measured_bubble']:.3f}", f"{r['profile_bubble']:.3f}",
+        )
+    console = Console()
+    console.print(t)
+    console.print(
+        f"4 MB hand-off, one way (median): brigade engine route (ray-numpy) "
+        f"{hand['ray-numpy'] * 1e3:.2f} ms, gloo send/recv {hand['gloo'] * 1e3:.2f} ms, "
+        f"ratio {hand['ray-numpy / gloo']:.2f}x (target <= 1.5x); pickled torch tensor via "
+        f"Ray {hand['ray-torch'] * 1e3:.2f} ms; in-process copy {hand['copy'] * 1e3:.3f} ms"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""``brigade report TRACE``: a recorded run's idle time, measured beside its simulation."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from . import UsageError, output
+
+NAME = "report"
+HELP = ("Bubble and idle-time report of a recorded run (brigade train --trace), measured "
+        "beside the simulation of the same schedule with the costs it measured.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", help="timeline JSON written by `brigade train --trace PATH`")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="Gantt picture of measured and simulated runs (.png or .svg; "
+                        "default: TRACE with .png)")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the picture")
+    p.add_argument("--chrome-trace", default=None, metavar="PATH",
+                   help="write the measured run as a Chrome/Perfetto trace")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
+
+
+def _load(path: str):
+    from brigade.schedulers import Timeline
+
+    if not Path(path).is_file():
+        raise UsageError(f"trace {path!r} does not exist; write one with "
+                         "`brigade train ... --trace PATH`")
+    try:
+        tl = Timeline.from_json(path)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{path!r} is not a brigade timeline ({err}); write one with "
+                         "`brigade train ... --trace PATH`") from None
+    if tl.meta.get("source") != "measured" or "schedule" not in tl.meta:
+        raise UsageError(f"{path!r} holds no measured run (meta source="
+                         f"{tl.meta.get('source')!r}); use `brigade train --trace`")
+    return tl
+
+
+def run(args: argparse.Namespace) -> int:
+    from brigade.schedulers import (costs_from_timeline, plot_gantt, predict, side_by_side,
+                                    write_chrome_trace)
+
+    measured = _load(args.trace)
+    simulated = predict(measured)
+    costs = costs_from_timeline(measured)
+    console = Console()
+    meta = measured.meta
+    console.print(
+        f"[bold]{meta['schedule']}[/] ({meta.get('method', 'backprop')}), "
+        f"{meta['stages']} workers, m={meta['microbatches']}, v={meta.get('virtual', 1)}, "
+        f"{meta.get('steps')} steps, backend {meta.get('backend', '?')}"
+    )
+    console.print(side_by_side(measured, simulated, title="measured vs simulated"))
+    ratio = measured.throughput / simulated.throughput if simulated.throughput else 0.0
+    console.print(
+        f"throughput measured {measured.throughput:.1f} samples/s, simulated "
+        f"{simulated.throughput:.1f} samples/s (measured / simulated = {ratio:.2f}); "
+        f"message latency {costs.latency * 1e3:.2f} ms"
+    )
+    if not args.no_plot:
+        plot = args.plot or str(Path(args.trace).with_suffix(".png"))
+        plot_gantt({"measured": measured, "simulated": simulated}, plot)
+        console.print(f"Gantt picture: {plot}")
+    if args.chrome_trace:
+        write_chrome_trace(measured, args.chrome_trace)
+    if args.json:
+        output.write_json(args.json, {
+            "measured": measured.summary(), "simulated": simulated.summary(),
+            "throughput_ratio": ratio, "costs": costs.to_dict(),
+        })
+    return 0

@@ -1,0 +1,103 @@
+"""From a measured run to the costs that explain it, and the simulation they predict.
+
+A measured :class:`Timeline` (from the engine) holds every action's span. Its per-stage
+means of each kind are the profiled costs; the message latency is the median gap between
+a producer finishing its send and the waiting consumer starting. Simulating the same
+schedule with those costs gives the prediction a measured run is compared with
+(``brigade report``): where they differ, the difference is the engine's overhead beyond
+compute and messages (driver round trips between steps, contention).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+from .actions import Action
+from .costs import Costs
+from .deps import Dependencies
+from .registry import build
+from .schedule import Schedule
+from .simulate import simulate
+from .timeline import Event, Timeline
+
+__all__ = ["costs_from_timeline", "schedule_of", "predict"]
+
+# Cost field of each compute kind (S folds forward, backward and update: charged as f).
+_FIELD = {"F": "f", "B": "b", "I": "i", "W": "w", "U": "u", "T": "sg", "S": "f", "R": "b"}
+
+
+def schedule_of(timeline: Timeline) -> Schedule:
+    """The schedule a measured run executed, rebuilt from its metadata."""
+    meta = timeline.meta
+    return build(
+        meta["schedule"], stages=int(meta["stages"]), microbatches=int(meta["microbatches"]),
+        virtual=int(meta.get("virtual", 1)), steps=max(1, int(meta.get("steps", 1))),
+        **meta.get("schedule_options", {}),
+    )
+
+
+def _medians(events: list[Event]) -> dict[tuple[int, str], float]:
+    """Mean duration per (stage, kind) of compute events, plus the sends they made.
+
+    Means, not medians: the prediction should reproduce the run's total busy time.
+    """
+    spans: dict[tuple[int, str], list[float]] = defaultdict(list)
+    sends: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for e in events:
+        target = spans if e.category == "compute" else sends if e.category == "send" else None
+        if target is not None:
+            target[(e.stage, e.kind)].append(e.duration)
+    return {
+        key: statistics.fmean(v) + (statistics.fmean(sends[key]) if sends.get(key) else 0.0)
+        for key, v in spans.items()
+    }
+
+
+def _latency(timeline: Timeline, schedule: Schedule) -> float:
+    """Median delay from a producer's last byte sent to the blocked consumer's start."""
+    deps = Dependencies(schedule)
+    m = schedule.microbatches
+    released: dict[tuple[int, str, int], list[float]] = defaultdict(list)
+    for e in timeline.events:  # a compute span, then its send if it made one
+        if e.category in ("compute", "send"):
+            released[(e.stage, e.kind, e.microbatch)].append(e.end)
+    samples = []
+    for e in timeline.events:
+        if e.category != "wait" or e.kind == "U":
+            continue
+        for dep in deps.of(Action(e.stage, e.kind, e.microbatch % m if m else 0)):
+            if not deps.crosses(dep, Action(e.stage, e.kind, 0)):
+                continue
+            inside = [t for t in released.get((dep.stage, dep.kind, e.microbatch), ())
+                      if e.start <= t <= e.end]
+            if inside:
+                samples.append(e.end - max(inside))
+    return statistics.median(samples) if samples else 0.0
+
+
+def costs_from_timeline(timeline: Timeline) -> Costs:
+    """Per-stage median costs and the message latency of a measured run."""
+    schedule = schedule_of(timeline)
+    med = _medians(timeline.events)
+    n = schedule.num_stages
+    fields: dict[str, list[float]] = {}
+    for kind, name in _FIELD.items():
+        values = [med.get((s, kind)) for s in range(n)]
+        if any(v is not None for v in values) and name not in fields:
+            fields[name] = [v or 0.0 for v in values]
+    if "i" in fields and "b" not in fields:
+        fields["w"] = fields.get("w", [0.0] * n)
+    total_mb = schedule.microbatches * max(1, int(timeline.meta.get("steps", 1)))
+    return Costs(
+        **fields,
+        latency=_latency(timeline, schedule),
+        microbatch_size=timeline.samples / total_mb if total_mb else 1,
+    )
+
+
+def predict(timeline: Timeline) -> Timeline:
+    """Simulate the schedule a measured run executed, with the costs it measured."""
+    tl = simulate(schedule_of(timeline), costs_from_timeline(timeline))
+    tl.meta["source"] = "simulated"
+    return tl
