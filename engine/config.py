@@ -8,7 +8,7 @@ from .errors import PipelineConfigError
 
 __all__ = ["PipelineConfig", "BACKENDS", "METHOD_SCHEDULES"]
 
-BACKENDS = ("ray", "local")
+BACKENDS = ("ray", "local", "torchrun")
 
 # Which schedules each learning rule can run under (the first is the default).
 METHOD_SCHEDULES: dict[str, tuple[str, ...]] = {

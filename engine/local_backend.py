@@ -59,6 +59,16 @@ class LocalBackend:
             for s, st in w.stages.items():
                 st.module.load_state_dict(states[s])
 
+    def checkpoint_state(self) -> dict[int, dict]:
+        states: dict[int, dict] = {}
+        for w in self.workers:
+            states.update(w.checkpoint_state())
+        return states
+
+    def load_checkpoint_state(self, states: dict[int, dict]) -> None:
+        for w in self.workers:
+            w.load_checkpoint_state({s: states[s] for s in w.stages})
+
     def clock_offsets(self) -> list[float]:
         return [0.0] * len(self.workers)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections import deque
 from typing import Any, Callable
 
 import numpy as np
@@ -26,7 +27,9 @@ from .errors import PipelineConfigError, PipelineError
 from .microbatch import loss_weights, split_batch
 from .spec import WorkerSpec
 
-__all__ = ["Pipeline"]
+__all__ = ["Pipeline", "MAX_EVENTS"]
+
+MAX_EVENTS = 500_000  # measured events kept on the driver (about 100 MB at most)
 
 
 def _base_steps(config: PipelineConfig) -> int:
@@ -121,7 +124,10 @@ class Pipeline:
         self.schedule = self._build(1 if self.decoupled else _base_steps(self.config))
         self._programs: dict[tuple[int, int], list[list[Action]]] = {}
         self._stage_options = self._method_options(model)
-        self._events: list[Event] = []
+        # Bounded so that a long run cannot grow the driver's memory without limit; the
+        # timeline then covers the most recent events (meta says how many were dropped).
+        self._events: deque[Event] = deque(maxlen=MAX_EVENTS)
+        self._dropped = 0
         self._samples = 0
         self._steps = 0
         self._peak_bytes: dict[int, int] = {}
@@ -141,7 +147,12 @@ class Pipeline:
                     f"{len(model)} blocks"
                 )
             return balance
-        return partition(model, n, by=self.config.balance_by, sample=sample).balance
+        balance = partition(model, n, by=self.config.balance_by, sample=sample).balance
+        if self.config.backend == "torchrun":  # measured balances differ between ranks
+            from .torchrun_backend import broadcast_object
+
+            balance = broadcast_object(balance)
+        return balance
 
     @property
     def decoupled(self) -> bool:
@@ -188,6 +199,10 @@ class Pipeline:
             from .local_backend import LocalBackend
 
             return LocalBackend(specs)
+        if self.config.backend == "torchrun":
+            from .torchrun_backend import TorchrunBackend
+
+            return TorchrunBackend(specs, self.config.timeout_s)
         from .ray_backend import RayBackend
         from .ray_cluster import ensure_ray
 
@@ -289,6 +304,7 @@ class Pipeline:
         offsets = self._backend.clock_offsets()
         for r in results:
             off = offsets[r.worker]
+            self._dropped += max(0, len(self._events) + len(r.events) - MAX_EVENTS)
             for (w, s, kind, j, t0, t1, cat) in r.events:
                 self._events.append(Event(w, s, kind, j, t0 - off, t1 - off, cat))
             for s, b in r.peak_stored_bytes.items():
@@ -315,6 +331,38 @@ class Pipeline:
             per_stage[s][key] = value
         self._backend.load_state_dicts(per_stage)
 
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint of this pipeline must match to be loaded into it."""
+        return {
+            "balance": list(self.balance),
+            "schedule": self.config.schedule,
+            "method": self.config.method,
+            "microbatches": self.config.microbatches,
+            "virtual": self.config.virtual,
+            "workers": self.config.num_workers,
+        }
+
+    def checkpoint_state(self) -> dict[int, dict[str, Any]]:
+        """Every stage's training state (weights, optimizer, method state, RNG), by stage.
+
+        Taken between runs, when no microbatch is in flight; pair it with
+        :func:`brigade.engine.checkpoint.save_checkpoint` for an atomic on-disk copy.
+        """
+        self._check_open()
+        return self._backend.checkpoint_state()
+
+    def load_checkpoint_state(self, states: dict[int, dict[str, Any]], step: int = 0) -> None:
+        """Restore what :meth:`checkpoint_state` returned (same split, same method);
+        ``step`` is the number of steps the checkpointed run had taken (it sets the phase
+        of periodic schedules such as stale)."""
+        self._check_open()
+        self._steps = int(step)
+        missing = sorted(set(range(len(self.balance))) - set(states))
+        if missing:
+            raise PipelineConfigError(f"checkpoint lacks stages {missing} of this "
+                                      f"{len(self.balance)}-stage pipeline")
+        self._backend.load_checkpoint_state(states)
+
     def timeline(self) -> Timeline:
         """The measured timeline of every training step run so far."""
         return Timeline(
@@ -323,6 +371,7 @@ class Pipeline:
             samples=self._samples,
             meta={
                 "source": "measured",
+                "events_dropped": self._dropped,
                 "schedule": self.config.schedule,
                 "method": self.config.method,
                 "stages": self.config.num_workers,
@@ -340,8 +389,9 @@ class Pipeline:
 
     def reset_timeline(self) -> None:
         """Forget recorded events (e.g. after warm-up steps)."""
-        self._events = []
+        self._events.clear()
         self._samples = 0
+        self._dropped = 0
 
     # -- lifetime ---------------------------------------------------------------------------
     def _check_open(self) -> None:

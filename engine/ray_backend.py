@@ -107,6 +107,12 @@ class _StageActor:
         for s, st in self.worker.stages.items():
             st.module.load_state_dict(states[s])
 
+    def checkpoint_state(self) -> dict[int, dict]:
+        return self.worker.checkpoint_state()
+
+    def load_checkpoint_state(self, states: dict[int, dict]) -> None:
+        self.worker.load_checkpoint_state(states)
+
     def pending_messages(self) -> list:
         return self.worker.mailbox.pending()
 
@@ -201,6 +207,16 @@ class RayBackend:
 
     def load_state_dicts(self, states: dict[int, dict]) -> None:
         self._get([a.load_state_dicts.remote(states) for a in self.actors])
+
+    def checkpoint_state(self) -> dict[int, dict]:
+        states: dict[int, dict] = {}
+        for part in self._get([a.checkpoint_state.remote() for a in self.actors]):
+            states.update(part)
+        return states
+
+    def load_checkpoint_state(self, states: dict[int, dict]) -> None:
+        self._get([a.load_checkpoint_state.remote({s: states[s] for s in stages})
+                   for a, stages in zip(self.actors, self.worker_stages)])
 
     def shutdown(self) -> None:
         """Kill every actor (they hold no state worth a graceful exit once a run ends)."""

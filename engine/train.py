@@ -8,21 +8,25 @@ accuracy through the pipeline, and returns the figures DESIGN.md lists for ``--j
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from brigade.stages.data import batches, load_dataset
+from brigade.stages.data import Batches, load_dataset
 from brigade.stages.models import build_model, shape_kwargs
 
+from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import METHOD_SCHEDULES
-from .errors import PipelineConfigError
+from .errors import PipelineConfigError, StageFailedError
 from .pipeline import Pipeline
+from .torchrun_backend import broadcast_object, is_rank0
 
 __all__ = ["TrainConfig", "run_training", "make_optimizer", "OPTIMIZERS"]
 
@@ -54,6 +58,10 @@ class TrainConfig:
     address: str | None = None
     synthetic_size: int = 2048
     window: int | None = None  # steps per pipelined run; default by schedule (see window_steps)
+    checkpoint: str | None = None  # folder of checkpoints
+    checkpoint_every: int | None = None  # steps between saves (and one at the end)
+    resume: bool = False
+    max_restarts: int = 0
     options: dict = field(default_factory=dict)  # the method's stage options (sg_lr, ...)
     schedule_options: dict = field(default_factory=dict)  # e.g. {"k": 4} for stale
 
@@ -62,6 +70,13 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PipelineConfigError(f"--{name.replace('_', '-')} {value} must be >= 1")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise PipelineConfigError(f"--checkpoint-every {self.checkpoint_every} must be >= 1")
+        if self.max_restarts < 0:
+            raise PipelineConfigError(f"--max-restarts {self.max_restarts} must be >= 0")
+        if (self.resume or self.max_restarts or self.checkpoint_every) and not self.checkpoint:
+            raise PipelineConfigError(
+                "--resume, --max-restarts and --checkpoint-every need --checkpoint DIR")
         if self.window is not None and self.window < 1:
             raise PipelineConfigError(f"--window {self.window} must be >= 1")
         if self.steps is not None and self.steps < 1:
@@ -127,31 +142,157 @@ def run_training(cfg: TrainConfig, progress=None) -> dict[str, Any]:
     """Train as ``cfg`` says; returns the report (see DESIGN.md for the JSON fields).
 
     ``progress`` is an optional callable ``(done_steps, total_steps, info_dict)`` that the
-    CLI turns into a progress bar.
+    CLI turns into a progress bar. With ``cfg.checkpoint`` the run saves every
+    ``cfg.checkpoint_every`` steps and at the end; ``cfg.resume`` continues from the latest
+    checkpoint there; ``cfg.max_restarts`` restarts the pipeline from the last checkpoint
+    when a stage fails (a killed process, an exception), up to that many times.
     """
     torch.manual_seed(cfg.seed)
     train, test = _load(cfg)
     model_kwargs = _model_kwargs(cfg, train.shape, train.num_classes)
-    model = build_model(cfg.model, **model_kwargs)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total_steps = cfg.steps if cfg.steps is not None else steps_per_epoch * cfg.epochs
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    pipe = Pipeline(
-        model, stages=cfg.balance or cfg.stages, schedule=cfg.schedule, method=cfg.method,
-        microbatches=cfg.microbatches, virtual=cfg.virtual,
-        optimizer=make_optimizer(cfg.optimizer, cfg.lr), loss_fn=nn.CrossEntropyLoss(),
-        backend=cfg.backend, balance_by=cfg.balance_by, address=cfg.address,
-        sample=train.x[: cfg.batch_size], schedule_options=cfg.schedule_options,
-        **cfg.options,
-    )
-    with pipe:
-        report = _train_loop(cfg, pipe, train, total_steps, epochs, progress)
-        report["final_test_accuracy"] = _accuracy(pipe, test)
-        report.update(_timeline_figures(pipe))
-        report["state_dict"] = pipe.state_dict()
+    run = _Run(cfg, train, model_kwargs, progress)
+    restarts = 0
+    while True:
+        pipe = run.start_pipeline()
+        try:
+            with pipe:
+                run.train(pipe)
+                report = run.report(pipe, test)
+            break
+        except StageFailedError as err:
+            if restarts >= cfg.max_restarts or not cfg.checkpoint:
+                where = f"; last checkpoint: {run.last_saved}" if run.last_saved else ""
+                raise StageFailedError(err.worker, err.stages, err.cause + where) from err
+            restarts += 1
+            run.restarts.append({"step": run.done, "error": str(err)})
     report["config"] = asdict(cfg)
     report["model_kwargs"] = model_kwargs
+    report["restarts"] = run.restarts
     return report
+
+
+class _Run:
+    """The state of one training job that survives pipeline restarts."""
+
+    def __init__(self, cfg: TrainConfig, train, model_kwargs: dict, progress) -> None:
+        self.cfg = cfg
+        self.model_kwargs = model_kwargs
+        self.progress = progress
+        self.loader = Batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+        self.total = cfg.steps if cfg.steps is not None else len(self.loader) * cfg.epochs
+        self.sample = train.x[: cfg.batch_size]
+        self.done = 0
+        self.train_s = 0.0
+        self.epoch_losses: dict[int, list[float]] = {}
+        self.last_saved: str | None = None
+        self.restarts: list[dict] = []
+        self.resume = cfg.resume
+
+    def start_pipeline(self) -> Pipeline:
+        """A fresh pipeline, restored from the latest checkpoint when resuming/restarting."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, **self.model_kwargs)
+        pipe = Pipeline(
+            model, stages=cfg.balance or cfg.stages, schedule=cfg.schedule, method=cfg.method,
+            microbatches=cfg.microbatches, virtual=cfg.virtual,
+            optimizer=make_optimizer(cfg.optimizer, cfg.lr), loss_fn=nn.CrossEntropyLoss(),
+            backend=cfg.backend, balance_by=cfg.balance_by, address=cfg.address,
+            sample=self.sample, schedule_options=cfg.schedule_options, **cfg.options,
+        )
+        if cfg.checkpoint and (self.resume or self.restarts):
+            try:
+                self._restore(pipe)
+            except BaseException:
+                pipe.shutdown()
+                raise
+        return pipe
+
+    def identity(self, pipe: Pipeline) -> dict[str, Any]:
+        return {**pipe.identity(), "model": self.cfg.model, "model_kwargs": self.model_kwargs,
+                "optimizer": self.cfg.optimizer, "batch_size": self.cfg.batch_size,
+                "seed": self.cfg.seed, "data": self.cfg.data}
+
+    def _restore(self, pipe: Pipeline) -> None:
+        """Load the latest checkpoint (none yet: start from the beginning)."""
+        root = Path(self.cfg.checkpoint)
+        if latest_checkpoint(root) is None:
+            if self.resume and not self.restarts:
+                raise CheckpointError(f"--resume: no checkpoint under {str(root)!r} yet; run "
+                                      "without --resume to start")
+            self.done, self.train_s, self.epoch_losses = 0, 0.0, {}
+            self.loader.load_state_dict({"epoch": 0, "index": 0})
+            return
+        ckpt = load_checkpoint(root, identity=_jsonable(self.identity(pipe)))
+        pipe.load_checkpoint_state(ckpt.stages, step=ckpt.step)
+        d = ckpt.driver
+        self.loader.load_state_dict(d["loader"])
+        self.done, self.train_s = ckpt.step, float(d["train_s"])
+        self.epoch_losses = {int(k): list(v) for k, v in d["epoch_losses"].items()}
+        torch.set_rng_state(d["rng"])
+        self.last_saved = str(ckpt.path)
+
+    def save(self, pipe: Pipeline) -> None:
+        driver = {"loader": self.loader.state_dict(), "train_s": self.train_s,
+                  "epoch_losses": {str(k): v for k, v in self.epoch_losses.items()},
+                  "rng": torch.get_rng_state()}
+        ckpt = Checkpoint(self.done, _jsonable(self.identity(pipe)), pipe.checkpoint_state(),
+                          driver)  # checkpoint_state is collective under torchrun: all ranks
+        if is_rank0():
+            self.last_saved = str(save_checkpoint(self.cfg.checkpoint, ckpt))
+        self.last_saved = broadcast_object(self.last_saved)
+
+    def train(self, pipe: Pipeline) -> None:
+        """Pipelined runs of ``window`` steps until the step budget is spent."""
+        window = window_steps(self.cfg, pipe)
+        every = self.cfg.checkpoint_every
+        while self.done < self.total:
+            chunk = self._next_batches(min(window, self.total - self.done))
+            t0 = time.perf_counter()
+            outs = pipe.run([(x, y) for _, x, y in chunk])
+            self.train_s += time.perf_counter() - t0
+            for (epoch, _, _), out in zip(chunk, outs):
+                _check_finite(out["loss"], self.done, pipe)
+                self.epoch_losses.setdefault(epoch, []).append(out["loss"])
+                self.done += 1
+            if self.cfg.checkpoint and (self.done == self.total or
+                                        (every and self.done // every > (self.done - len(outs)) // every)):
+                self.save(pipe)
+            if self.progress:
+                self.progress(self.done, self.total,
+                              {"epoch": chunk[-1][0] + 1, "loss": outs[-1]["loss"]})
+
+    def _next_batches(self, n: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """The next ``n`` batches big enough to split, with the epoch each belongs to."""
+        out = []
+        while len(out) < n:
+            epoch = self.loader.epoch
+            for x, y in self.loader:
+                if x.shape[0] >= self.cfg.microbatches:  # too small to split: skipped
+                    out.append((epoch, x, y))
+                if len(out) == n:
+                    break
+        return out
+
+    def report(self, pipe: Pipeline, test) -> dict[str, Any]:
+        losses = [sum(v) / len(v) for _, v in sorted(self.epoch_losses.items()) if v]
+        samples = pipe.timeline().samples
+        report = {
+            "train_loss": losses,
+            "steps": self.done,
+            "wall_s": self.train_s,
+            "samples_per_s": samples / self.train_s if self.train_s > 0 else 0.0,
+            "final_test_accuracy": _accuracy(pipe, test),
+            "checkpoint": self.last_saved,
+        }
+        report.update(_timeline_figures(pipe))
+        report["state_dict"] = pipe.state_dict()
+        return report
+
+
+def _jsonable(obj: Any) -> Any:
+    """Tuples become lists, so an identity compares equal after a JSON round trip."""
+    return json.loads(json.dumps(obj))
 
 
 def window_steps(cfg: TrainConfig, pipe: Pipeline) -> int:
@@ -162,58 +303,12 @@ def window_steps(cfg: TrainConfig, pipe: Pipeline) -> int:
     return 32 if pipe.decoupled else 1
 
 
-def _train_loop(cfg, pipe, train, total_steps, epochs, progress) -> dict[str, Any]:
-    """Epochs of pipelined runs; wall time counts training only (not evaluation)."""
-    done, train_s, losses = 0, 0.0, []
-    window = window_steps(cfg, pipe)
-    for epoch in range(epochs):
-        epoch_losses: list[float] = []
-        pending: list = []
-        stream = batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
-        for x, y in stream:
-            if done + len(pending) >= total_steps:
-                break
-            if x.shape[0] < cfg.microbatches:
-                continue  # a last batch too small to split; skipped, as drop_last would
-            pending.append((x, y))
-            if len(pending) == window:
-                done, train_s = _run_window(pipe, pending, done, train_s, epoch_losses)
-                _report(progress, done, total_steps, epoch, epoch_losses)
-                pending = []
-        if pending:
-            done, train_s = _run_window(pipe, pending, done, train_s, epoch_losses)
-            _report(progress, done, total_steps, epoch, epoch_losses)
-        if epoch_losses:
-            losses.append(sum(epoch_losses) / len(epoch_losses))
-    samples = pipe.timeline().samples
-    return {
-        "train_loss": losses,
-        "steps": done,
-        "wall_s": train_s,
-        "samples_per_s": samples / train_s if train_s > 0 else 0.0,
-    }
-
-
-def _run_window(pipe, pending, done, train_s, epoch_losses):
-    """One pipelined run over ``pending`` batches; returns the updated counters."""
-    t0 = time.perf_counter()
-    outs = pipe.run(pending)
-    train_s += time.perf_counter() - t0
-    for i, out in enumerate(outs):
-        _check_finite(out["loss"], done + i)
-        epoch_losses.append(out["loss"])
-    return done + len(outs), train_s
-
-
-def _report(progress, done, total, epoch, epoch_losses) -> None:
-    if progress:
-        progress(done, total, {"epoch": epoch + 1, "loss": epoch_losses[-1]})
-
-
-def _check_finite(loss: float, step: int) -> None:
+def _check_finite(loss: float, step: int, pipe: Pipeline) -> None:
     if not math.isfinite(loss):
+        last = len(pipe.balance) - 1
         raise PipelineConfigError(
-            f"loss became {loss} at step {step}; lower --lr or check the data"
+            f"loss became {loss} at step {step + 1} (computed on stage {last}, the last); "
+            "lower --lr, or check the data"
         )
 
 

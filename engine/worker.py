@@ -141,6 +141,37 @@ class Worker:
         handler(action)
         self._record(action, t0, self._clock(), "compute")
 
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[int, dict[str, Any]]:
+        """Each stage's full training state, taken between runs (nothing is in flight)."""
+        pending = self.mailbox.pending()
+        if pending:
+            raise PipelineError(f"worker {self.index}: cannot checkpoint with messages "
+                                f"still queued ({pending[:4]}...)")
+        rng = torch.get_rng_state()
+        out = {}
+        for s, stage in self.stages.items():
+            opt = getattr(stage, "optimizer", None)
+            extra = getattr(stage, "state_dict_extra", None)
+            out[s] = {
+                "module": {k: v.detach().cpu() for k, v in stage.module.state_dict().items()},
+                "optimizer": opt.state_dict() if opt is not None else None,
+                "extra": extra() if extra is not None else None,
+                "rng": rng,
+            }
+        return out
+
+    def load_checkpoint_state(self, states: dict[int, dict[str, Any]]) -> None:
+        """Restore what :meth:`checkpoint_state` returned."""
+        for s, stage in self.stages.items():
+            state = states[s]
+            stage.module.load_state_dict(state["module"])
+            if state["optimizer"] is not None and getattr(stage, "optimizer", None):
+                stage.optimizer.load_state_dict(state["optimizer"])
+            if state["extra"] is not None and hasattr(stage, "load_state_dict_extra"):
+                stage.load_state_dict_extra(state["extra"])
+            torch.set_rng_state(state["rng"])
+
     # -- which messages an action consumes ------------------------------------------------
     def needs(self, action: Action) -> list[Hashable]:
         """Message keys that must be present before ``action`` can run."""

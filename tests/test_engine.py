@@ -200,7 +200,7 @@ def test_failing_stage_surfaces_naming_the_stage_and_actors_die(ray_cluster):
         (dict(schedule="interleaved", virtual=1), "interleaved needs virtual >= 2"),
         (dict(schedule="gpipe", virtual=2), "needs schedule='interleaved'"),
         (dict(method="hebbian"), "unknown method 'hebbian'; valid methods: backprop"),
-        (dict(backend="mpi"), "unknown backend 'mpi'; valid backends: ray, local"),
+        (dict(backend="mpi"), "unknown backend 'mpi'; valid backends: ray, local, torchrun"),
         (dict(stages=[2, 2, 1], virtual=2, schedule="interleaved"), "not a multiple of"),
     ],
 )

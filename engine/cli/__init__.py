@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``brigade`` console script."""
     parser, modules = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that re-launch
     if args.command is None:
         parser.print_help()
         return 2

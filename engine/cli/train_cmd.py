@@ -53,14 +53,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", default="sgd",
                    help="sgd | momentum | nesterov | adam | adamw | rmsprop")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="ray", choices=["ray", "local"],
-                   help="ray: one actor per stage (default); local: one process")
+    p.add_argument("--backend", default="ray", choices=["ray", "local", "torchrun"],
+                   help="ray: one actor per stage (default); local: one process; "
+                        "torchrun: one rank per stage, started with torchrun")
     p.add_argument("--address", default=None,
                    help="join an existing Ray cluster (auto or host:port)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
     p.add_argument("--save", default=None, metavar="PATH", help="write the trained state_dict")
     p.add_argument("--trace", default=None, metavar="PATH",
                    help="write the measured timeline (read it with `brigade report`)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="save checkpoints in DIR (atomically; at the end and every N steps)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="steps between checkpoints (default: only at the end)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --checkpoint DIR")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="when a stage fails, restart from the last checkpoint up to K times")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -84,6 +93,8 @@ def config_from_args(args: argparse.Namespace):
         virtual=args.virtual, batch_size=args.batch_size, epochs=args.epochs,
         steps=args.steps, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
         backend=args.backend, address=args.address, window=args.window,
+        checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+        resume=args.resume, max_restarts=args.max_restarts,
         options=_method_options(args), schedule_options=_schedule_options(args),
     )
 
@@ -114,12 +125,35 @@ def _schedule_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.backend == "torchrun":
+        return _spawn_torchrun(args)
+    return run_here(args)
+
+
+def _spawn_torchrun(args: argparse.Namespace) -> int:
+    """Start ``torchrun --nproc-per-node <workers> -m brigade.engine.launch <same flags>``."""
+    import subprocess
+    import sys
+
+    cfg = config_from_args(args)  # bad flags fail here, before any process starts
+    workers = len(cfg.balance) // cfg.virtual if cfg.balance else cfg.stages
+    flags = [a for a in args.argv[1:]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={workers}", "-m", "brigade.engine.launch", *flags]
+    return subprocess.call(cmd)
+
+
+def run_here(args: argparse.Namespace) -> int:
+    """Train in this process (the driver, or one torchrun rank); rank 0 reports."""
+    from brigade.engine.torchrun_backend import is_rank0
     from brigade.engine.train import run_training
 
     cfg = config_from_args(args)
     console = Console(stderr=True)
     with output.progress_bar(console, "training", disable=args.quiet) as update:
         report = run_training(cfg, progress=update)
+    if not is_rank0():
+        return 0
     print_report(report, Console())
     if args.save:
         output.save_state_dict(report["state_dict"], args.save)

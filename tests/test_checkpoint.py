@@ -1,0 +1,150 @@
+"""Checkpoints: atomic, verified, refused when corrupt or foreign; resume and restart exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from brigade.engine.checkpoint import (Checkpoint, CheckpointError, latest_checkpoint,
+                                       load_checkpoint, save_checkpoint)
+from brigade.engine.cli import main
+
+TRAIN = ["train", "--model", "mlp", "--width", "32", "--data", "synthetic", "--batch-size",
+         "32", "--optimizer", "momentum", "--quiet"]
+
+
+def small_ckpt(step: int = 3) -> Checkpoint:
+    stages = {s: {"module": {"w": torch.full((2, 2), float(s))}, "optimizer": None,
+                  "extra": None, "rng": torch.get_rng_state()} for s in range(2)}
+    return Checkpoint(step, {"balance": [1, 2], "schedule": "1f1b"}, stages,
+                      {"loader": {"epoch": 0, "index": step}})
+
+
+def test_save_load_round_trip_and_latest(tmp_path):
+    save_checkpoint(tmp_path, small_ckpt(2))
+    path = save_checkpoint(tmp_path, small_ckpt(4))
+    assert latest_checkpoint(tmp_path) == path
+    assert not list(tmp_path.glob(".tmp-*"))
+    ck = load_checkpoint(tmp_path, identity={"balance": [1, 2], "schedule": "1f1b"})
+    assert ck.step == 4 and torch.equal(ck.stages[1]["module"]["w"], torch.ones(2, 2))
+    save_checkpoint(tmp_path, small_ckpt(6), keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000004", "step-00000006"]
+
+
+def test_a_corrupt_byte_is_refused_naming_the_file(tmp_path):
+    path = save_checkpoint(tmp_path, small_ckpt())
+    f = path / "stage-1.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"stage-1.pt: checksum mismatch"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda p: (p / "driver.pt").unlink(), "driver.pt: missing"),
+    (lambda p: (p / "manifest.json").write_text("{not json"), "unreadable manifest"),
+])
+def test_damaged_checkpoints_are_refused(tmp_path, damage, message):
+    path = save_checkpoint(tmp_path, small_ckpt())
+    damage(path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+    save_checkpoint(tmp_path, small_ckpt())
+    with pytest.raises(CheckpointError, match=r"balance: checkpoint \[1, 2\], this run \[2, 1\]"):
+        load_checkpoint(tmp_path, identity={"balance": [2, 1], "schedule": "1f1b"})
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        load_checkpoint(tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb1p"])
+def test_stop_and_resume_ends_with_the_same_weights(tmp_path, schedule):
+    base = TRAIN + ["--backend", "local", "--schedule", schedule]
+    full, resumed, ck = tmp_path / "full.pt", tmp_path / "resumed.pt", tmp_path / "ck"
+    assert main(base + ["--steps", "9", "--save", str(full)]) == 0
+    assert main(base + ["--steps", "4", "--checkpoint", str(ck), "--checkpoint-every", "2"]) == 0
+    assert main(base + ["--steps", "9", "--checkpoint", str(ck), "--resume",
+                        "--save", str(resumed)]) == 0
+    a, b = torch.load(full, weights_only=True), torch.load(resumed, weights_only=True)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_resume_refuses_another_split(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    base = TRAIN + ["--backend", "local", "--steps", "2", "--checkpoint", str(ck)]
+    assert main(base + ["--balance", "1,2"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--balance", "2,1", "--resume"]) == 2
+    assert "balance: checkpoint [1, 2], this run [2, 1]" in capsys.readouterr().err
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (from /proc), depth first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _stage_actors(pid: int) -> list[int]:
+    found = []
+    for p in _descendants(pid):
+        try:
+            if "_StageActor" in Path(f"/proc/{p}/cmdline").read_text():
+                found.append(p)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_stage_restarts_from_the_checkpoint_and_ends_equal(tmp_path):
+    """kill -9 one stage process mid-run; --max-restarts 1 resumes and matches."""
+    full, got, ck, js = (tmp_path / n for n in ("full.pt", "got.pt", "ck", "o.json"))
+    base = TRAIN + ["--steps", "40"]
+    assert main(base + ["--backend", "local", "--save", str(full)]) == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "brigade.engine.cli", *base, "--backend", "ray",
+         "--checkpoint", str(ck), "--checkpoint-every", "5", "--max-restarts", "1",
+         "--save", str(got), "--json", str(js)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while latest_checkpoint(ck) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        victims = _stage_actors(proc.pid)
+        assert victims, "no stage actor process found"
+        os.kill(victims[-1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    report = json.loads(js.read_text())
+    assert len(report["restarts"]) == 1 and "failed" in report["restarts"][0]["error"]
+    a, b = torch.load(full, weights_only=True), torch.load(got, weights_only=True)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
