@@ -51,8 +51,8 @@ class TrainConfig:
     batch_size: int = 64
     epochs: int = 1
     steps: int | None = None
-    lr: float = 0.05
-    optimizer: str = "sgd"
+    lr: float | None = None  # default: 0.05 for pipelines, the measured default for fwdgrad
+    optimizer: str | None = None  # default: momentum (SGD, 0.9); adam for fwdgrad
     seed: int = 0
     backend: str = "ray"
     address: str | None = None
@@ -62,6 +62,8 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps between saves (and one at the end)
     resume: bool = False
     max_restarts: int = 0
+    guess: str = "random"  # fwdgrad: random | local
+    projections: str = "auto"  # fwdgrad: directions per step (an integer, or auto)
     options: dict = field(default_factory=dict)  # the method's stage options (sg_lr, ...)
     schedule_options: dict = field(default_factory=dict)  # e.g. {"k": 4} for stale
 
@@ -81,8 +83,17 @@ class TrainConfig:
             raise PipelineConfigError(f"--window {self.window} must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise PipelineConfigError(f"--steps {self.steps} must be >= 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        methods = [*METHOD_SCHEDULES, "fwdgrad"]
+        if self.method.lower() not in methods:
+            raise PipelineConfigError(
+                f"unknown method {self.method!r}; valid methods: {', '.join(methods)}")
+        fwdgrad = self.method.lower() == "fwdgrad"
+        if self.lr is None and not fwdgrad:
+            self.lr = 0.05
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise PipelineConfigError(f"--lr {self.lr} must be a positive number")
+        if self.optimizer is None:
+            self.optimizer = "adam" if fwdgrad else "momentum"
         if self.optimizer.lower() not in OPTIMIZERS:
             raise PipelineConfigError(
                 f"unknown optimizer {self.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
@@ -92,6 +103,13 @@ class TrainConfig:
                 f"--batch-size {self.batch_size} is smaller than --microbatches "
                 f"{self.microbatches}; each microbatch needs at least one sample"
             )
+        if fwdgrad:
+            if self.backend != "local":
+                raise PipelineConfigError(
+                    f"--method fwdgrad runs in one process (--backend local), not "
+                    f"{self.backend!r}: the forward-only pipeline is not built yet; for "
+                    "data-parallel forward gradients use `brigade fwdgrad`")
+            return
         if self.schedule is None:
             valid = METHOD_SCHEDULES.get(self.method.lower())
             self.schedule = valid[0] if valid else "1f1b"
@@ -150,6 +168,11 @@ def run_training(cfg: TrainConfig, progress=None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     train, test = _load(cfg)
     model_kwargs = _model_kwargs(cfg, train.shape, train.num_classes)
+    if cfg.method.lower() == "fwdgrad":
+        report = _train_forward_gradient(cfg, train, test, model_kwargs, progress)
+        report["config"] = asdict(cfg)
+        report["model_kwargs"] = model_kwargs
+        return report
     run = _Run(cfg, train, model_kwargs, progress)
     restarts = 0
     while True:
@@ -290,6 +313,49 @@ class _Run:
         return report
 
 
+def _train_forward_gradient(cfg, train, test, model_kwargs, progress) -> dict[str, Any]:
+    """Single-process forward-gradient training (no backward pass): the baseline that the
+    data-parallel ``brigade fwdgrad`` and the pipelined form are compared with."""
+    from brigade.stages import fg_optim
+    from brigade.stages.fwdgrad import ForwardGradient
+
+    model = build_model(cfg.model, **model_kwargs)
+    projections: Any = cfg.projections if cfg.projections == "auto" else int(cfg.projections)
+    fg = ForwardGradient(model, nn.CrossEntropyLoss(), guess=cfg.guess,
+                         projections=projections, seed=cfg.seed)
+    opt = fg_optim.make_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr,
+                                  guess=cfg.guess)
+    loader = Batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    total = cfg.steps if cfg.steps is not None else len(loader) * cfg.epochs
+    done, train_s, epoch_losses = 0, 0.0, {}
+    while done < total:
+        epoch = loader.epoch
+        for x, y in loader:
+            t0 = time.perf_counter()
+            loss = float(fg.step(x, y, opt)["loss"])
+            train_s += time.perf_counter() - t0
+            _check_finite(loss, done, None)
+            epoch_losses.setdefault(epoch, []).append(loss)
+            done += 1
+            if progress:
+                progress(done, total, {"epoch": epoch + 1, "loss": loss})
+            if done == total:
+                break
+    from brigade.stages.trainer import evaluate
+
+    samples = done * cfg.batch_size
+    return {
+        "train_loss": [sum(v) / len(v) for _, v in sorted(epoch_losses.items())],
+        "steps": done, "wall_s": train_s,
+        "samples_per_s": samples / train_s if train_s else 0.0,
+        "final_test_accuracy": evaluate(model, test.x, test.y),
+        "bubble_fraction": 0.0, "balance": [len(model)], "timeline": None,
+        "stages": [{"worker": 0, "stages": [0], "busy_s": train_s, "idle_fraction": 0.0,
+                    "peak_stored_activation_bytes": 0}],
+        "state_dict": model.state_dict(), "restarts": [], "checkpoint": None,
+    }
+
+
 def _jsonable(obj: Any) -> Any:
     """Tuples become lists, so an identity compares equal after a JSON round trip."""
     return json.loads(json.dumps(obj))
@@ -303,9 +369,9 @@ def window_steps(cfg: TrainConfig, pipe: Pipeline) -> int:
     return 32 if pipe.decoupled else 1
 
 
-def _check_finite(loss: float, step: int, pipe: Pipeline) -> None:
+def _check_finite(loss: float, step: int, pipe: Pipeline | None) -> None:
     if not math.isfinite(loss):
-        last = len(pipe.balance) - 1
+        last = len(pipe.balance) - 1 if pipe is not None else 0
         raise PipelineConfigError(
             f"loss became {loss} at step {step + 1} (computed on stage {last}, the last); "
             "lower --lr, or check the data"

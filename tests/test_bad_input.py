@@ -31,6 +31,9 @@ CASES = [
     (TRAIN + ["--method", "petra", "--schedule", "1f1b"], "valid schedules for petra: petra"),
     (TRAIN + ["--model", "revnet18", "--width", "7"], "width"),
     (TRAIN + ["--batch-size", "2", "--microbatches", "4"], "smaller than --microbatches 4"),
+    (TRAIN[:-3] + ["--method", "fwdgrad", "--backend", "ray", "--steps", "1", "--quiet"],
+     "--method fwdgrad runs in one process (--backend local)"),
+    (TRAIN + ["--method", "fwdgrad", "--optimizer", "adamw"], "adamw"),
     # brigade schedule
     (["schedule", "show", "--schedule", "1f1b", "--stages", "4", "--microbatches", "2"],
      "use m >= 4, or 'gpipe' for m=2"),

@@ -76,3 +76,13 @@ def test_report_refuses_what_is_not_a_measured_trace(tmp_path, capsys):
     assert "is not a brigade timeline" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_forward_gradient_training_in_one_process(tmp_path):
+    out = tmp_path / "fg.json"
+    assert main(["train", "--model", "mlp", "--width", "32", "--data", "synthetic",
+                 "--backend", "local", "--method", "fwdgrad", "--guess", "local",
+                 "--batch-size", "32", "--epochs", "2", "--quiet", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["final_test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert figures["train_loss"][1] < figures["train_loss"][0]

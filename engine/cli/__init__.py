@@ -19,6 +19,7 @@ COMMANDS = [
     "brigade.engine.cli.train_cmd",
     "brigade.engine.cli.schedule_cmd",
     "brigade.engine.cli.report_cmd",
+    "brigade.engine.cli.fwdgrad_cmd",
 ]
 
 

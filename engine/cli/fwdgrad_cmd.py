@@ -11,6 +11,7 @@ accuracy, bytes on the wire per round and whether the replicas are still bit-ide
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from . import UsageError, output
@@ -34,18 +35,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test samples")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64, help="samples per worker per round (default 64)")
-    p.add_argument("--optimizer", default="sgd", help="sgd | momentum | nesterov | adam | rmsprop")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: measured, per optimizer and guess)")
+    p.add_argument("--optimizer", default="adam", help="sgd | momentum | nesterov | adam | rmsprop (default adam)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: measured per optimizer and guess, scaled up for mean/weighted merging)")
     p.add_argument("--momentum", type=float, default=None, help="momentum / nesterov coefficient")
     p.add_argument("--clip-norm", type=float, default=None, help="clip each estimate to this L2 norm")
     p.add_argument("--decay", default=None, help="learning-rate decay: constant | inverse | sqrt | cosine")
     p.add_argument("--weight-decay", type=float, default=None, help="decoupled weight decay")
     p.add_argument("--guess", default="random",
                    help="random (shared seed, scalars only) | local (aux-head guess; sends the estimate)")
-    p.add_argument("--projections", default="1",
-                   help="directions per worker per round: N, or one count per block with --scope block (e.g. 1,1,256)")
+    p.add_argument("--projections", default="auto",
+                   help="directions per worker per round: N, or one count per block with --scope block "
+                        "(e.g. 1,1,256; 0 freezes a block); auto (default): block scope, 1 per block and "
+                        "256 on the last block, whose jvp is cheap")
     p.add_argument("--dist", default="rademacher", help="rademacher | gaussian")
     p.add_argument("--scope", default=None, help="global (one direction over the model) | block (per block)")
+    p.add_argument("--blocks", default=None,
+                   help="group the model's children into blocks, e.g. 4,1,1 (default: one per child)")
     p.add_argument("--shards", default="equal", help="equal | uneven (shard i holds a share ∝ i+1)")
     p.add_argument("--seed", type=int, default=0, help="the shared seed (default 0)")
     p.add_argument("--backend", default="ray", help="ray (actors) | local (workers in this process)")
@@ -57,7 +63,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _projections(text: str) -> int | tuple[int, ...]:
+def _blocks(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--blocks {text!r} must be comma-separated integers, e.g. 4,1,1") from None
+
+
+def _projections(text: str, num_blocks: int | None = None) -> int | tuple[int, ...]:
+    if str(text).strip().lower() == "auto":  # as fwdgrad.auto_projections
+        if not num_blocks or num_blocks < 2:
+            return 1 if not num_blocks else 256
+        return (1,) * (num_blocks - 1) + (256,)
     try:
         ns = tuple(int(v) for v in str(text).split(",") if v.strip())
     except ValueError:
@@ -67,7 +86,8 @@ def _projections(text: str) -> int | tuple[int, ...]:
     return ns[0] if len(ns) == 1 else ns
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace, num_blocks: int | None = None):
+    """The system's settings; ``num_blocks`` (the model's) resolves ``--projections auto``."""
     from brigade.engine.fgdp import FGDPConfig
 
     okw = {
@@ -76,11 +96,14 @@ def config_from_args(args: argparse.Namespace):
                          weight_decay=args.weight_decay).items()
         if v is not None
     }
-    projections = _projections(args.projections)
-    scope = args.scope or ("block" if isinstance(projections, tuple) or args.guess == "local" else "global")
+    auto = str(args.projections).strip().lower() == "auto"
+    projections = 1 if args.guess == "local" else _projections(args.projections, num_blocks)
+    scope = args.scope or ("block" if auto or isinstance(projections, tuple) or args.guess == "local" else "global")
+    if auto and scope == "global":
+        projections = 1
     return FGDPConfig(
         workers=args.workers, merge=args.merge, directions=args.directions, guess=args.guess,
-        projections=projections, dist=args.dist, scope=scope, optimizer=args.optimizer,
+        projections=projections, dist=args.dist, scope=scope, blocks=_blocks(args.blocks), optimizer=args.optimizer,
         lr=args.lr, optimizer_kw=okw, batch_size=args.batch_size, shards=args.shards,
         seed=args.seed, timeout_s=args.timeout,
     )
@@ -116,18 +139,28 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
-    from brigade.engine.fgdp import ForwardGradientDP
+    from brigade.engine.errors import PipelineConfigError
+    from brigade.engine.fgdp import FGWorkerError, ForwardGradientDP
 
     if args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1; got {args.epochs}")
-    cfg = config_from_args(args)
+    from brigade.stages.fwdgrad import param_blocks
+
+    config_from_args(args)  # bad settings fail before any data is read
     train, test = _data(args)
     model = _model(args, train)
+    cfg = config_from_args(args, len(param_blocks(model, _blocks(args.blocks))))
     torch.set_num_threads(1)
     console = Console(stderr=True)
     started = time.perf_counter()
-    dp = ForwardGradientDP(model, train, test, None, cfg, address=args.address, num_cpus=args.num_cpus,
-                           backend=args.backend)
+    try:
+        dp = ForwardGradientDP(model, train, test, None, cfg, address=args.address, num_cpus=args.num_cpus,
+                               backend=args.backend)
+    except PipelineConfigError as err:  # e.g. no Ray cluster at --address
+        raise UsageError(str(err)) from None
+    except FGWorkerError as err:
+        print(f"brigade fwdgrad: error: {err}", file=sys.stderr)
+        return 1
     try:
         total = args.epochs * dp.rounds_per_epoch
         with output.progress_bar(console, f"fwdgrad x{cfg.workers}", disable=args.quiet) as update:
@@ -139,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
 
             report = dp.fit(args.epochs, on_round=on_round)
         state = dp.state_dict() if args.save else None
+    except FGWorkerError as err:  # a worker raised, died or went silent: one line, no hang
+        print(f"brigade fwdgrad: error: {err}", file=sys.stderr)
+        return 1
     finally:
         dp.shutdown()
     report.update(model=args.model, data=args.data, workers=cfg.workers, merge=cfg.merge,

@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gpipe | 1f1b | interleaved | zb1p | dni | petra | stale "
                         "(default: the method's own)")
     p.add_argument("--method", default="backprop",
-                   help="backprop | dni | cdni | petra | stale (default backprop)")
+                   help="backprop | dni | cdni | petra | stale | fwdgrad (default backprop; "
+                        "fwdgrad runs with --backend local)")
     p.add_argument("--window", type=int, default=None,
                    help="steps per pipelined run (default 1; 32 for dni and petra, which "
                         "do not flush between the steps of a run)")
@@ -49,9 +50,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--optimizer", default="sgd",
-                   help="sgd | momentum | nesterov | adam | adamw | rmsprop")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default 0.05; fwdgrad: the optimizer's measured one)")
+    p.add_argument("--optimizer", default=None,
+                   help="sgd | momentum | nesterov | adam | adamw | rmsprop (default momentum: "
+                        "SGD with momentum 0.9; fwdgrad: adam)")
+    p.add_argument("--guess", default="random", choices=["random", "local"],
+                   help="fwdgrad: direction guesses, random or from local auxiliary losses")
+    p.add_argument("--projections", default="auto",
+                   help="fwdgrad: directions per step, an integer or auto (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="ray", choices=["ray", "local", "torchrun"],
                    help="ray: one actor per stage (default); local: one process; "
@@ -94,7 +101,8 @@ def config_from_args(args: argparse.Namespace):
         steps=args.steps, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
         backend=args.backend, address=args.address, window=args.window,
         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, max_restarts=args.max_restarts,
+        resume=args.resume, max_restarts=args.max_restarts, guess=args.guess,
+        projections=args.projections,
         options=_method_options(args), schedule_options=_schedule_options(args),
     )
 
@@ -157,7 +165,7 @@ def run_here(args: argparse.Namespace) -> int:
     print_report(report, Console())
     if args.save:
         output.save_state_dict(report["state_dict"], args.save)
-    if args.trace:
+    if args.trace and report.get("timeline") is not None:
         output.write_json(args.trace, report["timeline"].to_json())
     if args.json:
         output.write_json(args.json, output.json_figures(report))
