@@ -1,11 +1,16 @@
 """The Ray backend: one actor per worker, activations and gradients sent actor to actor.
 
-Data path, chosen by measurement (DESIGN.md, 4 MB one way on this kind of machine): a torch
-tensor argument goes through the object store pickled (~18 ms); a numpy array argument is
-read zero-copy from shared memory (~3.8 ms). So a message crosses as a numpy array in a
-fire-and-forget actor call ``peer.deliver.remote(key, array)``; the receiver copies it into a
-torch tensor (0.1 ms) and files it in its mailbox. Actors are threaded, so deliveries land
-while the actor's step thread is blocked waiting for them.
+Data path, chosen by measurement (``bench/transport.py``, 4 MB one way on this kind of
+machine): a torch tensor argument of a Ray call goes through the object store pickled
+(~18 ms); a numpy array argument is read zero-copy from shared memory (~4-6 ms); a gloo
+send/recv between the two processes costs ~2 ms. So by default (``transport="p2p"``) the
+actors open a torch.distributed gloo group among themselves once, at start, and a message
+crosses as a header and the tensor bytes (:class:`~brigade.engine.transport.P2PTransport`);
+a receiver thread per peer files it in the worker's mailbox. ``transport="ray"`` keeps the
+Ray-call route: a fire-and-forget call ``peer.deliver.remote(key, array)`` with numpy arrays,
+copied into torch tensors on arrival. Either way the driver's own messages (inputs, targets,
+labels) travel as ``run_step`` arguments, and actors are threaded, so deliveries land while
+the actor's step thread is blocked waiting for them.
 
 The actor class is private and plain (testable without Ray); ``ray.remote`` is applied here.
 A remote failure becomes :class:`StageFailedError` naming the stage; every actor is killed.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -23,11 +29,11 @@ import torch
 
 from brigade.schedulers import Action
 
-from .errors import PipelineError, StageFailedError
+from .errors import PipelineConfigError, PipelineError, StageFailedError
 from .spec import WorkerSpec, build_worker
 from .worker import StepResult
 
-__all__ = ["RayBackend", "to_wire", "from_wire"]
+__all__ = ["RayBackend", "TRANSPORTS", "to_wire", "from_wire"]
 
 
 def to_wire(value: Any) -> Any:
@@ -55,6 +61,9 @@ def from_wire(value: Any, device: torch.device | str = "cpu") -> Any:
     return value
 
 
+TRANSPORTS = ("p2p", "ray")
+
+
 class _StageActor:
     """One worker process: builds its stages, receives messages, runs step programs."""
 
@@ -63,11 +72,41 @@ class _StageActor:
         self.worker = build_worker(spec, send=self._send)
         self.peers: list[Any] = []
         self._in_flight: list[Any] = []
+        self.transport: Any = None  # a P2PTransport once setup_transport has run
 
     def connect(self, peers: list[Any]) -> int:
         """Learn the other actors' handles (index = worker)."""
         self.peers = peers
         return os.getpid()
+
+    def endpoint(self) -> tuple[str, int]:
+        """This node's IP address and a port free on it now (for rank 0's store)."""
+        import ray
+
+        from .transport import free_port
+
+        return ray.util.get_node_ip_address(), free_port("")
+
+    def setup_transport(
+        self, rank: int, world_size: int, addr: str, port: int, timeout_s: float = 60.0
+    ) -> None:
+        """Join the p2p group (every actor calls this at once); from then on messages to
+        peers go over it instead of Ray calls."""
+        import ray
+
+        from .transport import P2PTransport
+
+        host = None if addr in ("127.0.0.1", "localhost") else ray.util.get_node_ip_address()
+        self.transport = P2PTransport(
+            rank, world_size, addr, port, self.worker.mailbox.put, self.device,
+            timeout_s=timeout_s, host=host,
+        )
+
+    def close_transport(self, timeout_s: float = 2.0) -> bool:
+        """Stop the receiver threads (once every peer closes too); True when all ended."""
+        if self.transport is None:
+            return True
+        return self.transport.close(timeout_s)
 
     def ping(self) -> float:
         """This process's clock, to align timelines across processes."""
@@ -77,8 +116,11 @@ class _StageActor:
         """Called by a neighbour: file one message in the mailbox."""
         self.worker.mailbox.put(key, from_wire(value, self.device))
 
-    def _send(self, dest: int, key: Any, tensor: torch.Tensor) -> None:
-        self._in_flight.append(self.peers[dest].deliver.remote(key, to_wire(tensor)))
+    def _send(self, dest: int, key: Any, payload: Any) -> None:
+        if self.transport is not None:
+            self.transport.send(dest, key, payload)
+        else:
+            self._in_flight.append(self.peers[dest].deliver.remote(key, to_wire(payload)))
 
     def run_step(
         self, training: bool, actions: list[Action], messages: list[tuple], timeout: float
@@ -89,7 +131,14 @@ class _StageActor:
         self.worker.begin(
             training, [(k, from_wire(v, self.device)) for k, v in messages], actions
         )
-        self.worker.run(actions, timeout)
+        try:
+            self.worker.run(actions, timeout)
+        except PipelineError:
+            if self.transport is not None:  # a lost peer or a failed delivery says more
+                self.transport.check()
+            raise
+        if self.transport is not None:  # surface send and delivery failures
+            self.transport.flush()
         if self._in_flight:  # surface delivery failures and release the object refs
             ray.get(self._in_flight)
             self._in_flight = []
@@ -118,7 +167,11 @@ class _StageActor:
 
 
 class RayBackend:
-    """Starts one actor per worker on a Ray cluster and drives them step by step."""
+    """Starts one actor per worker on a Ray cluster and drives them step by step.
+
+    ``transport``: "p2p" (default) sends activations and gradients over a torch.distributed
+    gloo group among the actors; "ray" sends them as Ray actor calls carrying numpy arrays.
+    """
 
     def __init__(
         self,
@@ -126,15 +179,20 @@ class RayBackend:
         cpus_per_stage: float | None,
         gpus_per_stage: float | None,
         timeout_s: float,
+        transport: str = "p2p",
     ) -> None:
         import ray
 
+        if transport not in TRANSPORTS:
+            raise PipelineConfigError(
+                f"unknown transport {transport!r}; valid transports: {', '.join(TRANSPORTS)}"
+            )
         self.timeout_s = timeout_s
         self.worker_stages = [sorted(s.modules) for s in specs]
         cpus, gpus = _resources(len(specs), cpus_per_stage, gpus_per_stage)
         threads = max(1, int(cpus)) if cpus >= 1 else 1
         remote_cls = ray.remote(_StageActor)
-        self.actors = []
+        self.actors: list[Any] = []
         for spec in specs:
             spec.num_threads = threads
             spec.device = "cuda" if gpus > 0 else "cpu"
@@ -142,7 +200,37 @@ class RayBackend:
                 remote_cls.options(num_cpus=cpus, num_gpus=gpus, max_concurrency=8).remote(spec)
             )
         self.pids = self._get([a.connect.remote(self.actors) for a in self.actors])
+        self.transport = "ray"
+        if transport == "p2p" and len(self.actors) > 1:
+            self._setup_p2p()
         self.offsets = self._clock_offsets()
+
+    def _setup_p2p(self) -> None:
+        """Open the gloo group: rank i = worker i, the store on worker 0's node (loopback
+        when every actor shares one node). Falls back to Ray calls where torch has no gloo."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_gloo_available()):
+            warnings.warn("torch.distributed with gloo is not available here; stage actors "
+                          "exchange tensors through Ray calls (transport='ray')", stacklevel=3)
+            return
+        endpoints = self._get([a.endpoint.remote() for a in self.actors])
+        ips = {ip for ip, _ in endpoints}
+        addr = "127.0.0.1" if len(ips) == 1 else endpoints[0][0]
+        port = endpoints[0][1]
+        rendezvous_s = min(60.0, self.timeout_s)
+        try:
+            self._get([
+                a.setup_transport.remote(rank, len(self.actors), addr, port, rendezvous_s)
+                for rank, a in enumerate(self.actors)
+            ])
+        except PipelineError as err:
+            raise PipelineError(
+                f"the stage actors could not open their torch.distributed group at "
+                f"{addr}:{port} ({err}); pass transport='ray' to send tensors through Ray "
+                "calls instead"
+            ) from err
+        self.transport = "p2p"
 
     def _clock_offsets(self) -> list[float]:
         """Each actor's clock minus the driver's, from one ping round trip each."""
@@ -187,7 +275,7 @@ class RayBackend:
                 except Exception as err:  # noqa: BLE001 - becomes our own error below
                     self._fail(index[ref], err)
             if time.monotonic() > deadline:
-                self.shutdown()
+                self._kill()
                 raise PipelineError(
                     f"no progress for {self.timeout_s:.0f} s: workers "
                     f"{[index[r] for r in pending]} did not finish; raise timeout_s if "
@@ -196,7 +284,7 @@ class RayBackend:
         return results
 
     def _fail(self, worker: int, err: Exception) -> None:
-        self.shutdown()
+        self._kill()  # no graceful close: a failure must surface at once
         raise StageFailedError(worker, self.worker_stages[worker], _root_cause(err)) from err
 
     def state_dicts(self) -> dict[int, dict]:
@@ -218,8 +306,20 @@ class RayBackend:
         self._get([a.load_checkpoint_state.remote({s: states[s] for s in stages})
                    for a, stages in zip(self.actors, self.worker_stages)])
 
-    def shutdown(self) -> None:
-        """Kill every actor (they hold no state worth a graceful exit once a run ends)."""
+    def shutdown(self, close_timeout_s: float = 2.0) -> None:
+        """Close the p2p group (bounded by ``close_timeout_s``), then kill every actor."""
+        import ray
+
+        if self.actors and self.transport == "p2p":
+            try:
+                refs = [a.close_transport.remote(close_timeout_s) for a in self.actors]
+                ray.wait(refs, num_returns=len(refs), timeout=close_timeout_s + 1.0)
+            except Exception:  # noqa: BLE001 - Ray already shut down; killing is enough
+                pass
+        self._kill()
+
+    def _kill(self) -> None:
+        """Kill every actor now (a receiver thread blocked in recv dies with its process)."""
         import ray
 
         for actor in self.actors:

@@ -64,7 +64,7 @@ class TorchrunBackend:
     """Runs this rank's worker; gathers every rank's results."""
 
     def __init__(self, specs: list[WorkerSpec], timeout_s: float) -> None:
-        from .transport import P2PTransport
+        from .transport import P2PTransport, free_port
 
         self.rank, self.world = init_torchrun()
         if self.world != len(specs):
@@ -77,11 +77,20 @@ class TorchrunBackend:
         spec.device = f"cuda:{self.rank % torch.cuda.device_count()}" \
             if torch.cuda.is_available() else "cpu"
         self.worker_stages = [sorted(s.modules) for s in specs]
-        self.transport = P2PTransport.from_default_group(
-            deliver=lambda key, value: self.worker.mailbox.put(key, value), device=spec.device
+        self.transport = None
+        self.worker = build_worker(spec, send=self._send)
+        # The stages' messages travel on a gloo group of their own (the default group
+        # carries the all-gathers); rank 0 picks its port and tells the others.
+        port = broadcast_object(free_port("") if self.rank == 0 else None)
+        self.transport = P2PTransport(
+            self.rank, self.world, os.environ.get("MASTER_ADDR", "127.0.0.1"), port,
+            deliver=self.worker.mailbox.put, device=spec.device,
+            timeout_s=min(60.0, timeout_s),
         )
-        self.worker = build_worker(spec, send=self.transport.send)
         self.pids = self._gather(os.getpid())
+
+    def _send(self, dest: int, key: Any, payload: Any) -> None:
+        self.transport.send(dest, key, payload)
 
     def _gather(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world

@@ -1,0 +1,60 @@
+"""The torchrun backend: 2 ranks (gloo, CPU) train to single-process weights; none linger."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from brigade.engine.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _running(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="ignore"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb1p"])
+def test_torchrun_weights_equal_single_process_and_processes_end(tmp_path, schedule):
+    flags = ["--model", "mlp", "--width", "32", "--data", "synthetic", "--batch-size", "30",
+             "--microbatches", "4", "--steps", "5", "--schedule", schedule, "--quiet"]
+    want, got, js = tmp_path / "want.pt", tmp_path / "got.pt", tmp_path / "o.json"
+    assert main(["train", *flags, "--backend", "local", "--save", str(want)]) == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "brigade.engine.cli", "train", *flags, "--backend", "torchrun",
+         "--save", str(got), "--json", str(js)],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = torch.load(want, weights_only=True), torch.load(got, weights_only=True)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)
+    report = json.loads(js.read_text())
+    assert report["config"]["backend"] == "torchrun" and len(report["stages"]) == 2
+    deadline = time.monotonic() + 10
+    while _running(str(js)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _running(str(js)) == []
+
+
+def test_torchrun_backend_outside_torchrun_says_how_to_start(capsys):
+    from brigade.engine import Pipeline, PipelineConfigError
+    from brigade.stages.models import build_model
+
+    with pytest.raises(PipelineConfigError, match="torchrun --nproc-per-node P -m "
+                                                  "brigade.engine.launch"):
+        Pipeline(build_model("mlp", width=8), stages=2, backend="torchrun",
+                 optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
