@@ -8,7 +8,7 @@ data, balanced by measured time) with gpipe, 1f1b, zb1p and interleaved (v = 2).
 warm-up steps, then a timed window; measured samples/s (wall clock of the window, driver
 included) and bubble fraction beside two predictions of the same schedule:
   profile     costs from profiling each stage in this process before the run
-              (brigade.stages.partition), plus the measured 4 MB-scaled message latency
+              (brigade.stages.partition), plus the run's median send time as latency
   calibrated  costs from the run's own per-action spans (brigade.schedulers.predict)
 Then the hand-off of a 4 MB activation by the engine's route beside torch.distributed gloo
 send/recv in the same run (bench/transport.py). Targets (issue 4): measured >= 0.9 x
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 def _latency_for(tl, hand: dict) -> float:
     """One-way hand-off time of this run's typical message, scaled from the 4 MB figure."""
     sends = [e.duration for e in tl.events if e.category == "send"]
-    return statistics.median(sends) if sends else hand["ray-numpy"]
+    return statistics.median(sends) if sends else hand["brigade-p2p"]
 
 
 def print_tables(rows: list[dict], hand: dict, args) -> None:
@@ -151,10 +151,11 @@ def print_tables(rows: list[dict], hand: dict, args) -> None:
     console = Console()
     console.print(t)
     console.print(
-        f"4 MB hand-off, one way (median): brigade engine route (ray-numpy) "
-        f"{hand['ray-numpy'] * 1e3:.2f} ms, gloo send/recv {hand['gloo'] * 1e3:.2f} ms, "
-        f"ratio {hand['ray-numpy / gloo']:.2f}x (target <= 1.5x); pickled torch tensor via "
-        f"Ray {hand['ray-torch'] * 1e3:.2f} ms; in-process copy {hand['copy'] * 1e3:.3f} ms"
+        f"4 MB hand-off, one way (median): brigade engine route (p2p) "
+        f"{hand['brigade-p2p'] * 1e3:.2f} ms, gloo send/recv {hand['gloo'] * 1e3:.2f} ms, "
+        f"ratio {hand['brigade-p2p'] / hand['gloo']:.2f}x (target <= 1.5x); numpy via Ray "
+        f"call {hand['ray-numpy'] * 1e3:.2f} ms; pickled torch tensor via Ray "
+        f"{hand['ray-torch'] * 1e3:.2f} ms; in-process copy {hand['copy'] * 1e3:.3f} ms"
     )
 
 
