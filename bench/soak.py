@@ -49,6 +49,8 @@ def soak(schedule: str, args) -> dict:
     virtual = 2 if schedule == "interleaved" else 1
     if method == "petra":
         model = build_model("revnet18", width=8, in_channels=1, image_size=28)
+    elif virtual > 1:  # 4 model stages: needs at least 4 blocks
+        model = build_model("cnn", width=8)
     else:
         model = build_model("mlp", width=256)
     data = load_dataset("synthetic", like="mnist", size=args.batch_size * 8, seed=0)
@@ -99,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             rows.append(soak(name, args))
             r = rows[-1]
+            curve = "  ".join(f"{s}:{'/'.join(f'{b / 2**20:.0f}' for b in rss)}"
+                              for s, rss in r["samples"])
             print(f"{name}: {r['steps']} steps in {r['wall_s']:.0f} s, RSS growth after step "
-                  f"{args.warmup}: {[round(g / 2**20, 1) for g in r['growth_bytes']]} MB",
-                  file=sys.stderr)
+                  f"{args.warmup}: {[round(g / 2**20, 1) for g in r['growth_bytes']]} MB; "
+                  f"RSS MB per stage by step: {curve}", file=sys.stderr)
     finally:
         ray.shutdown()
     table = Table(title=f"actor resident memory, step {args.warmup} -> step {args.steps}")
