@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +15,8 @@ import torch
 from brigade.engine.checkpoint import (Checkpoint, CheckpointError, latest_checkpoint,
                                        load_checkpoint, save_checkpoint)
 from brigade.engine.cli import main
+
+from _procs import descendants, with_cmdline
 
 TRAIN = ["train", "--model", "mlp", "--width", "32", "--data", "synthetic", "--batch-size",
          "32", "--optimizer", "momentum", "--quiet"]
@@ -90,35 +91,6 @@ def test_resume_refuses_another_split(tmp_path, capsys):
     assert "balance: checkpoint [1, 2], this run [2, 1]" in capsys.readouterr().err
 
 
-def _descendants(pid: int) -> list[int]:
-    """Process ids below ``pid`` (from /proc), depth first."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _stage_actors(pid: int) -> list[int]:
-    found = []
-    for p in _descendants(pid):
-        try:
-            if "_StageActor" in Path(f"/proc/{p}/cmdline").read_text():
-                found.append(p)
-        except OSError:
-            pass
-    return found
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_stage_restarts_from_the_checkpoint_and_ends_equal(tmp_path):
@@ -135,7 +107,7 @@ def test_a_killed_stage_restarts_from_the_checkpoint_and_ends_equal(tmp_path):
         deadline = time.monotonic() + 120
         while latest_checkpoint(ck) is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        victims = _stage_actors(proc.pid)
+        victims = with_cmdline("_StageActor", descendants(proc.pid))
         assert victims, "no stage actor process found"
         os.kill(victims[-1], signal.SIGKILL)
         out, _ = proc.communicate(timeout=240)

@@ -10,7 +10,6 @@ plain full-batch training.
 from __future__ import annotations
 
 import copy
-import os
 import time
 
 import pytest
@@ -19,6 +18,8 @@ from torch import nn
 
 from brigade.engine import Pipeline, PipelineConfigError, StageFailedError
 from brigade.stages.trainer import reference_step
+
+from _procs import wait_gone
 
 SCHEDULES = [
     # (schedule, workers, virtual, balance)
@@ -162,14 +163,6 @@ class Boom(nn.Module):
         return self.lin(x)
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 @pytest.mark.ray
 def test_failing_stage_surfaces_naming_the_stage_and_actors_die(ray_cluster):
     model = plain_net()
@@ -183,10 +176,7 @@ def test_failing_stage_surfaces_naming_the_stage_and_actors_die(ray_cluster):
     with pytest.raises(StageFailedError, match=r"stage 1 \(worker 1\) failed: RuntimeError: boom"):
         pipe.step(*data[1])
     assert time.monotonic() - t0 < 10
-    deadline = time.monotonic() + 15
-    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert all(_gone(p) for p in pids), pids
+    assert wait_gone(pids), pids
     with pytest.raises(Exception, match="shut down"):
         pipe.step(*data[0])
 

@@ -19,14 +19,6 @@ from brigade.stages.fg_optim import DEFAULTS, OPTIMIZERS, FGOptimizer, clip_by_n
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def small_model(seed: int = 0, width: int = 12) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(

@@ -6,26 +6,15 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from brigade.engine.cli import main
 
+from _procs import with_cmdline
+
 pytestmark = pytest.mark.slow
-
-
-def _running(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "cmdline").read_bytes().decode(errors="ignore"):
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "zb1p"])
@@ -45,9 +34,9 @@ def test_torchrun_weights_equal_single_process_and_processes_end(tmp_path, sched
     report = json.loads(js.read_text())
     assert report["config"]["backend"] == "torchrun" and len(report["stages"]) == 2
     deadline = time.monotonic() + 10
-    while _running(str(js)) and time.monotonic() < deadline:
+    while with_cmdline(str(js)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _running(str(js)) == []
+    assert with_cmdline(str(js)) == []
 
 
 def test_torchrun_backend_outside_torchrun_says_how_to_start(capsys):

@@ -20,6 +20,8 @@ from torch import nn
 
 from brigade.engine.transport import P2PTransport, TransportError, _BufferPool, decode, encode
 
+from _procs import wait_gone
+
 pytestmark = pytest.mark.ray
 
 ROUNDS = 6  # each round sends every kind of payload below once
@@ -142,19 +144,6 @@ class _Peer:
         return ""
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
-def _wait_gone(pids, seconds=15.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return all(_gone(p) for p in pids)
 
 
 def _start(ray, world: int):
@@ -208,7 +197,7 @@ def test_three_actors_exchange_exactly_and_in_order_then_close_cleanly(ray_clust
     finally:
         for a in actors:
             ray.kill(a)
-    assert _wait_gone(pids), pids
+    assert wait_gone(pids), pids
 
 
 def test_a_killed_peer_is_reported_not_waited_for(ray_cluster):
@@ -216,7 +205,7 @@ def test_a_killed_peer_is_reported_not_waited_for(ray_cluster):
     actors, pids = _start(ray, 2)
     try:
         ray.kill(actors[1])
-        assert _wait_gone(pids[1:])
+        assert wait_gone(pids[1:])
         err = ray.get(actors[0].check_error.remote(10), timeout=30)
         assert "receiving from rank 1" in err
         assert "sending ('x', 0, 0) to rank 1 failed" in ray.get(
@@ -227,7 +216,7 @@ def test_a_killed_peer_is_reported_not_waited_for(ray_cluster):
     finally:
         for a in actors:
             ray.kill(a)
-    assert _wait_gone(pids), pids
+    assert wait_gone(pids), pids
 
 
 def _net() -> nn.Sequential:

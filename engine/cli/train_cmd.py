@@ -145,9 +145,8 @@ def _spawn_torchrun(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)  # bad flags fail here, before any process starts
     workers = len(cfg.balance) // cfg.virtual if cfg.balance else cfg.stages
-    flags = [a for a in args.argv[1:]]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={workers}", "-m", "brigade.engine.launch", *flags]
+           f"--nproc-per-node={workers}", "-m", "brigade.engine.launch", *args.argv[1:]]
     return subprocess.call(cmd)
 
 

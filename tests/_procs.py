@@ -1,0 +1,61 @@
+"""Process helpers for tests that check that what they started has stopped (Linux /proc)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+__all__ = ["gone", "wait_gone", "descendants", "with_cmdline"]
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` no longer exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def wait_gone(pids, seconds: float = 15.0) -> bool:
+    """Poll until every pid is gone or ``seconds`` pass; True when all are gone."""
+    deadline = time.monotonic() + seconds
+    while not all(gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return all(gone(p) for p in pids)
+
+
+def _ppid(entry: Path) -> int | None:
+    try:
+        return int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Process ids below ``pid``, depth first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (ppid := _ppid(entry)) is not None:
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def with_cmdline(marker: str, pids=None) -> list[int]:
+    """Processes (among ``pids``, default all) whose command line contains ``marker``."""
+    if pids is None:
+        pids = [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
+    found = []
+    for p in pids:
+        try:
+            if marker in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="ignore"):
+                found.append(p)
+        except OSError:
+            pass
+    return found
