@@ -5,8 +5,11 @@
 
 On 2 Ray actors (one CPU thread each) it trains resnet18 (width 16, CIFAR-shaped synthetic
 data, balanced by measured time) with gpipe, 1f1b, zb1p and interleaved (v = 2). For each:
-warm-up steps, then a timed window; measured samples/s (wall clock of the window, driver
-included) and bubble fraction beside two predictions of the same schedule:
+warm-up steps, then the timed steps two ways, alternating: as one pipelined run
+(``Pipeline.run``: the steps' programs back to back, one driver round trip; this is what
+the simulator models) and step by step (``Pipeline.step``: one driver round trip per step,
+the difference is the driver's overhead). Measured samples/s (wall clock, driver included)
+and bubble fraction beside two predictions of the same schedule:
   profile     costs from profiling each stage in this process before the run
               (brigade.stages.partition), plus the run's median send time as latency
   calibrated  costs from the run's own per-action spans (brigade.schedulers.predict)
@@ -49,23 +52,29 @@ def profile_costs(model, balance, sample, microbatches: int, latency: float) -> 
 
 
 def run_schedule(model, data, schedule, virtual, balance, args) -> dict:
-    """Warm up, then time ``args.steps`` steps; returns measured and predicted figures."""
+    """Warm up, then time ``args.steps`` steps as one run and step by step, ``args.repeat``
+    times each, alternating; medians of the wall times and the last run's timeline."""
     with Pipeline(model, stages=balance, schedule=schedule, virtual=virtual,
                   microbatches=args.microbatches, cpus_per_stage=1,
                   optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
                   loss_fn=nn.CrossEntropyLoss(), backend="ray") as pipe:
-        for i in range(args.warmup):
-            pipe.step(*data[i % len(data)])
-        pipe.reset_timeline()
-        walls = []
-        for i in range(args.steps):
+        batches = [data[i % len(data)] for i in range(args.steps)]
+        pipe.run(batches[: args.warmup])
+        window, stepwise = [], []
+        for _ in range(args.repeat):
             t0 = time.perf_counter()
-            pipe.step(*data[i % len(data)])
-            walls.append(time.perf_counter() - t0)
+            for x, y in batches:
+                pipe.step(x, y)
+            stepwise.append(time.perf_counter() - t0)
+            pipe.reset_timeline()
+            t0 = time.perf_counter()
+            pipe.run(batches)
+            window.append(time.perf_counter() - t0)
         tl = pipe.timeline()
     samples = args.batch_size * args.steps
-    return {"timeline": tl, "wall_s": sum(walls), "step_s_median": statistics.median(walls),
-            "samples_per_s": samples / sum(walls)}
+    return {"timeline": tl, "wall_s": statistics.median(window),
+            "samples_per_s": samples / statistics.median(window),
+            "stepwise_samples_per_s": samples / statistics.median(stepwise)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per schedule")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -106,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
                 "schedule": name, "virtual": virtual, "balance": balance,
                 "measured_samples_per_s": res["samples_per_s"],
                 "measured_bubble": tl.bubble_fraction,
-                "step_s_median": res["step_s_median"],
+                "stepwise_samples_per_s": res["stepwise_samples_per_s"],
                 "profile_samples_per_s": prof.throughput, "profile_bubble": prof.bubble_fraction,
                 "calibrated_samples_per_s": cal.throughput,
                 "calibrated_bubble": cal.bubble_fraction,
             })
             r = rows[-1]
-            print(f"{name}: measured {r['measured_samples_per_s']:.1f} samples/s, profile "
+            print(f"{name}: measured {r['measured_samples_per_s']:.1f} samples/s (step by step "
+                  f"{r['stepwise_samples_per_s']:.1f}), profile "
                   f"{r['profile_samples_per_s']:.1f}, calibrated "
                   f"{r['calibrated_samples_per_s']:.1f}", file=sys.stderr)
     finally:
@@ -135,15 +146,17 @@ def print_tables(rows: list[dict], hand: dict, args) -> None:
     from rich.table import Table
 
     t = Table(title=f"{args.model} width {args.width}, 2 stages x 1 thread, "
-                    f"m={args.microbatches}, batch {args.batch_size}, {args.steps} steps "
-                    "(medians of step wall time; throughput over the window)")
-    for col in ("schedule", "measured samples/s", "predicted (profile)", "measured / predicted",
+                    f"m={args.microbatches}, batch {args.batch_size}, {args.steps} steps per run, "
+                    f"medians of {args.repeat} runs")
+    for col in ("schedule", "measured samples/s", "step by step", "predicted (profile)",
+                "measured / predicted",
                 "predicted (calibrated)", "bubble measured", "bubble predicted"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(
             r["schedule"] + (f" v={r['virtual']}" if r["virtual"] > 1 else ""),
-            f"{r['measured_samples_per_s']:.1f}", f"{r['profile_samples_per_s']:.1f}",
+            f"{r['measured_samples_per_s']:.1f}", f"{r['stepwise_samples_per_s']:.1f}",
+            f"{r['profile_samples_per_s']:.1f}",
             f"{r['measured_samples_per_s'] / r['profile_samples_per_s']:.2f}",
             f"{r['calibrated_samples_per_s']:.1f}",
             f"{r['measured_bubble']:.3f}", f"{r['profile_bubble']:.3f}",

@@ -6,9 +6,12 @@ from dataclasses import dataclass, field
 
 from .errors import PipelineConfigError
 
-__all__ = ["PipelineConfig", "BACKENDS", "METHOD_SCHEDULES"]
+__all__ = ["PipelineConfig", "BACKENDS", "METHOD_SCHEDULES", "PLACEMENTS"]
 
 BACKENDS = ("ray", "local", "torchrun")
+
+# How the Ray backend lays the stage actors' bundles over the nodes (placement strategies).
+PLACEMENTS = ("pack", "spread", "strict_pack", "strict_spread")
 
 # Which schedules each learning rule can run under (the first is the default).
 METHOD_SCHEDULES: dict[str, tuple[str, ...]] = {
@@ -17,6 +20,7 @@ METHOD_SCHEDULES: dict[str, tuple[str, ...]] = {
     "dni": ("dni",),
     "cdni": ("dni",),
     "petra": ("petra",),
+    "fwdgrad": ("fwdgrad",),
 }
 
 
@@ -34,6 +38,8 @@ class PipelineConfig:
     address: str | None = None
     cpus_per_stage: float | None = None
     gpus_per_stage: float | None = None
+    placement: str = "pack"
+    placement_timeout_s: float = 30.0
     timeout_s: float = 300.0
     options: dict = field(default_factory=dict)  # options of the method's stage class
     schedule_options: dict = field(default_factory=dict)  # e.g. {"k": 4} for stale
@@ -59,6 +65,12 @@ class PipelineConfig:
         _positive("microbatches", self.microbatches)
         _positive("virtual", self.virtual)
         _positive("timeout_s", self.timeout_s)
+        _positive("placement_timeout_s", self.placement_timeout_s)
+        self.placement = str(self.placement).lower()
+        if self.placement not in PLACEMENTS:
+            raise PipelineConfigError(
+                f"unknown placement {self.placement!r}; valid placements: {', '.join(PLACEMENTS)}"
+            )
         if self.virtual > 1 and self.schedule != "interleaved":
             raise PipelineConfigError(
                 f"virtual={self.virtual} needs schedule='interleaved' (got {self.schedule!r}); "

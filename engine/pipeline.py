@@ -105,6 +105,8 @@ class Pipeline:
         address: str | None = None,
         cpus_per_stage: float | None = None,
         gpus_per_stage: float | None = None,
+        placement: str = "pack",
+        placement_timeout_s: float = 30.0,
         timeout_s: float = 300.0,
         schedule_options: dict[str, Any] | None = None,
         **options: Any,
@@ -113,6 +115,7 @@ class Pipeline:
             stages=stages, schedule=schedule, method=method, microbatches=microbatches,
             virtual=virtual, backend=backend, balance_by=balance_by, address=address,
             cpus_per_stage=cpus_per_stage, gpus_per_stage=gpus_per_stage,
+            placement=placement, placement_timeout_s=placement_timeout_s,
             timeout_s=timeout_s, options=options, schedule_options=dict(schedule_options or {}),
         )
         if not isinstance(model, nn.Sequential):
@@ -173,6 +176,10 @@ class Pipeline:
             opts.setdefault("accumulate", self.schedule.accumulate)
         if self.config.method == "cdni" and "num_classes" not in opts:
             opts["num_classes"] = _num_classes(model)
+        if self.config.method == "fwdgrad":  # units, projections, parameter positions
+            from brigade.stages.fwdpipe import stage_options
+
+            opts = stage_options(model, **opts)
         return opts
 
     def _specs(self, model, optimizer, loss_fn) -> list[WorkerSpec]:
@@ -210,7 +217,8 @@ class Pipeline:
         try:
             return RayBackend(
                 specs, self.config.cpus_per_stage, self.config.gpus_per_stage,
-                self.config.timeout_s,
+                self.config.timeout_s, placement=self.config.placement,
+                placement_timeout_s=self.config.placement_timeout_s,
             )
         except BaseException:
             self._release_ray()

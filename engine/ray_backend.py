@@ -12,6 +12,11 @@ copied into torch tensors on arrival. Either way the driver's own messages (inpu
 labels) travel as ``run_step`` arguments, and actors are threaded, so deliveries land while
 the actor's step thread is blocked waiting for them.
 
+The actors are reserved together as one Ray placement group, one bundle {CPU, GPU} per
+worker, laid out by ``placement`` (pack, spread, strict_pack, strict_spread): a cluster that
+could never hold it is refused at once, busy resources are waited for up to
+``placement_timeout_s``, and the group is removed with the actors (shutdown or failure).
+
 The actor class is private and plain (testable without Ray); ``ray.remote`` is applied here.
 A remote failure becomes :class:`StageFailedError` naming the stage; every actor is killed.
 """
@@ -29,11 +34,12 @@ import torch
 
 from brigade.schedulers import Action
 
+from .config import PLACEMENTS
 from .errors import PipelineConfigError, PipelineError, StageFailedError
 from .spec import WorkerSpec, build_worker
 from .worker import StepResult
 
-__all__ = ["RayBackend", "TRANSPORTS", "to_wire", "from_wire"]
+__all__ = ["RayBackend", "TRANSPORTS", "PLACEMENTS", "to_wire", "from_wire"]
 
 
 def to_wire(value: Any) -> Any:
@@ -180,6 +186,8 @@ class RayBackend:
         gpus_per_stage: float | None,
         timeout_s: float,
         transport: str = "p2p",
+        placement: str = "pack",
+        placement_timeout_s: float = 30.0,
     ) -> None:
         import ray
 
@@ -189,21 +197,35 @@ class RayBackend:
             )
         self.timeout_s = timeout_s
         self.worker_stages = [sorted(s.modules) for s in specs]
+        self.actors: list[Any] = []
         cpus, gpus = _resources(len(specs), cpus_per_stage, gpus_per_stage)
+        self.placement_group = _place(len(specs), cpus, gpus, placement, placement_timeout_s)
+        try:
+            self._start_actors(specs, cpus, gpus)
+            self.pids = self._get([a.connect.remote(self.actors) for a in self.actors])
+            self.transport = "ray"
+            if transport == "p2p" and len(self.actors) > 1:
+                self._setup_p2p()
+            self.offsets = self._clock_offsets()
+        except BaseException:
+            self._kill()  # also removes the placement group: nothing outlives a failed start
+            raise
+
+    def _start_actors(self, specs: list[WorkerSpec], cpus: float, gpus: float) -> None:
+        """One actor per worker, worker i in bundle i of the placement group."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         threads = max(1, int(cpus)) if cpus >= 1 else 1
         remote_cls = ray.remote(_StageActor)
-        self.actors: list[Any] = []
-        for spec in specs:
+        for i, spec in enumerate(specs):
             spec.num_threads = threads
             spec.device = "cuda" if gpus > 0 else "cpu"
-            self.actors.append(
-                remote_cls.options(num_cpus=cpus, num_gpus=gpus, max_concurrency=8).remote(spec)
-            )
-        self.pids = self._get([a.connect.remote(self.actors) for a in self.actors])
-        self.transport = "ray"
-        if transport == "p2p" and len(self.actors) > 1:
-            self._setup_p2p()
-        self.offsets = self._clock_offsets()
+            options: dict[str, Any] = dict(num_cpus=cpus, num_gpus=gpus, max_concurrency=8)
+            if self.placement_group is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    self.placement_group, placement_group_bundle_index=i)
+            self.actors.append(remote_cls.options(**options).remote(spec))
 
     def _setup_p2p(self) -> None:
         """Open the gloo group: rank i = worker i, the store on worker 0's node (loopback
@@ -319,7 +341,8 @@ class RayBackend:
         self._kill()
 
     def _kill(self) -> None:
-        """Kill every actor now (a receiver thread blocked in recv dies with its process)."""
+        """Kill every actor now (a receiver thread blocked in recv dies with its process),
+        then hand the placement group's resources back to the cluster."""
         import ray
 
         for actor in self.actors:
@@ -328,6 +351,12 @@ class RayBackend:
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self.actors = []
+        pg, self.placement_group = getattr(self, "placement_group", None), None
+        if pg is not None:
+            try:
+                ray.util.remove_placement_group(pg)
+            except Exception:  # noqa: BLE001 - Ray already shut down: the group went with it
+                pass
 
 
 _ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt|Exit)\b.*")
@@ -353,11 +382,80 @@ def _resources(workers: int, cpus: float | None, gpus: float | None) -> tuple[fl
     if gpus is None:
         gpus = 1.0 if total.get("GPU", 0) >= workers else 0.0
     elif gpus > 0 and total.get("GPU", 0) < gpus * workers:
-        raise PipelineError(
-            f"{workers} stages x {gpus} GPU need {gpus * workers:g} GPUs; the cluster has "
-            f"{total.get('GPU', 0):g}; pass gpus_per_stage=0 to run on CPU"
+        raise PipelineConfigError(
+            f"{workers} stages x {gpus:g} GPU need {gpus * workers:g} GPUs; the cluster has "
+            f"{total.get('GPU', 0):g}; pass --gpus-per-stage 0 (gpus_per_stage=0) to run on CPU"
         )
     if cpus is None:
         cpus = max(total.get("CPU", 1) / workers, 0.01)
         cpus = float(int(cpus)) if cpus >= 1 else round(cpus, 2)
     return cpus, gpus
+
+
+def _bundle(cpus: float, gpus: float) -> dict[str, float]:
+    """One worker's reservation (Ray refuses bundles of zeros: those are left out)."""
+    return {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
+
+
+def _capacity(node: dict[str, float], bundle: dict[str, float]) -> int:
+    """How many copies of ``bundle`` fit in ``node``'s resources."""
+    return min(int(node.get(k, 0.0) / v + 1e-9) for k, v in bundle.items())
+
+
+def _fmt(res: dict[str, float]) -> str:
+    return f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
+
+
+def _shortfall(workers: int, bundle: dict[str, float], strategy: str,
+               nodes: list[dict[str, float]]) -> str | None:
+    """Why the cluster's nodes (whole, not what is free now) cannot ever hold the group."""
+    fits = [_capacity(n, bundle) for n in nodes]
+    if strategy == "strict_pack" and max(fits, default=0) < workers:
+        return "no single node holds them all (strict_pack)"
+    if strategy == "strict_spread" and sum(f > 0 for f in fits) < workers:
+        return f"{sum(f > 0 for f in fits)} node(s) can take one stage each (strict_spread)"
+    if sum(fits) < workers:
+        return f"its nodes can hold {sum(fits)} such stage(s)"
+    return None
+
+
+def _place(workers: int, cpus: float, gpus: float, placement: str, timeout_s: float):
+    """Reserve one bundle {CPU: cpus, GPU: gpus} per worker in a placement group, laid out
+    by ``placement``; wait up to ``timeout_s`` for it. None when nothing is asked for.
+
+    A cluster that could never hold the group fails at once (PipelineConfigError, the
+    user's numbers are wrong); one whose resources are busy fails after ``timeout_s``
+    (PipelineError). Either message says what was asked, what the cluster has, the fix.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    placement = placement.lower()
+    if placement not in PLACEMENTS:
+        raise PipelineConfigError(
+            f"unknown placement {placement!r}; valid placements: {', '.join(PLACEMENTS)}")
+    bundle = _bundle(cpus, gpus)
+    if not bundle:
+        return None
+    ask = f"{workers} stages x {{{_fmt(bundle)}}} (placement {placement})"
+    fix = ("use fewer --stages, a smaller --cpus-per-stage / --gpus-per-stage, "
+           "or add nodes to the cluster")
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total, free = ray.cluster_resources(), ray.available_resources()
+    has = f"the cluster has {_fmt(total)} on {len(nodes)} node(s) ({_fmt(free)} free now)"
+    why = _shortfall(workers, bundle, placement, nodes)
+    if why is not None:
+        raise PipelineConfigError(f"cannot place {ask}: {has}; {why}; {fix}")
+    name = f"brigade-{os.getpid()}-{time.monotonic_ns()}"
+    pg = placement_group([dict(bundle) for _ in range(workers)],
+                         strategy=placement.upper(), name=name)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)  # pg.wait takes whole seconds
+    if not ready:
+        remove_placement_group(pg)
+        free = ray.available_resources()
+        raise PipelineError(
+            f"could not place {ask} within {timeout_s:g} s: the cluster has {_fmt(total)} "
+            f"({_fmt(free)} free now: other jobs hold the rest); wait for them, raise "
+            f"--placement-timeout, or {fix}"
+        )
+    return pg

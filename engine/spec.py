@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from brigade.stages.dni import DNIStage
+from brigade.stages.fwdpipe import ForwardGradientStage
 from brigade.stages.petra import PetraStage
 from brigade.stages.stage import Stage, StageSpec
 from brigade.stages.stale import StaleStage
@@ -25,6 +26,7 @@ STAGE_CLASSES: dict[str, tuple[type, dict[str, Any]]] = {
     "dni": (DNIStage, {"conditioned": False}),
     "cdni": (DNIStage, {"conditioned": True}),
     "petra": (PetraStage, {}),
+    "fwdgrad": (ForwardGradientStage, {}),
 }
 
 
@@ -62,4 +64,5 @@ def build_worker(spec: WorkerSpec, send: Send | None) -> Worker:
             **options,
         )
     return Worker(spec.index, stages, spec.worker_of, send=send,
-                  conditioned=bool(options.get("conditioned")))
+                  conditioned=bool(options.get("conditioned")),
+                  forward_gradient=spec.method == "fwdgrad")

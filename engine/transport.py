@@ -63,7 +63,7 @@ class TransportError(RuntimeError):
 
 
 # -- wire format -----------------------------------------------------------------------------
-KINDS = ("x", "g", "y", "l")  # message kinds; the code is the index
+KINDS = ("x", "g", "y", "l", "d")  # message kinds; the code is the index
 DTYPES = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16,
     torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,

@@ -6,15 +6,18 @@ the action needs from the worker's mailbox, calls the stage, and routes what it 
 the worker that holds the next (or previous) stage. The worker also records the measured
 timeline: every action's start and end, time spent waiting for a message, time spent sending.
 
-Message keys: ``("x", s, j)`` the input of stage s for microbatch j, ``("g", s, j)`` what
-comes back to stage s for j (the gradient of its output; for PETRA the pair of its
-reconstructed output and that gradient), ``("y", j)`` the target and loss weight of j, and
-``("l", j)`` the label of j for stages that condition on it (cDNI).
+Message keys: ``("x", s, j)`` the input of stage s for microbatch j (for forward gradients
+the pair of the activation and its tangent), ``("g", s, j)`` what comes back to stage s for
+j (the gradient of its output; for PETRA the pair of its reconstructed output and that
+gradient), ``("d", s, j)`` the scalars d = ∇L·v of j that the last stage sends every stage
+(forward gradients: one number per projection), ``("y", j)`` the target and loss weight of
+j, and ``("l", j)`` the label of j for stages that condition on it (cDNI).
 
 Handlers by kind: F forward (forward-only when the program has no backward of that
 microbatch on that stage, as stale-gradient steps), B / I / W backward, U update,
 S and T the DNI forward-update and synthetic-gradient training, R PETRA's
-reconstruct-and-backward.
+reconstruct-and-backward; for forward gradients F is the tangent-carrying forward (on the
+last stage it also sends d to every stage) and D folds d into the stage's gradient.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class Worker:
         send: Send | None = None,
         clock: Callable[[], float] = time.perf_counter,
         conditioned: bool = False,
+        forward_gradient: bool = False,
     ) -> None:
         self.index = index
         self.stages = stages
@@ -79,7 +83,10 @@ class Worker:
             "S": self._dni_forward,
             "T": self._dni_train,
             "R": self._reverse,
+            "D": self._fg_accumulate,
         }
+        if forward_gradient:  # F carries a tangent and, on the last stage, yields d
+            self._handlers["F"] = self._fg_forward
 
     # -- the step protocol ----------------------------------------------------------------
     def begin(
@@ -193,6 +200,8 @@ class Worker:
             return keys
         if action.kind == "T":
             return [("g", s, j)]
+        if action.kind == "D":
+            return [("d", s, j)]
         return []
 
     # -- handlers ---------------------------------------------------------------------------
@@ -275,6 +284,31 @@ class Worker:
             x, dx = self.stages[s].reverse(j, y, dy)
         if s > 0:
             self._route(a, ("g", s - 1, j), (x, dx))
+
+    def _fg_forward(self, a: Action) -> None:
+        """Forward gradients: push (h, tangent) on; the last stage sends d to every stage.
+
+        Evaluation runs the plain forward. d is already scaled by the microbatch's share
+        n_j / N, so the stages' sums over a step are the batch mean's derivative.
+        """
+        if not self._training:
+            self._forward(a)
+            return
+        s, j = a.stage, a.microbatch
+        x = self.mailbox.take(("x", s, j))
+        if s < self.num_stages - 1:
+            self._route(a, ("x", s + 1, j), self.stages[s].forward(j, x))
+            return
+        target, weight = self.mailbox.take(("y", j))
+        loss, d = self.stages[s].forward(j, x, target, weight)
+        self._result.losses.append((j, float(loss)))
+        for dest in range(self.num_stages):
+            self._route(a, ("d", dest, j), d)
+
+    def _fg_accumulate(self, a: Action) -> None:
+        """Forward gradients: add the scalars d of this microbatch to the step's sum."""
+        d = self.mailbox.take(("d", a.stage, a.microbatch))
+        self.stages[a.stage].accumulate(a.microbatch, d)
 
     def _take_grad(self, a: Action) -> torch.Tensor | None:
         if a.stage == self.num_stages - 1:

@@ -16,6 +16,8 @@ Kinds (letters between the two numbers, so every text form parses one way)::
         and update the stage's weights, all in one action
     T   DNI: train the synthetic-gradient module on the gradient that came back
     R   PETRA: reconstruct the input from the output, then backward
+    D   forward gradients: fold the scalars d = ∇L·v, which the last stage's F computed
+        for this microbatch, into the stage's gradient (nothing but d travels backward)
     SF RF   send / receive a forward activation (added by the lowering pass only)
     SB RB   send / receive a backward gradient (added by the lowering pass only)
 """
@@ -47,18 +49,19 @@ KIND_NAMES: dict[str, str] = {
     "S": "forward + synthetic-gradient update (DNI)",
     "T": "train synthetic-gradient module (DNI)",
     "R": "reconstruct + backward (PETRA)",
+    "D": "fold d = ∇L·v into the gradient (forward gradients)",
     "SF": "send activation",
     "RF": "receive activation",
     "SB": "send gradient",
     "RB": "receive gradient",
 }
-COMPUTE_KINDS: frozenset[str] = frozenset({"F", "B", "I", "W", "U", "S", "T", "R"})
+COMPUTE_KINDS: frozenset[str] = frozenset({"F", "B", "I", "W", "U", "S", "T", "R", "D"})
 COMM_KINDS: frozenset[str] = frozenset({"SF", "RF", "SB", "RB"})
 KINDS: frozenset[str] = COMPUTE_KINDS | COMM_KINDS
 # Kinds that run a microbatch forward through a stage (and so may store its activations).
 FORWARD_KINDS: frozenset[str] = frozenset({"F", "S"})
 # Kinds that are backward work of a microbatch: an update waits for these.
-BACKWARD_KINDS: frozenset[str] = frozenset({"B", "I", "W", "R", "T"})
+BACKWARD_KINDS: frozenset[str] = frozenset({"B", "I", "W", "R", "T", "D"})
 
 _TEXT = re.compile(r"^\s*(\d+)([A-Z]{1,2})(\d+)\s*$")
 

@@ -2,7 +2,8 @@
 
 A measured :class:`Timeline` (from the engine) holds every action's span. Its per-stage
 means of each kind are the profiled costs; the message latency is the median gap between
-a producer finishing its send and the waiting consumer starting. Simulating the same
+a producer finishing its send and the waiting consumer starting, and a send costs the
+lower quartile of its spans (the rest is waiting for the receiver). Simulating the same
 schedule with those costs gives the prediction a measured run is compared with
 (``brigade report``): where they differ, the difference is the engine's overhead beyond
 compute and messages (driver round trips between steps, contention).
@@ -38,9 +39,12 @@ def schedule_of(timeline: Timeline) -> Schedule:
 
 
 def _medians(events: list[Event]) -> dict[tuple[int, str], float]:
-    """Mean duration per (stage, kind) of compute events, plus the sends they made.
+    """Mean duration per (stage, kind) of compute events, plus the cost of their sends.
 
-    Means, not medians: the prediction should reproduce the run's total busy time.
+    Means, not medians: the prediction should reproduce the run's total busy time. A
+    send's span is not its cost: a blocking send (gloo's rendezvous for large tensors)
+    also waits until the receiver posts its receive, which is the receiver's busy time.
+    The lower quartile of the send spans is the transfer itself.
     """
     spans: dict[tuple[int, str], list[float]] = defaultdict(list)
     sends: dict[tuple[int, str], list[float]] = defaultdict(list)
@@ -49,9 +53,13 @@ def _medians(events: list[Event]) -> dict[tuple[int, str], float]:
         if target is not None:
             target[(e.stage, e.kind)].append(e.duration)
     return {
-        key: statistics.fmean(v) + (statistics.fmean(sends[key]) if sends.get(key) else 0.0)
+        key: statistics.fmean(v) + (_lower_quartile(sends[key]) if sends.get(key) else 0.0)
         for key, v in spans.items()
     }
+
+
+def _lower_quartile(values: list[float]) -> float:
+    return sorted(values)[len(values) // 4]
 
 
 def _latency(timeline: Timeline, schedule: Schedule) -> float:

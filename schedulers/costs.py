@@ -10,16 +10,23 @@ Durations the simulator charges::
     S  f + b + u  (DNI: forward, backward from the synthetic gradient, update)
     T  sg         (DNI: the synthetic-gradient module's predict + train)
     R  r + b      (PETRA: reconstruct the input, then backward; r defaults to f)
+    D  0          (fwdgrad: add the scalars d to the step's coefficients)
     SF, SB  bytes / bandwidth on the sender;  RF, RB  0 (the receiver waits ``latency``)
+
+Under ``fwdgrad`` an ``F`` is a forward with tangents (a jvp per projection), several times
+a plain forward (measured on the MNIST MLP at batch 16: ~15x with one projection, most of
+it drawing the directions): give ``f`` as its measured time (``brigade report`` calibrates
+it from a run). Its forward message carries the activation and its tangents, ``1 + n``
+activations for ``n`` projections: give ``activation_bytes`` as that size.
 
 A message between workers arrives ``latency + bytes / bandwidth`` after its producer ends
 (``bandwidth`` 0 or infinite: bytes are free). Bytes: the activation a stage outputs
 (``activation_bytes[s]``) forward, the same size for its gradient backward, twice that for
-PETRA (reconstructed input and its gradient).
+PETRA (reconstructed input and its gradient), none for fwdgrad's d (a few scalars).
 
 ``stores_activations`` (per stage) says whether a stage keeps the activations of in-flight
-microbatches; ``None`` means "by schedule": PETRA's reversible stages store nothing, every
-other schedule stores.
+microbatches; ``None`` means "by schedule": PETRA's reversible stages and fwdgrad's
+forward-only stages store nothing, every other schedule stores.
 """
 
 from __future__ import annotations
@@ -105,7 +112,7 @@ class Costs:
         out.update(b=b, i=i, w=w, r=out.get("r", list(f)))
         stores = self.stores_activations
         if stores is None:
-            stores = schedule.lower() != "petra"
+            stores = schedule.lower() not in ("petra", "fwdgrad")
         out["stores_activations"] = _broadcast("stores_activations", stores, num_stages)
         return replace(self, **out)
 

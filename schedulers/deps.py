@@ -19,10 +19,19 @@ PETRA::
     sFj      needs (s-1)Fj
     sRj      needs sFj and (s+1)Rj  (the last stage: only its own sFj)
 
+Forward gradients (fwdgrad)::
+
+    sFj      needs (s-1)Fj          (the activation and its tangent)
+    sDj      needs (p-1)Fj          (the last stage's forward computes d = ∇L·v of j and
+                                     sends it to every stage at once, not stage by stage)
+    sUt      needs every sDj of step t
+
 Lowered schedules (with send/receive actions) route every edge between workers through
 them: ``sSFj`` needs the stage's forward of j, ``sRFj`` needs ``(s-1)SFj``; ``sSBj`` needs
-the stage's backward of j (B, I, R or DNI's S), ``sRBj`` needs ``(s+1)SBj``; and a compute
-action whose producer sits on another worker waits for its receive instead.
+the stage's backward of j (B, I, R or DNI's S; fwdgrad's last stage: its F), ``sRBj``
+needs ``(s+1)SBj`` (before a D: the last stage's ``SBj``, one send that reaches every
+stage); and a compute action whose producer sits on another worker waits for its receive
+instead.
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ RULES: dict[str, str] = {
     "T": "training the synthetic-gradient module needs the gradient that the next stage's "
          "forward (S) returns",
     "R": "a PETRA backward needs its own forward and the next stage's reconstruction (R)",
+    "D": "folding d = ∇L·v into a stage's gradient needs the last stage's forward of the "
+         "same microbatch, which computes d (forward gradients)",
     "SF": "a send needs the forward that produced the activation",
     "RF": "a receive needs the previous stage's send",
     "SB": "a send needs the backward that produced the gradient",
@@ -109,6 +120,8 @@ class Dependencies:
             return [Action(s, "F", j)] + ([] if last else [Action(s + 1, "R", j)])
         if k == "T":
             return [Action(s, "S", j)] + ([] if last else [Action(s + 1, "S", j)])
+        if k == "D":
+            return [Action(self.schedule.num_stages - 1, "F", j)]
         if k == "U":
             group = self.schedule.update_microbatches(j)
             found = [b for b in self._backward_of.get(s, ()) if b.microbatch in group]
@@ -121,10 +134,13 @@ class Dependencies:
         if k == "SF":
             return [self._first(s, "F S", j)]
         if k == "SB":
-            return [self._first(s, "B I R S", j)]
+            return [self._first(s, "B I R S F", j)]
         if k == "RF":
             return [Action(s - 1, "SF", j)] if s > 0 else []
-        return [Action(s + 1, "SB", j)] if s < self.schedule.num_stages - 1 else []
+        last = self.schedule.num_stages - 1
+        if Action(s, "D", j) in self.present:  # d comes from the last stage directly
+            return [Action(last, "SB", j)] if s < last else []
+        return [Action(s + 1, "SB", j)] if s < last else []
 
     def _route(self, a: Action, dep: Action) -> Action:
         """In a lowered schedule, wait for the receive rather than the remote producer."""

@@ -4,9 +4,9 @@
 microbatches per step, ``S`` the steps, ``v`` the stages per worker. Microbatch indices are
 global: step ``t`` runs microbatches ``t*m .. t*m+m-1``.
 
-Flush schedules (gpipe, 1f1b, interleaved, zb1p) repeat one step's pattern S times; each
-stage ends every step with ``U`` after all its backward work, and the next step starts
-from an empty pipeline. Decoupled schedules (dni, petra) have no flush: over S steps the
+Flush schedules (gpipe, 1f1b, interleaved, zb1p, fwdgrad) repeat one step's pattern S
+times; each stage ends every step with ``U`` after all its backward work, and the next step
+starts from an empty pipeline. Decoupled schedules (dni, petra) have no flush: over S steps the
 fill and drain are paid once. ``stale`` runs a gpipe backprop step every k-th step and
 forward-only steps (then ``U`` with the last gradient) in between.
 """
@@ -27,6 +27,7 @@ __all__ = [
     "dni",
     "petra",
     "stale",
+    "fwdgrad",
     "interleaved_rounds",
 ]
 
@@ -196,6 +197,34 @@ def zb1p(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) -> Sc
         return order + [Action(s, "W", j) for j in range(w, m)]
 
     return _flush("zb1p", p, m, 1, steps, pattern)
+
+
+# -- forward only: forward gradients ---------------------------------------------------------
+def fwdgrad(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) -> Schedule:
+    """The forward-only pipeline (forward gradients, Baydin 2022): ``F`` pushes a
+    microbatch's activation and its tangent downstream; on the last stage it also yields
+    ``d = ∇L·v``, one scalar per projection, which goes straight back to every stage;
+    ``D`` folds it into the stage's gradient (``d·v``, ``v`` regenerated from the seed);
+    ``U`` steps. No activation gradient travels backward: GPipe with B replaced by D::
+
+        w0 | 0F0 0F1 0F2 0F3 0D0 0D1 0D2 0D3 0U0
+        w1 |     1F0 1F1 1F2 1F3 1D0 1D1 1D2 1D3 1U0
+        w2 |         2F0 2F1 2F2 2F3 2D0 2D1 2D2 2D3 2U0
+
+    (unit slots; the simulator charges ``D`` nothing). A flush per step, because the
+    estimator is synchronous: step t+1's forward on stage s must see the weights after
+    update t, which needs d of all step t's microbatches, which exists only once the last
+    stage has run them. So every stage idles p-1 forward slots per step, as in GPipe, but
+    the slots are forwards only. Running on without the flush would mean forwards with
+    weights one update old, a different (delayed-gradient) algorithm."""
+    _sizes(stages, microbatches, virtual, steps)
+    _one_stage_per_worker("fwdgrad", virtual)
+    m = microbatches
+
+    def pattern(s: int) -> list[Action]:
+        return [_f(s, j) for j in range(m)] + [Action(s, "D", j) for j in range(m)]
+
+    return _flush("fwdgrad", stages, m, 1, steps, pattern)
 
 
 # -- decoupled: no flush ---------------------------------------------------------------------

@@ -8,8 +8,9 @@ torch.distributed.pipelining lowers its compute-only orders the same way. After
     w1 | 1RF0 1F0 ...            (stage 1 receives it, then runs its forward)
 
 Forward-direction messages are ``SF``/``RF``, backward-direction ones (gradients, PETRA's
-reconstructed inputs, DNI's returned gradients) ``SB``/``RB``. The simulator charges the
-bytes to the send and the latency to the receive.
+reconstructed inputs, DNI's returned gradients, fwdgrad's scalars d) ``SB``/``RB``;
+fwdgrad's last stage sends d once (``SB``) and every earlier stage receives it (``RB``).
+The simulator charges the bytes to the send and the latency to the receive.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def lower(schedule: "Schedule") -> "Schedule":
         for d in deps.of(a):
             if deps.crosses(d, a):
                 forward = d.stage < a.stage
-                sends[d].append(Action(d.stage, "SF" if forward else "SB", a.microbatch))
+                send = Action(d.stage, "SF" if forward else "SB", a.microbatch)
+                if send not in sends[d]:  # one send may reach several stages (fwdgrad's d)
+                    sends[d].append(send)
                 recvs[a].append(Action(a.stage, "RF" if forward else "RB", a.microbatch))
     rows = [[x for a in row for x in (*recvs[a], a, *sends[a])] for row in schedule.workers]
     return replace(schedule, workers=rows)

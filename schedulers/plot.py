@@ -25,6 +25,7 @@ KIND_COLORS: dict[str, str] = {
     "S": "#3AA67A",   # DNI forward + synthetic update: green
     "T": "#9B6FC3",   # DNI synthetic-gradient training: purple
     "R": "#20A3B5",   # PETRA reconstruct + backward: teal
+    "D": "#C4507A",   # fwdgrad: fold d into the gradient: magenta
     "send": "#B8B8B8",
     "recv": "#D9D9D9",
 }

@@ -22,6 +22,7 @@ _REGISTRY: dict[str, tuple[Callable[..., Schedule], tuple[str, ...]]] = {
     "dni": (g.dni, ("lag",)),
     "petra": (g.petra, ("accumulate",)),
     "stale": (g.stale, ("k",)),
+    "fwdgrad": (g.fwdgrad, ()),
 }
 # Schedules without a flush between steps: their fill and drain are paid once.
 DECOUPLED: frozenset[str] = frozenset({"dni", "petra"})

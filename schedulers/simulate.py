@@ -41,7 +41,9 @@ def duration(action: Action, costs: Costs, deps: Dependencies | None = None) -> 
         return c.f[s] + c.b[s] + c.u[s]
     if k == "R":
         return c.r[s] + c.b[s]
-    return 0.0  # receives: the wait before them is the message's latency
+    # D (fwdgrad: add a few scalars) costs nothing; receives: the wait before them is the
+    # message's latency
+    return 0.0
 
 
 def _send_bytes(send: Action, c: Costs, deps: Dependencies | None) -> float:
@@ -51,6 +53,8 @@ def _send_bytes(send: Action, c: Costs, deps: Dependencies | None) -> float:
     if send.stage == 0:
         return 0.0
     producer = deps.of(send)[0].kind if deps is not None else ""
+    if producer == "F":  # fwdgrad's d: a few scalars, not an activation gradient
+        return 0.0
     return _grad_bytes(send.stage - 1, producer, c)
 
 
@@ -67,6 +71,8 @@ def _delay(dep: Action, action: Action, deps: Dependencies, c: Costs) -> float:
         return c.latency
     if dep.stage < action.stage:
         return c.message_time(c.activation_bytes[dep.stage])
+    if action.kind == "D":  # fwdgrad's d: a few scalars
+        return c.latency
     return c.message_time(_grad_bytes(action.stage, dep.kind, c))
 
 

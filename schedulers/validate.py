@@ -4,8 +4,9 @@ Checks, in the order a reader would want to hear about problems:
 
 1. placement: each action's stage exists and lives on the worker whose list holds it;
    microbatch (or update) indices are in range; no action appears twice;
-2. coverage: every stage runs a forward of every microbatch; backward work of a step is
-   all-or-none per stage (stale's forward-only steps have none); each ``I`` has its ``W``;
+2. coverage: every stage runs a forward of every microbatch; backward work of a step
+   (B/I, W, R, T, fwdgrad's D) is all-or-none per stage (stale's forward-only steps have
+   none); each ``I`` has its ``W``;
 3. order: what an action waits for exists, and on its own worker comes earlier;
 4. no deadlock between workers (a dry run under the rules of :mod:`.deps`).
 
@@ -30,7 +31,7 @@ __all__ = ["validate", "check_placement", "check_coverage", "check_order", "chec
 
 # Backward work that comes all-or-none per stage and step; "B I" are one family (one or
 # the other for a microbatch).
-_FAMILIES = {"B": "BI", "I": "BI", "W": "W", "R": "R", "T": "T"}
+_FAMILIES = {"B": "BI", "I": "BI", "W": "W", "R": "R", "T": "T", "D": "D"}
 
 
 def validate(schedule: "Schedule") -> None:
@@ -138,7 +139,7 @@ def _backwards(schedule: "Schedule", s: int, kinds: dict[str, set[int]]) -> None
               "split needs both I (input gradient) and W (weight gradient)",
               [Action(s, have, j)])
     m = schedule.microbatches
-    for family in ("BI", "W", "R", "T"):
+    for family in ("BI", "W", "R", "T", "D"):
         done = set().union(*(kinds[k] for k in family))
         for t in sorted({j // m for j in done}):
             step = set(range(t * m, (t + 1) * m))

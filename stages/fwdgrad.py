@@ -767,39 +767,54 @@ def jvp_forward(
     dist: str = "rademacher",
     indices: Sequence[int] | None = None,
     perturb: bool = True,
+    vs: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Push ``x`` (and its tangent) through ``module`` with the module's own direction ``v``.
 
     Returns ``(out, out_tangent)``: ``out_tangent = J_x·tangent_in + J_θ·v``. ``v`` is
     regenerated from ``(seed, keys)`` by ``directions`` (with ``indices`` the parameters'
-    positions in the whole model, so stages draw what the whole model would). With ``n``
-    projections the tangents carry a leading ``n`` dimension (``tangent_in`` of shape
+    positions in the whole model, so stages draw what the whole model would), or given as
+    ``vs`` (what ``directions`` returned: a pipeline stage draws them once per step and
+    reuses them for every microbatch, since drawing costs more than an MLP's forward). With
+    ``n`` projections the tangents carry a leading ``n`` dimension (``tangent_in`` of shape
     ``(n, *x.shape)`` or None) and the ``n`` jvps run batched under ``vmap``; ``out`` is the
     same for all of them and is returned once. ``perturb=False`` propagates ``tangent_in``
-    only. Running statistics are frozen (see the module doc). After the last stage has
-    turned the tangent into ``d``, ``set_forward_gradient`` gives each stage its estimate.
+    only (no parameter tangents are made). Running statistics are frozen (see the module
+    doc). After the last stage has turned the tangent into ``d``, ``set_forward_gradient``
+    gives each stage its estimate.
     """
     names = [k for k, _ in module.named_parameters()]
     params = [p.detach() for _, p in module.named_parameters()]
     primal = dict(zip(names, params))
     bufs = _buffers(module)
-    if perturb and params:
+    perturb = perturb and bool(params)
+    if perturb and vs is None:
         vs = directions(params, seed, keys, n, dist, indices)
-    else:
-        vs = [torch.zeros((n, *p.shape) if n else p.shape, dtype=p.dtype, device=p.device) for p in params]
-    if tangent_in is None:
+    if tangent_in is None and not perturb:
         tangent_in = torch.zeros((n, *x.shape) if n else x.shape, dtype=x.dtype, device=x.device)
 
     def f(p, inp):
         return functional_call(module, (p, bufs), (inp,))
 
-    def one(tv, tx):
-        return jvp(f, (primal, x), (dict(zip(names, tv)), tx))
+    if perturb and tangent_in is None:  # no input tangent: J_θ·v alone, x a constant
+        def one(tv):
+            return jvp(lambda p: f(p, x), (primal,), (dict(zip(names, tv)),))
 
+        args = (list(vs),)
+    elif perturb:
+        def one(tv, tx):
+            return jvp(f, (primal, x), (dict(zip(names, tv)), tx))
+
+        args = (list(vs), tangent_in)
+    else:
+        def one(tx):
+            return jvp(lambda inp: f(primal, inp), (x,), (tx,))
+
+        args = (tangent_in,)
     with torch.no_grad(), _frozen_stats(module):
         if n is None:
-            return one(vs, tangent_in)
-        out, tan = vmap(one, randomness="same")(vs, tangent_in)
+            return one(*args)
+        out, tan = vmap(one, randomness="same")(*args)
     return out[0], tan
 
 

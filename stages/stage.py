@@ -20,6 +20,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .split_backward import SplitBackward, backward_input, backward_weight
+
 __all__ = ["Stage", "StageSpec", "make_stage_module"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -65,6 +67,7 @@ class _Saved:
     grad_in: torch.Tensor | None = None  # set by backward_input, kept for backward_weight
     grad_out: torch.Tensor | None = None
     input_done: bool = False  # backward_input ran; backward_weight may follow
+    split: SplitBackward | None = None  # what backward_input left for backward_weight
 
 
 class _SavedBytes:
@@ -91,6 +94,14 @@ class _SavedBytes:
             self._seen.add(key)
             self.nbytes += t.untyped_storage().nbytes()
         return t
+
+    def own(self, t: torch.Tensor) -> None:
+        """Count ``t`` by its own bytes, not its storage's: a microbatch is a view of the
+        whole batch, whose storage the stage does not hold m times over."""
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.nbytes += t.numel() * t.element_size()
 
     @staticmethod
     def unpack(t: torch.Tensor) -> torch.Tensor:
@@ -135,6 +146,7 @@ class Stage:
         x = x.to(self.device)
         inp = x.detach().requires_grad_(not self.spec.is_first and x.is_floating_point())
         counter = _SavedBytes(self.module)
+        counter.own(inp)
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
             out = self.module(inp)
         if self.spec.is_last:
@@ -142,7 +154,6 @@ class Stage:
                 raise ValueError(f"stage {self.spec.index}: last stage forward needs a target")
             out = self.loss_fn(out, target.to(self.device)) * weight
             self._losses.append(float(out.detach()))
-        counter.pack(inp)
         counter.pack(out)
         self._saved[mb] = _Saved(inp, out, counter.nbytes)
         self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes())
@@ -167,37 +178,35 @@ class Stage:
     def backward_input(self, mb: int, grad_out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The input half of a split backward (zero-bubble schedules): dL/d(input) only.
 
-        The graph is retained for :meth:`backward_weight`. Autograd computes only the
-        outputs needed for the input, so weight gradients are left for later.
+        It records the gradients where parameter branches leave the input's path, so that
+        :meth:`backward_weight` computes weight gradients without walking the graph again
+        (see ``split_backward``): I + W costs one backward, not two.
         """
         saved = self._saved[mb]
         saved.grad_out = self._grad_for(saved, grad_out)
         saved.input_done = True
         if self.spec.is_first or not saved.inp.requires_grad:
             return None
-        (saved.grad_in,) = torch.autograd.grad(
-            saved.out, saved.inp, saved.grad_out, retain_graph=True
-        )
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        saved.grad_in, saved.split = backward_input(saved.out, saved.grad_out, saved.inp, params)
         return saved.grad_in
 
     def backward_weight(self, mb: int) -> None:
-        """The weight half of a split backward: accumulate parameter gradients, free ``mb``.
-
-        It walks the retained graph again from the output (PyTorch has no public way to
-        resume from the input-gradient frontier), so I + W costs more than one B; the
-        schedule still gains by moving W into bubbles.
-        """
+        """The weight half of a split backward: accumulate parameter gradients, free ``mb``."""
         saved = self._saved.pop(mb)
         if not saved.input_done:
             raise RuntimeError(f"stage {self.spec.index}: W{mb} before I{mb}")
+        if saved.split is not None:
+            backward_weight(saved.split)
+            return
+        # The first stage's I computed nothing: W is its whole backward, walked once.
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not params:
             return
         grads = torch.autograd.grad(saved.out, params, saved.grad_out, allow_unused=True)
         for p, g in zip(params, grads):
-            if g is None:
-                continue
-            p.grad = g if p.grad is None else p.grad.add_(g)
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
 
     def _grad_for(self, saved: _Saved, grad_out: torch.Tensor | None) -> torch.Tensor | None:
         """The gradient to start backward from: given, or none for the last stage's loss."""

@@ -21,7 +21,8 @@ def ray_cluster():
     if not ray.is_initialized():
         # Workers import the test modules (models and optimizers defined in them).
         tests = str(Path(__file__).resolve().parent)
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+        # address="local": a private cluster even where `ray start --head` runs here too.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
                  log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": tests}})
     yield ray
     ray.shutdown()

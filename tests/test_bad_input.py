@@ -31,9 +31,12 @@ CASES = [
     (TRAIN + ["--method", "petra", "--schedule", "1f1b"], "valid schedules for petra: petra"),
     (TRAIN + ["--model", "revnet18", "--width", "7"], "width"),
     (TRAIN + ["--batch-size", "2", "--microbatches", "4"], "smaller than --microbatches 4"),
-    (TRAIN[:-3] + ["--method", "fwdgrad", "--backend", "ray", "--steps", "1", "--quiet"],
-     "--method fwdgrad runs in one process (--backend local)"),
     (TRAIN + ["--method", "fwdgrad", "--optimizer", "adamw"], "adamw"),
+    (TRAIN + ["--cpus-per-stage", "-1"], "--cpus-per-stage -1 must be >= 0"),
+    (TRAIN + ["--gpus-per-stage", "-0.5"], "--gpus-per-stage -0.5 must be >= 0"),
+    (TRAIN + ["--placement", "ring"],
+     "unknown placement 'ring'; valid placements: pack, spread, strict_pack, strict_spread"),
+    (TRAIN + ["--placement-timeout", "0"], "--placement-timeout 0 must be a positive number"),
     # brigade schedule
     (["schedule", "show", "--schedule", "1f1b", "--stages", "4", "--microbatches", "2"],
      "use m >= 4, or 'gpipe' for m=2"),
@@ -54,6 +57,28 @@ CASES = [
 
 @pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(c[0][:1] + c[0][-2:]) for c in CASES])
 def test_bad_command_lines(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err, err
+    assert len(err.splitlines()) == 1, err
+
+
+# Rows that reach the Ray cluster (the session's shared one: 4 CPUs, no GPU) and are
+# refused before any stage actor starts.
+RAY_TRAIN = TRAIN[:7] + ["--backend", "ray", "--steps", "1", "--quiet"]
+RAY_CASES = [
+    (RAY_TRAIN + ["--gpus-per-stage", "1"],
+     "2 stages x 1 GPU need 2 GPUs; the cluster has 0; pass --gpus-per-stage 0"),
+    (RAY_TRAIN + ["--stages", "3", "--cpus-per-stage", "2", "--placement-timeout", "1"],
+     "cannot place 3 stages x {2 CPU, 0 GPU} (placement pack): the cluster has 4 CPU"),
+    (RAY_TRAIN + ["--placement", "strict_spread", "--cpus-per-stage", "1"],
+     "1 node(s) can take one stage each (strict_spread)"),
+]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("argv,message", RAY_CASES, ids=["gpu-where-none", "too-many-stages", "strict-spread-one-node"])
+def test_bad_resource_requests(ray_cluster, argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err, err

@@ -81,8 +81,20 @@ def test_report_refuses_what_is_not_a_measured_trace(tmp_path, capsys):
 def test_forward_gradient_training_in_one_process(tmp_path):
     out = tmp_path / "fg.json"
     assert main(["train", "--model", "mlp", "--width", "32", "--data", "synthetic",
-                 "--backend", "local", "--method", "fwdgrad", "--guess", "local",
+                 "--backend", "local", "--stages", "1", "--method", "fwdgrad", "--guess", "local",
                  "--batch-size", "32", "--epochs", "2", "--quiet", "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     assert figures["final_test_accuracy"] > 0.5  # 10 classes: chance is 0.1
     assert figures["train_loss"][1] < figures["train_loss"][0]
+
+
+@pytest.mark.parametrize("method, expected", [
+    ("backprop", "momentum"), ("stale", "momentum"), ("dni", "sgd"), ("cdni", "sgd"),
+    ("petra", "momentum"), ("fwdgrad", "adam"),
+])
+def test_each_method_gets_its_measured_default_optimizer(method, expected):
+    from brigade.engine.train import TrainConfig
+
+    backend = "local"
+    assert TrainConfig(method=method, backend=backend).optimizer == expected
+    assert TrainConfig(method=method, backend=backend, optimizer="adam").optimizer == "adam"

@@ -24,7 +24,7 @@ def test_every_kind_prints_and_parses_back(kind, stage, microbatch):
 
 
 def test_kind_sets():
-    assert COMPUTE_KINDS == {"F", "B", "I", "W", "U", "S", "T", "R"}
+    assert COMPUTE_KINDS == {"F", "B", "I", "W", "U", "S", "T", "R", "D"}
     assert COMM_KINDS == {"SF", "RF", "SB", "RB"}
     # one-letter S (DNI) and two-letter SF (send) never read alike
     assert Action.parse("1S3").kind == "S" and Action.parse("1SF3").kind == "SF"
@@ -48,8 +48,9 @@ def test_parse_actions_reads_a_list():
                                                Action(1, "B", 0)]
 
 
-def test_names_are_the_seven_schedules():
-    assert names() == ["gpipe", "1f1b", "interleaved", "zb1p", "dni", "petra", "stale"]
+def test_names_are_the_eight_schedules():
+    assert names() == ["gpipe", "1f1b", "interleaved", "zb1p", "dni", "petra", "stale",
+                       "fwdgrad"]
 
 
 def test_build_is_case_insensitive_and_lists_names_when_unknown():

@@ -17,10 +17,12 @@ from _procs import with_cmdline
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zb1p"])
+@pytest.mark.parametrize("schedule", ["1f1b", "zb1p", "fwdgrad"])
 def test_torchrun_weights_equal_single_process_and_processes_end(tmp_path, schedule):
     flags = ["--model", "mlp", "--width", "32", "--data", "synthetic", "--batch-size", "30",
              "--microbatches", "4", "--steps", "5", "--schedule", schedule, "--quiet"]
+    if schedule == "fwdgrad":  # the forward-only pipeline: (h, tangent) on, d back
+        flags += ["--method", "fwdgrad"]
     want, got, js = tmp_path / "want.pt", tmp_path / "got.pt", tmp_path / "o.json"
     assert main(["train", *flags, "--backend", "local", "--save", str(want)]) == 0
     proc = subprocess.run(

@@ -20,6 +20,7 @@ COMMANDS = [
     "brigade.engine.cli.schedule_cmd",
     "brigade.engine.cli.report_cmd",
     "brigade.engine.cli.fwdgrad_cmd",
+    "brigade.engine.cli.submit_cmd",
 ]
 
 

@@ -27,11 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balance-by", default="uniform", choices=["uniform", "params", "time"],
                    help="how to cut the model when --balance is not given")
     p.add_argument("--schedule", default=None,
-                   help="gpipe | 1f1b | interleaved | zb1p | dni | petra | stale "
+                   help="gpipe | 1f1b | interleaved | zb1p | dni | petra | stale | fwdgrad "
                         "(default: the method's own)")
     p.add_argument("--method", default="backprop",
                    help="backprop | dni | cdni | petra | stale | fwdgrad (default backprop; "
-                        "fwdgrad runs with --backend local)")
+                        "fwdgrad pipelines forward only; with --stages 1 --backend local it "
+                        "is the single-process estimator)")
     p.add_argument("--window", type=int, default=None,
                    help="steps per pipelined run (default 1; 32 for dni and petra, which "
                         "do not flush between the steps of a run)")
@@ -54,9 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="learning rate (default 0.05; fwdgrad: the optimizer's measured one)")
     p.add_argument("--optimizer", default=None,
                    help="sgd | momentum | nesterov | adam | adamw | rmsprop (default momentum: "
-                        "SGD with momentum 0.9; fwdgrad: adam)")
+                        "SGD with momentum 0.9; dni/cdni: sgd; fwdgrad: adam)")
     p.add_argument("--guess", default="random", choices=["random", "local"],
-                   help="fwdgrad: direction guesses, random or from local auxiliary losses")
+                   help="fwdgrad: direction guesses, random or from local auxiliary losses "
+                        "(local: --stages 1 --backend local only)")
     p.add_argument("--projections", default="auto",
                    help="fwdgrad: directions per step, an integer or auto (default)")
     p.add_argument("--seed", type=int, default=0)
@@ -65,6 +67,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "torchrun: one rank per stage, started with torchrun")
     p.add_argument("--address", default=None,
                    help="join an existing Ray cluster (auto or host:port)")
+    p.add_argument("--cpus-per-stage", type=float, default=None, metavar="N",
+                   help="CPUs each stage actor reserves (default: a fair share of the cluster)")
+    p.add_argument("--gpus-per-stage", type=float, default=None, metavar="N",
+                   help="GPUs each stage actor reserves (default: 1 where the cluster has one "
+                        "per stage, else 0)")
+    p.add_argument("--placement", default="pack", metavar="STRATEGY",
+                   help="how stage actors are laid over the nodes: pack (default), spread, "
+                        "strict_pack, strict_spread")
+    p.add_argument("--placement-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for the cluster to place every stage (default 30)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
     p.add_argument("--save", default=None, metavar="PATH", help="write the trained state_dict")
     p.add_argument("--trace", default=None, metavar="PATH",
@@ -100,6 +112,8 @@ def config_from_args(args: argparse.Namespace):
         virtual=args.virtual, batch_size=args.batch_size, epochs=args.epochs,
         steps=args.steps, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
         backend=args.backend, address=args.address, window=args.window,
+        cpus_per_stage=args.cpus_per_stage, gpus_per_stage=args.gpus_per_stage,
+        placement=args.placement, placement_timeout=args.placement_timeout,
         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
         resume=args.resume, max_restarts=args.max_restarts, guess=args.guess,
         projections=args.projections,
