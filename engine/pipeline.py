@@ -133,6 +133,7 @@ class Pipeline:
         self._dropped = 0
         self._samples = 0
         self._steps = 0
+        self._timeline_steps = 0  # steps the recorded events cover (reset_timeline clears)
         self._peak_bytes: dict[int, int] = {}
         self._owns_ray = False
         self._backend = self._start(model, optimizer, loss_fn or nn.CrossEntropyLoss())
@@ -250,6 +251,7 @@ class Pipeline:
         out = []
         for t, (x, _) in enumerate(batches):
             self._steps += 1
+            self._timeline_steps += 1
             self._samples += x.shape[0]
             loss = sum(per_mb[t * m + j] for j in range(m))
             out.append({"loss": float(loss), "step": self._steps})
@@ -372,7 +374,8 @@ class Pipeline:
         self._backend.load_checkpoint_state(states)
 
     def timeline(self) -> Timeline:
-        """The measured timeline of every training step run so far."""
+        """The measured timeline of the training steps since start or ``reset_timeline``
+        (``meta["steps"]`` counts those steps, so ``predict`` simulates as many)."""
         return Timeline(
             events=list(self._events),
             num_workers=self.config.num_workers,
@@ -385,7 +388,7 @@ class Pipeline:
                 "stages": self.config.num_workers,
                 "microbatches": self.config.microbatches,
                 "virtual": self.config.virtual,
-                "steps": self._steps,
+                "steps": self._timeline_steps,
                 "balance": self.balance,
                 "schedule_options": self.config.schedule_options,
                 "backend": self.config.backend,
@@ -400,6 +403,7 @@ class Pipeline:
         self._events.clear()
         self._samples = 0
         self._dropped = 0
+        self._timeline_steps = 0
 
     # -- lifetime ---------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -39,7 +39,7 @@ from .errors import PipelineConfigError, PipelineError, StageFailedError
 from .spec import WorkerSpec, build_worker
 from .worker import StepResult
 
-__all__ = ["RayBackend", "TRANSPORTS", "PLACEMENTS", "to_wire", "from_wire"]
+__all__ = ["RayBackend", "TRANSPORTS", "PLACEMENTS", "actor_env", "to_wire", "from_wire"]
 
 
 def to_wire(value: Any) -> Any:
@@ -221,7 +221,8 @@ class RayBackend:
         for i, spec in enumerate(specs):
             spec.num_threads = threads
             spec.device = "cuda" if gpus > 0 else "cpu"
-            options: dict[str, Any] = dict(num_cpus=cpus, num_gpus=gpus, max_concurrency=8)
+            options: dict[str, Any] = dict(num_cpus=cpus, num_gpus=gpus, max_concurrency=8,
+                                           runtime_env={"env_vars": actor_env()})
             if self.placement_group is not None:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     self.placement_group, placement_group_bundle_index=i)
@@ -390,6 +391,19 @@ def _resources(workers: int, cpus: float | None, gpus: float | None) -> tuple[fl
         cpus = max(total.get("CPU", 1) / workers, 0.01)
         cpus = float(int(cpus)) if cpus >= 1 else round(cpus, 2)
     return cpus, gpus
+
+
+def actor_env() -> dict[str, str]:
+    """Environment of a stage actor's process: one malloc arena unless the user set one.
+
+    Why: a threaded actor runs its steps on whichever of Ray's threads is free, and its
+    receiver threads allocate incoming buffers; glibc then keeps one arena per thread and
+    hands freed activation memory back to the OS, so every step page-faults it in again.
+    Measured (bench/resnet_splits.py, resnet18 width 16, 2 stages, m=8): 7.5k faults per
+    step under 1F1B and 19k under GPipe, against 150-2,300 with one arena; GPipe's step
+    went from 1.7-2.1 s to 0.97 s for six steps.
+    """
+    return {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "1")}
 
 
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:

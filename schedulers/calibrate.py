@@ -84,6 +84,24 @@ def _latency(timeline: Timeline, schedule: Schedule) -> float:
     return statistics.median(samples) if samples else 0.0
 
 
+def _folded(med: dict[tuple[int, str], float], n: int) -> dict[str, list[float]]:
+    """Zero the parts an action that folds several phases already paid for.
+
+    The simulator charges DNI's S as f + b + u and PETRA's R as r + b. A measured S span is
+    the whole of it (charged as f), so a run without B leaves b (and its halves) at 0 rather
+    than the 2f default; a measured R span is the whole reverse (charged as b), so r is 0.
+    """
+    kinds = {k for _, k in med}
+    out: dict[str, list[float]] = {}
+    if "S" in kinds and not kinds & {"B", "I", "W"}:
+        out.update(b=[0.0] * n, i=[0.0] * n, w=[0.0] * n)
+        if "U" not in kinds:
+            out["u"] = [0.0] * n
+    if "R" in kinds:
+        out["r"] = [0.0] * n
+    return out
+
+
 def costs_from_timeline(timeline: Timeline) -> Costs:
     """Per-stage median costs and the message latency of a measured run."""
     schedule = schedule_of(timeline)
@@ -96,6 +114,7 @@ def costs_from_timeline(timeline: Timeline) -> Costs:
             fields[name] = [v or 0.0 for v in values]
     if "i" in fields and "b" not in fields:
         fields["w"] = fields.get("w", [0.0] * n)
+    fields.update(_folded(med, n))
     total_mb = schedule.microbatches * max(1, int(timeline.meta.get("steps", 1)))
     return Costs(
         **fields,

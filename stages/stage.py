@@ -180,7 +180,10 @@ class Stage:
 
         It records the gradients where parameter branches leave the input's path, so that
         :meth:`backward_weight` computes weight gradients without walking the graph again
-        (see ``split_backward``): I + W costs one backward, not two.
+        (see ``split_backward``). Measured on resnet18 width 16 (one thread, batch 16): a
+        middle stage's I + W took 31.6 ms against 32.1 ms for one backward (35.5 ms when W
+        walked again); a small last stage (batch 8) 12.1 against 8.6 ms, where each op's
+        fixed cost, now paid twice, dominates.
         """
         saved = self._saved[mb]
         saved.grad_out = self._grad_for(saved, grad_out)

@@ -145,6 +145,12 @@ def test_timeline_records_every_action_and_frees_activations():
             assert all(st.stored_microbatches == 0 for st in w.stages.values())
             assert w.mailbox.pending() == []
         assert all(b > 0 for b in tl.meta["peak_stored_activation_bytes"])
+        assert tl.meta["steps"] == 2
+        pipe.reset_timeline()  # e.g. after warm-up: the timeline covers what follows only
+        pipe.step(*data[0])
+        tl = pipe.timeline()
+        assert tl.meta["steps"] == 1 and tl.samples == 10
+        assert len([e for e in tl.events if e.category == "compute"]) == 2 * 4 * 2 + 2
 
 
 class Boom(nn.Module):

@@ -8,10 +8,10 @@ from brigade.schedulers.calibrate import costs_from_timeline, predict
 from brigade.schedulers.timeline import Event, Timeline
 
 
-def _simulated(name="1f1b", costs=None):
-    sched = build(name, stages=2, microbatches=4)
+def _simulated(name="1f1b", costs=None, steps=1):
+    sched = build(name, stages=2, microbatches=4, steps=steps)
     tl = simulate(sched, costs or Costs(f=[1.0, 2.0], b=[2.0, 4.0]))
-    tl.meta.update(schedule=name, stages=2, microbatches=4, virtual=1, steps=1)
+    tl.meta.update(schedule=name, stages=2, microbatches=4, virtual=1, steps=steps)
     return tl
 
 
@@ -32,3 +32,11 @@ def test_a_send_costs_its_transfer_not_its_wait():
         extra.append(Event(e.worker, e.stage, "F", e.microbatch, e.end, e.end + (10.0 if i == 0 else 0.1), "send"))
     measured = Timeline(tl.events + extra, tl.num_workers, tl.samples, dict(tl.meta))
     assert costs_from_timeline(measured).f[0] == pytest.approx(1.1)
+
+
+@pytest.mark.parametrize("name", ["gpipe", "zb1p", "dni", "petra", "stale"])
+def test_every_schedule_round_trips_its_own_simulation(name):
+    """Actions that fold phases (DNI's S = f + b + u, PETRA's R = r + b) are charged once."""
+    costs = Costs(f=[1.0, 2.0], b=[2.0, 3.0], u=[0.25, 0.5], sg=[0.5, 0.5], r=[1.0, 1.5])
+    tl = _simulated(name, costs, steps=3)
+    assert predict(tl).throughput == pytest.approx(tl.throughput, rel=1e-9)

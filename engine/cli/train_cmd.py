@@ -153,15 +153,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _spawn_torchrun(args: argparse.Namespace) -> int:
-    """Start ``torchrun --nproc-per-node <workers> -m brigade.engine.launch <same flags>``."""
+    """Start ``torchrun --nproc-per-node <workers> -m brigade.engine.launch <same flags>``,
+    its ranks with one malloc arena each, as Ray stage actors get (see ``actor_env``)."""
+    import os
     import subprocess
     import sys
+
+    from brigade.engine.ray_backend import actor_env
 
     cfg = config_from_args(args)  # bad flags fail here, before any process starts
     workers = len(cfg.balance) // cfg.virtual if cfg.balance else cfg.stages
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={workers}", "-m", "brigade.engine.launch", *args.argv[1:]]
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env={**os.environ, **actor_env()})
 
 
 def run_here(args: argparse.Namespace) -> int:

@@ -1,0 +1,1455 @@
+"""ResNet and RevNet stage splits: brigade beside torch.distributed.pipelining, and the simulator.
+
+    python bench/resnet_splits.py                                  # the default set, < 10 min
+    python bench/resnet_splits.py --json out.json --markdown out.md --gantt out.png
+    python bench/resnet_splits.py --quick --no-measure             # seconds: a smoke run
+    python bench/resnet_splits.py --models resnet50 --shapes imagenet --stages 4,8 --no-measure
+
+What it does, for every model (resnet18/34/50, revnet18/34/50), input shape (CIFAR 3x32x32,
+ImageNet 3x224x224, synthetic data) and stage count (2, 4, 8):
+
+1. Profiles every block's forward and backward on this machine, one torch thread
+   (``brigade.stages.partition.profile_blocks``), on one microbatch. ImageNet shapes are
+   profiled on a smaller batch (``--imagenet-profile-batch``) and the times scaled linearly
+   to the microbatch: the tables say ``scaled xN`` where that happened, ``profiled`` where not.
+2. Balances by time (the exact contiguous min-max partition) and prints the stage table.
+3. Simulates every schedule from a profile of that split (``brigade.schedulers``: build,
+   lower, simulate): gpipe, 1f1b, interleaved (2 chunks per worker), zb1p, and the decoupled
+   dni (every model) and petra (revnets). The costs are the per-stage action times of
+   brigade's own stage classes on the balanced split, one microbatch, one thread (backprop
+   F and B, DNI S and T, PETRA F and R; an SGD step for U), so they include what the engine
+   runs beyond the blocks (loss, saved-bytes hooks, synthetic gradients, reconstruction);
+   zb1p splits B evenly into I and W. Sends are charged to the sender
+   (``--latency-ms``, ``--bandwidth-gbs``, defaults from bench/transport.py on this kind of
+   machine). Figures: step time, samples/s, bubble, idle fraction per worker, peak stored
+   activation bytes per worker.
+4. Measures the splits that fit the machine (default: 2 stages, CIFAR shape, resnet18 and
+   revnet18 at width 16) on brigade's engine (Ray, 2 actors x 1 CPU thread, p2p gloo
+   transport) and, side by side in the same run, the same split (same seed, same weights,
+   same batch) on torch.distributed.pipelining (PipelineStage with ScheduleGPipe,
+   Schedule1F1B, ScheduleInterleaved1F1B) under ``torchrun --standalone --nproc-per-node 2``
+   with gloo, one thread per rank. The torch ranks stay up for the whole run and take
+   commands from this process (a hidden ``--torch-worker DIR`` mode of this script), so the
+   two runners alternate round by round: each round runs ``--window`` steps of brigade, then
+   the same number on torch (order swapped every round), after warm-up steps that are not
+   counted. Step time is the median over timed steps; for the decoupled schedules, which do
+   not flush between steps, a round is one ``Pipeline.run`` of ``--window`` steps and its
+   step time is the window's wall time over its steps. The torch companion of zb1p, dni and
+   petra is torch's Schedule1F1B. torch records no timeline, so its bubble is read from CPU
+   time: 1 - (sum of the ranks' CPU seconds) / (ranks x wall seconds).
+
+Reported: brigade / torch step-time ratio per schedule; brigade DNI (and PETRA, revnets)
+throughput over torch 1F1B's on the same split (target >= 1.3x); simulated over measured
+throughput for every measured brigade schedule (target within 10%). Beside the profiled
+prediction, a *calibrated* one simulates each measured round again with the costs that round
+measured (``brigade.schedulers.predict``): profiled -> calibrated is how much slower compute
+ran inside the engine than in the profile, calibrated -> measured is overhead outside
+compute (driver round trips, waits); the per-worker compute per step, measured beside
+simulated, is in the measured table too. Outputs: rich tables on
+the terminal, ``--json`` (a list of rows: model, stages, microbatches, schedule, runner =
+brigade | torch | simulated, step_time_s, samples_per_s, bubble_fraction, and more),
+``--markdown`` (the same as tables) and ``--gantt`` (measured brigade rounds beside their
+simulation, or the simulated schedules when nothing is measured). Every process started here
+(the Ray cluster, the torchrun ranks) is stopped at the end, on errors too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from brigade import schedulers
+from brigade.engine.ray_backend import actor_env
+from brigade.schedulers import Costs, ScheduleError, Timeline
+from brigade.stages.errors import ConfigError
+from brigade.stages.models import build_model, shape_kwargs
+from brigade.stages.partition import (
+    BlockProfile,
+    Partition,
+    StageRow,
+    min_max_partition,
+    profile_blocks,
+    split,
+)
+
+__all__ = [
+    "BenchConfig",
+    "BenchError",
+    "ModelProfile",
+    "SplitCosts",
+    "TorchPeer",
+    "MODELS",
+    "SHAPES",
+    "SCHEDULES",
+    "TORCH_SCHEDULES",
+    "parse_config",
+    "profile_model",
+    "stage_costs",
+    "split_costs",
+    "simulate_split",
+    "measure_split",
+    "torch_worker",
+    "main",
+]
+
+MODELS = ("resnet18", "resnet34", "resnet50", "revnet18", "revnet34", "revnet50")
+# name -> ((channels, height, width), classes, stem)
+SHAPES: dict[str, tuple[tuple[int, int, int], int, str]] = {
+    "cifar": ((3, 32, 32), 10, "cifar"),
+    "imagenet": ((3, 224, 224), 1000, "imagenet"),
+}
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p", "dni", "petra")
+# brigade schedule -> the torch.distributed.pipelining schedule measured beside it
+TORCH_SCHEDULES = {"gpipe": "gpipe", "1f1b": "1f1b", "interleaved": "interleaved",
+                   "zb1p": "1f1b", "dni": "1f1b", "petra": "1f1b"}
+_TORCH_CLASSES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
+                  "interleaved": "ScheduleInterleaved1F1B"}
+_METHOD = {"dni": "dni", "petra": "petra"}  # schedule -> learning rule (else backprop)
+_SPEEDUP_TARGET = 1.3   # decoupled throughput over torch 1F1B
+_PREDICT_TOLERANCE = 0.10  # |simulated / measured - 1|
+LR = 0.01
+
+
+class BenchError(ConfigError):
+    """A bad flag or combination; the message names the value and what would work."""
+
+
+# -- configuration ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a run needs, checked once in ``__post_init__`` (errors name the fix)."""
+
+    models: tuple[str, ...] = MODELS
+    shapes: tuple[str, ...] = ("cifar", "imagenet")
+    stages: tuple[int, ...] = (2, 4, 8)
+    schedules: tuple[str, ...] = SCHEDULES
+    microbatches: int = 8
+    batch_size: int = 64
+    width: int = 16
+    virtual: int = 2
+    measure: bool = True
+    measure_models: tuple[str, ...] = ("resnet18", "revnet18")
+    measure_stages: int = 2
+    measure_shape: str = "cifar"
+    warmup: int = 2
+    steps: int = 12
+    window: int = 3
+    repeats: int = 3
+    imagenet_profile_batch: int = 2
+    latency_ms: float = 0.2
+    bandwidth_gbs: float = 1.7
+    seed: int = 0
+    timeout_s: float = 300.0
+    worker_env: tuple[str, ...] = ()  # KEY=VALUE for the Ray actors and the torch ranks
+
+    def __post_init__(self) -> None:
+        for name, kind, choices in (("models", "model", MODELS), ("shapes", "shape", SHAPES),
+                                    ("schedules", "schedule", SCHEDULES),
+                                    ("measure_models", "measured model", MODELS)):
+            names = (_choose(kind, v, choices) for v in getattr(self, name))
+            object.__setattr__(self, name, tuple(dict.fromkeys(names)))  # once each, in order
+        object.__setattr__(self, "stages", tuple(dict.fromkeys(self.stages)))
+        object.__setattr__(self, "measure_shape", _choose("measured shape", self.measure_shape, SHAPES))
+        for name in ("models", "shapes", "stages", "schedules"):
+            if not getattr(self, name):
+                raise BenchError(f"--{name} is empty; give at least one value")
+        for name in ("microbatches", "batch_size", "width", "steps", "window", "repeats",
+                     "imagenet_profile_batch", "timeout_s"):
+            _positive(name, getattr(self, name))
+        for name in ("warmup", "latency_ms", "bandwidth_gbs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise BenchError(f"--{_flag(name)} {value!r} must be a number >= 0")
+        for p in (*self.stages, self.measure_stages):
+            if isinstance(p, bool) or not isinstance(p, int) or not 2 <= p <= 64:
+                raise BenchError(f"stage count {p!r} is out of range; give 2..64 (e.g. --stages 2,4,8)")
+        for item in self.worker_env:
+            if "=" not in item or not item.split("=", 1)[0]:
+                raise BenchError(f"--worker-env {item!r} must read KEY=VALUE, e.g. MALLOC_ARENA_MAX=1")
+        if self.virtual < 2:
+            raise BenchError(f"--virtual {self.virtual} must be >= 2 (interleaved chunks per worker)")
+        if self.batch_size % self.microbatches:
+            fit = max(self.microbatches, round(self.batch_size / self.microbatches) * self.microbatches)
+            raise BenchError(f"--batch-size {self.batch_size} is not a multiple of --microbatches "
+                             f"{self.microbatches}; use --batch-size {fit}")
+        if self.width % 2 and any(m.startswith("revnet") for m in self.models + self.measure_models):
+            raise BenchError(f"--width {self.width} must be even for revnets (reversible blocks "
+                             f"split channels in two); use --width {self.width + 1}")
+
+    @property
+    def microbatch_size(self) -> int:
+        return self.batch_size // self.microbatches
+
+    @property
+    def env(self) -> dict[str, str]:
+        """``worker_env`` as a dict."""
+        return dict(item.split("=", 1) for item in self.worker_env)
+
+    def measured(self, model: str, shape: str, stages: int) -> bool:
+        """Whether this split is run on the engines, not only simulated."""
+        return (self.measure and model in self.measure_models and shape == self.measure_shape
+                and stages == self.measure_stages)
+
+
+QUICK = dict(models=("resnet18", "revnet18"), shapes=("cifar",), stages=(2,), microbatches=4,
+             batch_size=16, width=8, warmup=1, steps=2, window=2, repeats=1,
+             measure_models=("resnet18",))
+
+
+def _choose(kind: str, value: str, choices) -> str:
+    """Case-insensitive name lookup; an unknown name lists the valid ones."""
+    names = list(choices)
+    for name in names:
+        if str(value).strip().lower() == name.lower():
+            return name
+    raise BenchError(f"unknown {kind} {value!r}; valid: {', '.join(names)}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise BenchError(f"--{_flag(name)} {value!r} must be a positive number")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line and exits 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"cannot read {text!r}: give a comma-separated "
+                                             "list such as 2,4,8") from None
+    parse.__name__ = "list"
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (every BenchConfig field, plus outputs and the hidden worker mode)."""
+    p = _Parser(prog="resnet_splits.py", description=__doc__.splitlines()[0])
+    d = BenchConfig()
+    p.add_argument("--models", type=_csv(str), default=d.models, help="comma list (%(default)s)")
+    p.add_argument("--shapes", type=_csv(str), default=d.shapes, help="cifar,imagenet")
+    p.add_argument("--stages", type=_csv(int), default=d.stages, help="stage counts (2,4,8)")
+    p.add_argument("--schedules", type=_csv(str), default=d.schedules,
+                   help="gpipe,1f1b,interleaved,zb1p,dni,petra (petra: revnets only)")
+    p.add_argument("--microbatches", type=int, default=d.microbatches)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--width", type=int, default=d.width, help="base channels of every model")
+    p.add_argument("--virtual", type=int, default=d.virtual, help="interleaved chunks per worker")
+    p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=d.measure,
+                   help="run the measured splits on brigade and torch (default on)")
+    p.add_argument("--measure-models", type=_csv(str), default=d.measure_models)
+    p.add_argument("--measure-stages", type=int, default=d.measure_stages)
+    p.add_argument("--measure-shape", default=d.measure_shape)
+    p.add_argument("--warmup", type=int, default=d.warmup, help="steps not timed, per runner")
+    p.add_argument("--steps", type=int, default=d.steps, help="timed steps per runner and schedule")
+    p.add_argument("--window", type=int, default=d.window,
+                   help="steps per round (and per decoupled Pipeline.run)")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="profiling repeats")
+    p.add_argument("--imagenet-profile-batch", type=int, default=d.imagenet_profile_batch)
+    p.add_argument("--latency-ms", type=float, default=d.latency_ms)
+    p.add_argument("--bandwidth-gbs", type=float, default=d.bandwidth_gbs)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment of brigade's Ray actors and the torch ranks (repeatable), "
+                        "e.g. MALLOC_ARENA_MAX=1")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny set: resnet18+revnet18, CIFAR, 2 stages, width 8, 2 timed steps")
+    p.add_argument("--stage-tables", action="store_true", help="print every split's stage table")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--markdown", type=Path, default=None)
+    p.add_argument("--gantt", type=Path, default=None, help=".png, .svg or .pdf")
+    p.add_argument("--torch-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_config(args: argparse.Namespace, given: Sequence[str]) -> BenchConfig:
+    """A BenchConfig from parsed flags; ``--quick`` fills whatever was not given."""
+    fields = {f for f in BenchConfig.__dataclass_fields__}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    if args.quick:
+        explicit = {a.split("=")[0][2:].replace("-", "_") for a in given if a.startswith("--")}
+        values.update({k: v for k, v in QUICK.items() if k not in explicit})
+    for key in ("models", "shapes", "schedules", "measure_models", "stages", "worker_env"):
+        values[key] = tuple(values[key])
+    return BenchConfig(**values)
+
+
+# -- profiling -------------------------------------------------------------------------------
+@dataclass
+class ModelProfile:
+    """One model on one input shape: block costs for ONE microbatch, and how they were got.
+
+    ``scale`` is microbatch / profiled batch: 1 when profiled at the microbatch size, else the
+    factor the times and bytes were multiplied by (linear scaling, an approximation).
+    """
+
+    model: str
+    shape: str
+    blocks: list[BlockProfile]
+    scale: float
+    profile_batch: int
+    seconds: float = 0.0
+
+    @property
+    def source(self) -> str:
+        """What the costs rest on, as the tables print it."""
+        return "profiled" if self.scale == 1 else f"scaled x{self.scale:g} from batch {self.profile_batch}"
+
+    @property
+    def block_seconds(self) -> list[float]:
+        """Forward + backward seconds per block: what the balance minimises the max of."""
+        return [b.forward_s + b.backward_s for b in self.blocks]
+
+
+def make_model(cfg: BenchConfig, name: str, shape: str) -> nn.Sequential:
+    """The model as both runners build it: same seed, same options, so the same weights."""
+    dims, classes, stem = SHAPES[shape]
+    torch.manual_seed(cfg.seed)
+    return build_model(name, width=cfg.width, stem=stem, **shape_kwargs(dims, classes))
+
+
+def make_batch(cfg: BenchConfig, shape: str, n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic batch (normal images, uniform labels) from the config's seed."""
+    dims, classes, _ = SHAPES[shape]
+    g = torch.Generator().manual_seed(cfg.seed + 1 + offset)
+    return torch.randn(n, *dims, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def _profile_batch(cfg: BenchConfig, shape: str) -> int:
+    """Microbatch size, or fewer samples for ImageNet shapes (times are scaled up)."""
+    if shape == "imagenet":
+        return min(cfg.microbatch_size, cfg.imagenet_profile_batch)
+    return cfg.microbatch_size
+
+
+def profile_model(cfg: BenchConfig, name: str, shape: str) -> ModelProfile:
+    """Every block's forward and backward seconds for one microbatch, on one thread."""
+    t0 = time.perf_counter()
+    model = make_model(cfg, name, shape)
+    batch = _profile_batch(cfg, shape)
+    x, _ = make_batch(cfg, shape, batch)
+    with _threads(1):
+        blocks = profile_blocks(model, x, "cpu", cfg.repeats)
+    scale = cfg.microbatch_size / batch
+    if scale != 1:
+        blocks = [replace(b, forward_s=b.forward_s * scale, backward_s=b.backward_s * scale,
+                          batch=cfg.microbatch_size,
+                          out_shape=(cfg.microbatch_size, *b.out_shape[1:]),
+                          out_bytes=int(b.out_bytes * scale)) for b in blocks]
+    return ModelProfile(name, shape, blocks, scale, batch, time.perf_counter() - t0)
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch threads (the engines' workers use one each)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def stage_table(mp: ModelProfile, balance: list[int], model: nn.Sequential) -> Partition:
+    """The partition table of ``balance`` from the profile (no second profiling pass)."""
+    rows, start = [], 0
+    for s, count in enumerate(balance):
+        stop = start + count
+        part = mp.blocks[start:stop]
+        rows.append(StageRow(s, start, stop, sum(b.params for b in part),
+                             sum(b.forward_s for b in part), sum(b.backward_s for b in part),
+                             part[-1].out_shape, part[-1].out_bytes))
+        start = stop
+    return Partition(balance, split(model, balance), rows, "time", mp.blocks)
+
+
+# -- costs of a split ----------------------------------------------------------------------------
+@dataclass
+class SplitCosts:
+    """What the simulator needs for one schedule on one split, and what it was made from."""
+
+    balance: list[int]
+    costs: Costs
+    stored_bytes: list[float]  # per model stage, per in-flight microbatch
+    source: str
+
+
+def _balance(mp: ModelProfile, parts: int) -> list[int]:
+    """Min-max partition of the profiled block times (brigade's balance_by_time)."""
+    return min_max_partition(mp.block_seconds, parts)
+
+
+def _comm(cfg: BenchConfig) -> dict[str, float]:
+    """Message costs and microbatch size, the Costs fields every split shares."""
+    return {"latency": cfg.latency_ms * 1e-3, "bandwidth": cfg.bandwidth_gbs * 1e9,
+            "microbatch_size": cfg.microbatch_size}
+
+
+def _update_seconds(module: nn.Module, repeats: int) -> float:
+    """One SGD step over ``module``'s parameters (the U action), median of a few."""
+    params = [p for p in copy.deepcopy(module).parameters() if p.requires_grad]
+    if not params:
+        return 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.SGD(params, lr=LR)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def _stage_inputs(model: nn.Sequential, balance: list[int], x: torch.Tensor) -> list[torch.Tensor]:
+    """The input each stage sees for ``x`` (a no-grad forward through a copy)."""
+    work = copy.deepcopy(model).train()
+    inputs, h = [], x
+    with torch.no_grad():
+        for piece in split(work, balance):
+            inputs.append(h)
+            h = piece(h)
+    return inputs
+
+
+# How each profiled rule's action times become Costs fields (U is an SGD step, timed apart).
+_COST_FIELDS = {
+    "backprop": {"F": "f", "B": "b"},
+    "zb1p": {"F": "f", "I": "i", "W": "w"},
+    "dni": {"S": "f", "T": "sg"},     # the simulator charges S as f + b + u: b = u = 0
+    "petra": {"F": "f", "R": "b"},    # ... and R as r + b: r = 0
+}
+
+
+def stage_costs(cfg: BenchConfig, mp: ModelProfile, model: nn.Sequential, parts: int,
+                rule: str) -> SplitCosts:
+    """Per-stage action seconds of brigade's own stage classes on the time-balanced split.
+
+    Why the stage classes and not the summed block times: the engine runs them, with what
+    they add (the saved-bytes hooks, the loss, zb1p's split backward, DNI's synthetic
+    gradient and per-microbatch update in S and its training in T, PETRA's reconstruction
+    in R). ``rule`` is backprop, zb1p (backprop with I and W timed), dni or petra.
+    """
+    from brigade.stages.stage import StageSpec, make_stage_module
+
+    balance = _balance(mp, parts)
+    x, y = make_batch(cfg, mp.shape, mp.profile_batch)
+    per_stage: list[dict[str, float]] = []
+    stored, acts, first = [], [], 0
+    with _threads(1):
+        inputs = _stage_inputs(model, balance, x)
+        pieces = split(copy.deepcopy(model), balance)
+        u = [_update_seconds(piece, cfg.repeats) for piece in pieces]
+        for s, piece in enumerate(pieces):
+            last = s == parts - 1
+            st = _make_stage(rule, make_stage_module(list(piece), first), StageSpec(s, parts), last)
+            first += len(piece)
+            measured, held, out_bytes = _time_actions(rule, st, inputs[s], y if last else None,
+                                                      cfg.repeats)
+            per_stage.append({_COST_FIELDS[rule][k]: t * mp.scale for k, t in measured.items()})
+            stored.append(held * mp.scale)
+            acts.append(out_bytes * mp.scale)
+    names = {name for row in per_stage for name in row}  # DNI's last stage has no T
+    times = {name: [row.get(name, 0.0) for row in per_stage] for name in names}
+    zero = [0.0] * parts
+    extra = {"dni": dict(b=zero, u=zero), "petra": dict(r=zero, u=u)}.get(rule, dict(u=u))
+    costs = Costs(**times, **extra, activation_bytes=acts, **_comm(cfg))
+    return SplitCosts(balance, costs, stored, mp.source)
+
+
+def _make_stage(rule: str, module: nn.Module, spec, last: bool):
+    """The stage class the engine builds for ``rule`` (PETRA never steps inside R here)."""
+    from brigade.stages.dni import DNIStage
+    from brigade.stages.petra import PetraStage
+    from brigade.stages.stage import Stage
+
+    cls = {"dni": DNIStage, "petra": PetraStage}.get(rule, Stage)
+    extra = {"accumulate": 10**9} if rule == "petra" else {}
+    return cls(module, spec, lambda p: torch.optim.SGD(p, lr=LR),
+               nn.CrossEntropyLoss() if last else None, **extra)
+
+
+def _time_actions(rule: str, st, x: torch.Tensor, y: torch.Tensor | None,
+                  repeats: int) -> tuple[dict[str, float], int, int]:
+    """Median seconds per action kind over ``repeats`` microbatches (after one warm-up),
+    the bytes the stage keeps for one in-flight microbatch, and the bytes it sends on."""
+    samples: dict[str, list[float]] = {}
+    held = out_bytes = 0
+    for j in range(repeats + 1):
+        spans, held, out_bytes = _one_microbatch(rule, st, j, x, y)
+        if j:
+            for kind, seconds in spans.items():
+                samples.setdefault(kind, []).append(seconds)
+    return {k: statistics.median(v) for k, v in samples.items()}, held, out_bytes
+
+
+def _one_microbatch(rule: str, st, j: int, x: torch.Tensor, y: torch.Tensor | None
+                    ) -> tuple[dict[str, float], int, int]:
+    """Run microbatch ``j`` through every action ``rule`` has on this stage, timing each."""
+    last = y is not None
+    clock = time.perf_counter
+    t0 = clock()
+    out = st.forward(j, x, y)
+    t1 = clock()
+    if rule == "dni":
+        out = out[0]
+    held = st.stored_bytes()
+    out_bytes = 0 if last else out.numel() * out.element_size()
+    grad = None if last else torch.randn_like(out) * 1e-3
+    first = {"dni": "S"}.get(rule, "F")
+    if rule == "backprop":
+        st.backward(j, grad)
+        return {first: t1 - t0, "B": clock() - t1}, held, out_bytes
+    if rule == "zb1p":
+        st.backward_input(j, grad)
+        t2 = clock()
+        st.backward_weight(j)
+        return {first: t1 - t0, "I": t2 - t1, "W": clock() - t2}, held, out_bytes
+    if rule == "dni":
+        if last:  # the last stage has no synthetic gradient to train
+            return {first: t1 - t0}, held, out_bytes
+        st.train_sg(j, grad)
+        return {first: t1 - t0, "T": clock() - t1}, held, out_bytes
+    st.reverse(j) if last else st.reverse(j, out, grad)
+    return {first: t1 - t0, "R": clock() - t1}, held, out_bytes
+
+
+def _rule(schedule: str) -> str:
+    """What is profiled for ``schedule``: its learning rule, or zb1p's split backward."""
+    return "zb1p" if schedule == "zb1p" else _METHOD.get(schedule, "backprop")
+
+
+def split_costs(cfg: BenchConfig, mp: ModelProfile, model: nn.Sequential, stages: int,
+                schedule: str) -> SplitCosts:
+    """The costs ``schedule`` is simulated with on a ``stages``-worker split (interleaved:
+    ``stages x virtual`` model stages)."""
+    parts = stages * (cfg.virtual if schedule == "interleaved" else 1)
+    return stage_costs(cfg, mp, model, parts, _rule(schedule))
+
+
+# -- simulation ------------------------------------------------------------------------------------
+def _skip_reason(cfg: BenchConfig, model: str, blocks: int, stages: int, schedule: str) -> str | None:
+    """Why ``schedule`` cannot run this split (None when it can)."""
+    v = cfg.virtual if schedule == "interleaved" else 1
+    if stages * v > blocks:
+        return f"{stages * v} model stages but {model} has {blocks} blocks"
+    try:
+        schedulers.build(schedule, stages=stages, microbatches=cfg.microbatches, virtual=v)
+    except ScheduleError as err:
+        return str(err).split(";")[0]
+    return None
+
+
+def applies(schedule: str, model: str) -> bool:
+    """PETRA needs reversible stages: revnets only."""
+    return schedule != "petra" or model.startswith("revnet")
+
+
+def _steps_of(cfg: BenchConfig, schedule: str) -> int:
+    """Simulated steps: one for flush schedules, a window for decoupled ones."""
+    return cfg.window if schedule in schedulers.DECOUPLED else 1
+
+
+def simulate_costs(cfg: BenchConfig, schedule: str, stages: int, sc: SplitCosts,
+                   steps: int | None = None) -> Timeline:
+    """Simulate ``schedule`` with sends charged to the sender (brigade's sends block)."""
+    v = cfg.virtual if schedule == "interleaved" else 1
+    sched = schedulers.build(schedule, stages=stages, microbatches=cfg.microbatches, virtual=v,
+                             steps=steps or _steps_of(cfg, schedule))
+    tl = schedulers.simulate(schedulers.lower(sched), sc.costs)
+    tl.meta["time_unit"] = "s"
+    return tl
+
+
+def _peak_bytes(tl: Timeline, stored: Sequence[float], workers: int) -> list[float]:
+    """Per worker: the sum over its stages of peak in-flight microbatches x bytes each."""
+    out = [0.0] * workers
+    for s, per_mb in enumerate(stored):
+        out[s % workers] += tl.peak_activations(s) * per_mb
+    return out
+
+
+def _timeline_row(cfg: BenchConfig, tl: Timeline, steps: int) -> dict[str, Any]:
+    """Step time, samples/s, bubble and idle per worker of a (simulated) timeline."""
+    step = tl.makespan / steps
+    return {"step_time_s": step, "samples_per_s": cfg.batch_size / step if step else 0.0,
+            "bubble_fraction": tl.bubble_fraction,
+            "idle_per_stage": [tl.idle_fraction(w) for w in range(tl.num_workers)],
+            "busy_per_step_s": [tl.busy(w) / steps for w in range(tl.num_workers)]}
+
+
+def simulate_split(cfg: BenchConfig, mp: ModelProfile, model: nn.Sequential, stages: int,
+                   on_costs: Callable[[str, SplitCosts], None] | None = None) -> list[dict]:
+    """One simulated row per schedule for this (model, shape, stages) split."""
+    rows: list[dict] = []
+    cache: dict[tuple[int, str], SplitCosts] = {}
+    for schedule in cfg.schedules:
+        if not applies(schedule, mp.model):
+            continue
+        base = _row_base(cfg, mp.model, mp.shape, stages, schedule, "simulated")
+        reason = _skip_reason(cfg, mp.model, len(mp.blocks), stages, schedule)
+        if reason:
+            rows.append({**base, "skipped": reason, "step_time_s": None, "samples_per_s": None,
+                         "bubble_fraction": None})
+            continue
+        parts = stages * (cfg.virtual if schedule == "interleaved" else 1)
+        key = (parts, _rule(schedule))
+        if key not in cache:  # gpipe and 1f1b share one split and its costs
+            cache[key] = split_costs(cfg, mp, model, stages, schedule)
+        sc = cache[key]
+        steps = _steps_of(cfg, schedule)
+        tl = simulate_costs(cfg, schedule, stages, sc, steps)
+        peaks = _peak_bytes(tl, sc.stored_bytes, stages)
+        rows.append({**base, **_timeline_row(cfg, tl, steps), "simulated_steps": steps,
+                     "balance": sc.balance, "costs": sc.source,
+                     "peak_activation_bytes": max(peaks), "peak_activation_bytes_per_worker": peaks,
+                     "stage_seconds": [round(x, 6) for x in _stage_seconds(sc.costs, stages)]})
+        if on_costs is not None:
+            on_costs(schedule, sc)
+    return rows
+
+
+def _stage_seconds(costs: Costs, stages: int) -> list[float]:
+    """Compute seconds per microbatch on each worker (f + b, or S + T, or F + R)."""
+    def per(name: str) -> list[float]:
+        value = getattr(costs, name)
+        return value if isinstance(value, list) else [value or 0.0]
+    f, b, sg = per("f"), per("b"), per("sg")
+    n = max(len(f), len(b))
+    total = [(f[i % len(f)] + b[i % len(b)] + sg[i % len(sg)]) for i in range(n)]
+    out = [0.0] * stages
+    for s, t in enumerate(total):
+        out[s % stages] += t
+    return out
+
+
+def _row_base(cfg: BenchConfig, model: str, shape: str, stages: int, schedule: str,
+              runner: str) -> dict[str, Any]:
+    """The keys that identify a row (what was run, where)."""
+    return {"model": model, "shape": shape, "width": cfg.width, "stages": stages,
+            "virtual": cfg.virtual if schedule == "interleaved" else 1,
+            "microbatches": cfg.microbatches, "batch_size": cfg.batch_size,
+            "schedule": schedule, "runner": runner}
+
+
+# -- torch.distributed.pipelining: the peer, run by torchrun -----------------------------------------
+class TorchPeerError(RuntimeError):
+    """The torchrun ranks failed or stopped answering; the message holds their log's tail."""
+
+
+class TorchPeer:
+    """``torchrun --standalone --nproc-per-node N`` on this script in ``--torch-worker`` mode.
+
+    Why a long-lived peer: the machine is noisy, so torch and brigade rounds alternate in one
+    run; starting torchrun per round would cost seconds each. Commands are JSON files
+    ``cmd-<n>.json`` in ``workdir`` that rank 0 picks up and broadcasts; rank 0 answers in
+    ``res-<n>.json``. ``close()`` (also the context manager's exit) ends the ranks: an
+    ``exit`` command, then SIGTERM and SIGKILL to the process group if they linger.
+    """
+
+    def __init__(self, workdir: Path, nproc: int = 2, timeout_s: float = 300.0,
+                 env: dict[str, str] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.timeout_s = timeout_s
+        self._n = 0
+        self.error: str | None = None  # set when a command failed; no more are sent
+        self.log_path = self.workdir / "torchrun.log"
+        # The ranks get the environment brigade gives its stage actors (one malloc arena),
+        # so the two runners differ by their pipelines, not by their allocators.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR", **actor_env(),
+               **(env or {})}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", str(Path(__file__).resolve()),
+               "--torch-worker", str(self.workdir), "--parent-pid", str(os.getpid())]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def call(self, op: str, timeout_s: float | None = None, **args: Any) -> dict:
+        """Send one command and wait for rank 0's answer (or the ranks' death)."""
+        n, self._n = self._n, self._n + 1
+        _write_json(self.workdir / f"cmd-{n}.json", {"op": op, **args})
+        answer = self.workdir / f"res-{n}.json"
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        while not answer.exists():
+            if self.proc.poll() is not None:
+                raise TorchPeerError(f"torchrun exited with status {self.proc.returncode} "
+                                     f"during {op!r}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TorchPeerError(f"torchrun gave no answer to {op!r} within "
+                                     f"{timeout_s or self.timeout_s:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.01)
+        result = json.loads(answer.read_text())
+        if "error" in result:
+            raise TorchPeerError(f"torch rank 0 failed in {op!r}: {result['error']}")
+        return result
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(text[-lines:])
+
+    def close(self, grace_s: float = 20.0) -> None:
+        """Ask the ranks to exit; kill the process group if they do not."""
+        if self.proc.poll() is None:
+            try:
+                _write_json(self.workdir / f"cmd-{self._n}.json", {"op": "exit"})
+                self._n += 1
+                self.proc.wait(timeout=grace_s)
+            except (subprocess.TimeoutExpired, OSError):
+                pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.proc.poll() is not None:
+                break
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        # Ranks are in the same session: make sure none outlives torchrun itself.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._log.close()
+
+    def __enter__(self) -> "TorchPeer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write atomically (temporary name, then rename): readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+class _TorchSide:
+    """One rank's part of a split under torch.distributed.pipelining (same seed as brigade).
+
+    Each stage's ``forward_one_chunk``, ``backward_one_chunk`` and ``backward_weight_one_chunk``
+    and the optimizer step are timed (wall clock), so a torch round yields a timeline with
+    the same compute spans brigade records: its bubble is read the same way.
+    """
+
+    def __init__(self, cmd: dict, rank: int, world: int) -> None:
+        from torch.distributed import pipelining as pp
+
+        cfg = BenchConfig(**cmd["config"])
+        model = make_model(cfg, cmd["model"], cmd["shape"])
+        pieces = split(model, cmd["balance"])
+        n = len(pieces)
+        mine = [s for s in range(n) if s % world == rank]
+        stages = [pp.PipelineStage(pieces[s], s, n, torch.device("cpu")) for s in mine]
+        self.events: list[tuple] = []
+        for st in stages:
+            self._time_calls(st, rank)
+        self.optimizer = torch.optim.SGD([p for s in mine for p in pieces[s].parameters()], lr=LR)
+        cls = getattr(pp, _TORCH_CLASSES[cmd["schedule"]])
+        multi = cmd["schedule"] == "interleaved"
+        self.schedule = cls(stages if multi else stages[0], cfg.microbatches,
+                            loss_fn=nn.CrossEntropyLoss())
+        self.first, self.last = 0 in mine, n - 1 in mine
+        self.mine, self.rank, self.world = mine, rank, world
+        self.x, self.y = make_batch(cfg, cmd["shape"], cfg.batch_size)
+
+    def _time_calls(self, stage: Any, rank: int) -> None:
+        """Record (rank, stage, kind, microbatch, t0, t1) for every compute call of ``stage``."""
+        for method, kind in (("forward_one_chunk", "F"), ("backward_one_chunk", "B"),
+                             ("backward_weight_one_chunk", "W")):
+            inner = getattr(stage, method, None)
+            if inner is None:
+                continue
+
+            def timed(*args: Any, _inner=inner, _kind=kind, _s=stage.stage_index, **kwargs: Any):
+                t0 = time.perf_counter()
+                out = _inner(*args, **kwargs)
+                j = args[0] if args else next(iter(kwargs.values()), -1)
+                self.events.append((rank, _s, _kind, int(j), t0, time.perf_counter()))
+                return out
+
+            setattr(stage, method, timed)
+
+    def step(self, step: int) -> float | None:
+        """One training step (forward, backward, SGD update); the mean loss on the last rank."""
+        args = (self.x,) if self.first else ()
+        losses: list[torch.Tensor] = []
+        kwargs = {"target": self.y, "losses": losses} if self.last else {}
+        self.schedule.step(*args, **kwargs)
+        t0 = time.perf_counter()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for s in self.mine:
+            self.events.append((self.rank, s, "U", step, t0, time.perf_counter()))
+        return float(torch.stack(losses).mean()) if losses else None
+
+    def run(self, steps: int) -> dict:
+        """Timed steps, each between barriers: wall seconds and loss per step, and every
+        rank's compute spans (seconds from this round's first barrier on that rank)."""
+        import torch.distributed as dist
+
+        walls, losses = [], []
+        self.events = []
+        dist.barrier()
+        origin = time.perf_counter()
+        for i in range(steps):
+            if i:
+                dist.barrier()
+            t0 = time.perf_counter()
+            out = self.step(i)
+            if out is not None:
+                losses.append(out)
+            dist.barrier()
+            walls.append(time.perf_counter() - t0)
+        spans = [(w, s, k, j, t0 - origin, t1 - origin) for (w, s, k, j, t0, t1) in self.events]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, {"events": spans, "losses": losses})
+        return {"wall": walls, "events": [e for g in gathered for e in g["events"]],
+                "losses": next((g["losses"] for g in gathered if g["losses"]), [])}
+
+
+def _next_command(workdir: Path, n: int, parent: int | None) -> dict:
+    """Rank 0 waits for command ``n``; a vanished parent means exit."""
+    path = workdir / f"cmd-{n}.json"
+    while not path.exists():
+        if parent is not None and not _alive(parent):
+            return {"op": "exit"}
+        time.sleep(0.005)
+    return json.loads(path.read_text())
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (the parent, seen from rank 0)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def torch_worker(workdir: Path, parent: int | None = None) -> int:
+    """The ``--torch-worker`` mode: one torchrun rank serving build/run commands until exit."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    side: _TorchSide | None = None
+    n = 0
+    try:
+        while True:
+            box = [_next_command(workdir, n, parent) if rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            cmd = box[0]
+            if cmd["op"] == "exit":
+                break
+            if cmd["op"] == "build":
+                side = None  # free the previous split first
+                t0 = time.perf_counter()
+                side = _TorchSide(cmd, rank, world)
+                warm = side.run(max(1, cmd["warmup"]))
+                result = {"build_s": time.perf_counter() - t0,
+                          "first_loss": warm["losses"][0] if warm["losses"] else None}
+            elif cmd["op"] == "run":
+                result = side.run(cmd["steps"])
+            else:
+                result = {"error": f"unknown command {cmd['op']!r}"}
+            if rank == 0:
+                _write_json(workdir / f"res-{n}.json", result)
+            n += 1
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+# -- measurement -------------------------------------------------------------------------------------
+@dataclass
+class _Tally:
+    """Timed steps of one runner on one schedule, gathered over rounds."""
+
+    step_times: list[float] = field(default_factory=list)
+    busy: float = 0.0  # worker-seconds inside compute spans
+    span: float = 0.0  # worker-seconds of wall time
+    idle: list[list[float]] = field(default_factory=list)  # per round, per worker
+    busy_per_worker: list[float] = field(default_factory=list)  # seconds, summed over rounds
+    steps: int = 0  # steps inside the timelines tallied
+    calibrated: list[float | None] = field(default_factory=list)  # brigade: per round
+    first_loss: float | None = None
+
+    @property
+    def bubble(self) -> float:
+        return min(1.0, max(0.0, 1.0 - self.busy / self.span)) if self.span else 0.0
+
+    def idle_per_worker(self) -> list[float]:
+        if not self.idle:
+            return []
+        return [statistics.fmean(r[w] for r in self.idle) for w in range(len(self.idle[0]))]
+
+
+def _brigade_pipeline(cfg: BenchConfig, model: nn.Sequential, balance: list[int], schedule: str):
+    """A Ray pipeline of 2 actors x 1 CPU thread for ``schedule`` on ``balance``."""
+    from brigade.engine import Pipeline
+
+    return Pipeline(model, stages=balance, schedule=schedule,
+                    method=_METHOD.get(schedule, "backprop"),
+                    virtual=cfg.virtual if schedule == "interleaved" else 1,
+                    microbatches=cfg.microbatches, cpus_per_stage=1,
+                    optimizer=lambda p: torch.optim.SGD(p, lr=LR),
+                    loss_fn=nn.CrossEntropyLoss(), backend="ray", timeout_s=cfg.timeout_s)
+
+
+def _brigade_round(cfg: BenchConfig, pipe, batch, schedule: str, tally: _Tally) -> Timeline:
+    """``window`` timed steps on brigade; the round's timeline feeds busy and idle."""
+    pipe.reset_timeline()
+    if schedule in schedulers.DECOUPLED:
+        t0 = time.perf_counter()
+        pipe.run([batch] * cfg.window)
+        tally.step_times.append((time.perf_counter() - t0) / cfg.window)
+    else:
+        for _ in range(cfg.window):
+            t0 = time.perf_counter()
+            pipe.step(*batch)
+            tally.step_times.append(time.perf_counter() - t0)
+    tl = pipe.timeline()
+    # The pipeline's meta counts every step since it started (warm-up included), while
+    # the events cover this round only: describe the round.
+    tl.meta.update(time_unit="s", steps=cfg.window)
+    _tally_timeline(tally, tl, cfg.window)
+    tally.calibrated.append(_calibrated_step(tl, cfg.window))
+    return tl
+
+
+def _calibrated_step(tl: Timeline, steps: int) -> float | None:
+    """Seconds per step the simulator predicts with the costs this round measured (its
+    mean action spans and message latency): what is left between this and the measured
+    step time is engine overhead outside compute (driver round trips, waits).
+
+    ``schedulers.costs_from_timeline`` puts DNI's measured S into ``f`` and leaves ``b``
+    unset, which the simulator then fills with 2f (S charged 3x), and PETRA's R into ``b``
+    with ``r`` defaulting to f (R charged f too much); set what S and R already hold to 0.
+    """
+    try:
+        schedule = schedulers.schedule_of(tl)
+        costs = schedulers.costs_from_timeline(tl)
+        n = schedule.num_stages
+        if schedule.name == "dni":
+            costs = replace(costs, b=[0.0] * n, i=None, w=None, u=0.0)
+        elif schedule.name == "petra":
+            costs = replace(costs, r=[0.0] * n)
+        return schedulers.simulate(schedule, costs).makespan / steps
+    except (ScheduleError, KeyError, ValueError):
+        return None
+
+
+def _brigade_warmup(cfg: BenchConfig, pipe, batch, schedule: str) -> float:
+    """Warm-up steps (not timed); returns the first step's loss."""
+    if schedule in schedulers.DECOUPLED:
+        return pipe.run([batch] * max(cfg.warmup, cfg.window))[0]["loss"]
+    losses = [pipe.step(*batch)["loss"] for _ in range(max(1, cfg.warmup))]
+    return losses[0]
+
+
+def _torch_round(cfg: BenchConfig, peer: TorchPeer, tally: _Tally, schedule: str) -> Timeline:
+    """``window`` timed steps on torch; its timed compute calls give busy and idle."""
+    res = peer.call("run", steps=cfg.window)
+    tally.step_times += res["wall"]
+    tl = Timeline(events=[tuple(e) + ("compute",) for e in res["events"]],
+                  num_workers=cfg.measure_stages, samples=cfg.batch_size * cfg.window,
+                  meta={"source": "measured", "schedule": schedule, "runner": "torch",
+                        "microbatches": cfg.microbatches, "time_unit": "s"})
+    _tally_timeline(tally, tl, cfg.window)
+    return tl
+
+
+def _tally_timeline(tally: _Tally, tl: Timeline, steps: int) -> None:
+    """Add a round's compute and span (worker-seconds) and its idle fractions."""
+    workers = tl.num_workers
+    busy = [tl.busy(w) for w in range(workers)]
+    tally.busy += sum(busy)
+    tally.span += workers * tl.makespan
+    tally.idle.append([tl.idle_fraction(w) for w in range(workers)])
+    tally.busy_per_worker = [a + b for a, b in zip(tally.busy_per_worker or [0.0] * workers, busy)]
+    tally.steps += steps
+
+
+def measure_split(cfg: BenchConfig, model_name: str, costs: dict[str, SplitCosts],
+                  peer: TorchPeer | None, progress: Callable[[str], None] = lambda s: None
+                  ) -> tuple[list[dict], dict[tuple[str, str], Timeline]]:
+    """Measure every schedule of one split on brigade and, alternating, on torch.
+
+    Returns brigade and torch rows (torch rows once per torch schedule) and the last
+    measured round of each for the Gantt picture, keyed ``(runner, schedule)``.
+    """
+    shape, p = cfg.measure_shape, cfg.measure_stages
+    batch = make_batch(cfg, shape, cfg.batch_size)
+    rounds = max(1, math.ceil(cfg.steps / cfg.window))
+    rows: list[dict] = []
+    timelines: dict[tuple[str, str], Timeline] = {}
+    torch_tallies: dict[str, tuple[_Tally, list[int]]] = {}
+    for schedule in cfg.schedules:
+        if not applies(schedule, model_name) or schedule not in costs:
+            continue
+        sc = costs[schedule]
+        tname = TORCH_SCHEDULES[schedule]
+        progress(f"measuring {model_name} {schedule} (brigade) beside torch {tname}")
+        mine, theirs = _Tally(), _Tally()
+        load = [os.getloadavg()[0]]
+        with _brigade_pipeline(cfg, make_model(cfg, model_name, shape), sc.balance, schedule) as pipe:
+            mine.first_loss = _brigade_warmup(cfg, pipe, batch, schedule)
+            _on_torch(peer, progress, lambda: setattr(theirs, "first_loss", _torch_build(
+                cfg, peer, model_name, shape, schedule, sc.balance)))
+            for r in range(rounds):
+                order = ("b", "t") if r % 2 == 0 else ("t", "b")
+                for who in order:
+                    if who == "b":
+                        timelines[("brigade", schedule)] = _brigade_round(cfg, pipe, batch,
+                                                                          schedule, mine)
+                    else:
+                        _on_torch(peer, progress, lambda: timelines.__setitem__(
+                            ("torch", tname), _torch_round(cfg, peer, theirs, tname)))
+            peak = pipe.timeline().meta.get("peak_stored_activation_bytes", [])
+        load.append(os.getloadavg()[0])
+        rows.append(_measured_row(cfg, model_name, schedule, "brigade", mine, sc.balance,
+                                  peak_per_stage=peak, workers=p))
+        rows[-1]["load_avg_1min"] = load  # the machine's load at start and end (2 cores)
+        if peer is not None and peer.error is None and theirs.step_times:
+            rows[-1].update(torch_schedule=tname, torch_step_time_s=statistics.median(theirs.step_times),
+                            torch_min_step_time_s=min(theirs.step_times),
+                            torch_first_loss=theirs.first_loss)
+            rows[-1]["min_ratio_vs_torch"] = (rows[-1]["min_step_time_s"]
+                                              / rows[-1]["torch_min_step_time_s"])
+            rows[-1]["ratio_vs_torch"] = rows[-1]["step_time_s"] / rows[-1]["torch_step_time_s"]
+            if tname == schedule:
+                torch_tallies[schedule] = (theirs, sc.balance)
+    for schedule, (tally, balance) in torch_tallies.items():
+        rows.append(_measured_row(cfg, model_name, schedule, "torch", tally, balance))
+    return rows, timelines
+
+
+def _on_torch(peer: TorchPeer | None, progress: Callable[[str], None],
+              action: Callable[[], Any]) -> None:
+    """Run a torch-side action unless the peer is absent or has failed; a failure is kept
+    on the peer (the brigade measurements go on without it) and reported once."""
+    if peer is None or peer.error is not None:
+        return
+    try:
+        action()
+    except TorchPeerError as err:
+        peer.error = str(err)
+        progress(f"torch side failed; brigade goes on alone: {err}")
+
+
+def _torch_build(cfg: BenchConfig, peer: TorchPeer, model: str, shape: str, schedule: str,
+                 balance: list[int]) -> float | None:
+    """Build the torch side of this split on the ranks and run its warm-up steps."""
+    res = peer.call("build", config=_config_dict(cfg), model=model, shape=shape,
+                    schedule=TORCH_SCHEDULES[schedule], balance=balance, warmup=cfg.warmup)
+    return res.get("first_loss")
+
+
+def _config_dict(cfg: BenchConfig) -> dict[str, Any]:
+    """The config as JSON (tuples become lists; BenchConfig turns them back)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+
+def _measured_row(cfg: BenchConfig, model: str, schedule: str, runner: str, tally: _Tally,
+                  balance: list[int], peak_per_stage: Sequence[int] = (), workers: int = 2) -> dict:
+    """A measured row: median step time, bubble and idle from the rounds' timelines."""
+    step = statistics.median(tally.step_times)
+    row = {**_row_base(cfg, model, cfg.measure_shape, cfg.measure_stages, schedule, runner),
+           "step_time_s": step, "samples_per_s": cfg.batch_size / step,
+           "min_step_time_s": min(tally.step_times),
+           "bubble_fraction": tally.bubble, "idle_per_stage": tally.idle_per_worker(),
+           "steps_timed": len(tally.step_times) * (cfg.window if runner == "brigade"
+                                                   and schedule in schedulers.DECOUPLED else 1),
+           "step_times_s": tally.step_times, "balance": balance, "first_loss": tally.first_loss,
+           "bubble_source": "timeline" if runner == "brigade" else "timed compute calls",
+           "busy_per_step_s": [b / tally.steps for b in tally.busy_per_worker] if tally.steps else []}
+    calibrated = [c for c in tally.calibrated if c]
+    if calibrated:
+        row["calibrated_samples_per_s"] = cfg.batch_size / statistics.median(calibrated)
+    if peak_per_stage:
+        per_worker = [0.0] * workers
+        for s, b in enumerate(peak_per_stage):
+            per_worker[s % workers] += b
+        row["peak_activation_bytes"] = max(per_worker)
+        row["peak_activation_bytes_per_worker"] = per_worker
+    return row
+
+
+@contextmanager
+def _ray_cluster(num_cpus: int = 2, env: dict[str, str] | None = None) -> Iterator[None]:
+    """A private local Ray cluster for the measured runs, shut down on the way out (an
+    already running one is used as it is, without ``env``)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False, runtime_env={"env_vars": env} if env else None)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# -- reports -----------------------------------------------------------------------------------------
+def add_predictions(rows: list[dict]) -> None:
+    """Give each measured brigade row its simulated twin's throughput and the error."""
+    sims = {(r["model"], r["shape"], r["stages"], r["schedule"]): r
+            for r in rows if r["runner"] == "simulated" and r.get("samples_per_s")}
+    for r in rows:
+        if r["runner"] != "brigade":
+            continue
+        sim = sims.get((r["model"], r["shape"], r["stages"], r["schedule"]))
+        if sim:
+            r["predicted_samples_per_s"] = sim["samples_per_s"]
+            r["predicted_over_measured"] = sim["samples_per_s"] / r["samples_per_s"]
+            r["predicted_bubble_fraction"] = sim["bubble_fraction"]
+            r["predicted_busy_per_step_s"] = sim["busy_per_step_s"]
+
+
+def target_checks(rows: list[dict]) -> list[dict]:
+    """The two targets, one line each, met or not."""
+    checks = []
+    for r in rows:
+        if r["runner"] != "brigade":
+            continue
+        if r["schedule"] in schedulers.DECOUPLED and r.get("torch_step_time_s"):
+            speedup = r["torch_step_time_s"] / r["step_time_s"]
+            checks.append({"check": f"{r['model']} {r['schedule']} / torch 1f1b throughput",
+                           "value": speedup, "target": f">= {_SPEEDUP_TARGET}x",
+                           "met": speedup >= _SPEEDUP_TARGET})
+        if r.get("predicted_over_measured"):
+            ratio = r["predicted_over_measured"]
+            checks.append({"check": f"{r['model']} {r['schedule']} simulated / measured throughput",
+                           "value": ratio, "target": f"within {_PREDICT_TOLERANCE:.0%}",
+                           "met": abs(ratio - 1) <= _PREDICT_TOLERANCE})
+    return checks
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e3:.1f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _mib(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**20:.1f}"
+
+
+def measured_table_rows(rows: list[dict]) -> list[list[str]]:
+    """Measured brigade rows beside torch and the simulator, as text cells."""
+    out = []
+    for r in rows:
+        if r["runner"] != "brigade":
+            continue
+        out.append([r["model"], r["schedule"], _ms(r["step_time_s"]),
+                    f"{r['samples_per_s']:.1f}", _pct(r["bubble_fraction"]),
+                    f"{r.get('torch_schedule', '-')}",
+                    _ms(r.get("torch_step_time_s")),
+                    f"{r['ratio_vs_torch']:.2f} ({r['min_ratio_vs_torch']:.2f})"
+                    if r.get("ratio_vs_torch") else "-",
+                    f"{r['predicted_samples_per_s']:.1f}" if r.get("predicted_samples_per_s") else "-",
+                    f"{r['predicted_over_measured']:.2f}" if r.get("predicted_over_measured") else "-",
+                    f"{r['calibrated_samples_per_s']:.1f}" if r.get("calibrated_samples_per_s") else "-",
+                    _busy_cell(r)])
+    return out
+
+
+MEASURED_COLUMNS = ["model", "schedule", "brigade step ms", "brigade samples/s", "brigade bubble",
+                    "torch schedule", "torch step ms", "brigade/torch step (of fastest steps)",
+                    "simulated samples/s",
+                    "simulated/measured", "calibrated samples/s",
+                    "compute ms/step per worker, measured (simulated)"]
+
+
+def _busy_cell(r: dict) -> str:
+    """Per worker: compute milliseconds per step measured, and (simulated)."""
+    meas, sim = r.get("busy_per_step_s", []), r.get("predicted_busy_per_step_s", [])
+    return " ".join(f"{1e3 * m:.0f}" + (f" ({1e3 * sim[w]:.0f})" if w < len(sim) else "")
+                    for w, m in enumerate(meas))
+SIM_COLUMNS = ["model", "shape", "stages", "schedule", "step ms", "samples/s", "bubble",
+               "idle per worker", "peak act. MiB", "balance", "costs"]
+
+
+def sim_table_rows(rows: list[dict]) -> list[list[str]]:
+    """Simulated (and torch) rows as text cells."""
+    out = []
+    for r in rows:
+        if r["runner"] == "brigade":
+            continue
+        if r.get("skipped"):
+            out.append([r["model"], r["shape"], str(r["stages"]), r["schedule"],
+                        "-", "-", "-", f"skipped: {r['skipped']}", "-", "-", "-"])
+            continue
+        idle = " ".join(f"{100 * x:.0f}" for x in r.get("idle_per_stage", []))
+        label = r["schedule"] + ("" if r["runner"] == "simulated" else f" ({r['runner']}, measured)")
+        out.append([r["model"], r["shape"], str(r["stages"]), label, _ms(r["step_time_s"]),
+                    f"{r['samples_per_s']:.1f}", _pct(r["bubble_fraction"]), idle,
+                    _mib(r.get("peak_activation_bytes")),
+                    str(r.get("balance", "-")).replace(" ", ""), r.get("costs", r["runner"])])
+    return out
+
+
+def print_report(console, cfg: BenchConfig, rows: list[dict], checks: list[dict]) -> None:
+    """Rich tables: simulated splits, then measured side by side, then the targets."""
+    from rich.table import Table
+
+    t = Table(title=f"simulated splits (width {cfg.width}, batch {cfg.batch_size}, "
+                    f"m={cfg.microbatches}, 1 thread per stage; idle % per worker)",
+              title_justify="left")
+    for col in SIM_COLUMNS:
+        t.add_column(col, justify="left" if col in ("model", "schedule", "costs", "balance") else "right")
+    for cells in sim_table_rows(rows):
+        t.add_row(*cells)
+    console.print(t)
+    measured = measured_table_rows(rows)
+    if measured:
+        m = Table(title=f"measured: {cfg.measure_stages} stages, {cfg.measure_shape}, median of "
+                        f"timed steps, brigade (Ray, 2 x 1 thread) and torch.distributed.pipelining "
+                        f"(torchrun gloo, 2 x 1 thread) alternating", title_justify="left")
+        for col in MEASURED_COLUMNS:
+            m.add_column(col, justify="left" if col in ("model", "schedule", "torch schedule") else "right")
+        for cells in measured:
+            m.add_row(*cells)
+        console.print(m)
+    loads = [x for r in rows for x in r.get("load_avg_1min", [])]
+    if loads:
+        console.print(f"1-minute load average during the measurements: {min(loads):.1f}-"
+                      f"{max(loads):.1f} on {os.cpu_count()} cores (above ~2, other processes "
+                      "shared the cores and the timings carry their noise)")
+    for c in checks:
+        mark = "[green]met[/]" if c["met"] else "[red]not met[/]"
+        console.print(f"{c['check']}: {c['value']:.2f} (target {c['target']}) {mark}")
+
+
+def write_markdown(path: Path, cfg: BenchConfig, rows: list[dict], checks: list[dict],
+                   wall_s: float) -> None:
+    """The measured and simulated tables and the targets, as GitHub markdown."""
+    def table(cols: list[str], body: list[list[str]]) -> list[str]:
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        return lines + ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in body]
+
+    loads = [x for r in rows for x in r.get("load_avg_1min", [])]
+    load = (f" 1-minute load average during the measurements: {min(loads):.1f}-{max(loads):.1f} "
+            f"on {os.cpu_count()} cores." if loads else "")
+    out = ["# ResNet stage splits: brigade vs torch.distributed.pipelining",
+           "", f"width {cfg.width}, batch {cfg.batch_size}, {cfg.microbatches} microbatches, "
+               f"one CPU thread per stage; run took {wall_s:.0f} s.{load}"
+               + (f" Worker environment: {' '.join(cfg.worker_env)}." if cfg.worker_env else ""),
+           ""]
+    measured = measured_table_rows(rows)
+    if measured:
+        out += [f"## Measured ({cfg.measure_stages} stages, {cfg.measure_shape}, median of timed "
+                "steps, runners alternating)", ""] + table(MEASURED_COLUMNS, measured) + [""]
+    if checks:
+        out += ["## Targets", ""] + [
+            f"- {c['check']}: {c['value']:.2f} (target {c['target']}): "
+            f"{'met' if c['met'] else 'NOT met'}" for c in checks] + [""]
+    out += ["## Simulated (and torch measured)", ""] + table(SIM_COLUMNS, sim_table_rows(rows))
+    path.write_text("\n".join(out) + "\n")
+
+
+def write_gantt(path: Path, cfg: BenchConfig, measured: dict[tuple[str, str, str], Timeline],
+                simulated: dict[tuple[str, str], Timeline]) -> Path:
+    """Measured rounds (brigade, and torch's) beside brigade's simulation of the same steps,
+    or, with nothing measured, the simulated schedules; one time axis in seconds."""
+    panels: dict[str, Timeline] = {}
+    for (model, runner, schedule), tl in measured.items():
+        tl.meta["time_unit"] = "s"
+        panels[f"{model} {schedule}: {runner}, measured"] = tl
+        if runner == "brigade" and (model, schedule) in simulated:
+            panels[f"{model} {schedule}: brigade, simulated"] = simulated[(model, schedule)]
+    if panels:
+        title = (f"measured rounds of {cfg.window} steps and brigade's simulation of them "
+                 f"({cfg.measure_stages} stages, {cfg.measure_shape}, width {cfg.width}, "
+                 f"m={cfg.microbatches}, batch {cfg.batch_size})")
+    else:
+        panels = {f"{m} {s}: simulated": tl for (m, s), tl in simulated.items()}
+        title = f"simulated schedules (width {cfg.width}, m={cfg.microbatches})"
+    return schedulers.plot_gantt(panels, path, title=title, dpi=150 if len(panels) <= 12 else 80)
+
+
+# -- main ------------------------------------------------------------------------------------------
+@dataclass
+class Results:
+    """What a run produces: the rows, and the timelines the Gantt picture draws."""
+
+    rows: list[dict] = field(default_factory=list)
+    measured: dict[tuple[str, str, str], Timeline] = field(default_factory=dict)
+    simulated: dict[tuple[str, str], Timeline] = field(default_factory=dict)
+    measured_costs: dict[str, dict[str, SplitCosts]] = field(default_factory=dict)
+    torch_error: str | None = None  # why the torch side stopped, if it did
+
+
+def run(cfg: BenchConfig, console, stage_tables: bool = False) -> Results:
+    """Profile, simulate and (where configured) measure, with a progress bar."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    out = Results()
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("profiling", total=len(cfg.models) * len(cfg.shapes)
+                            + (len(cfg.measure_models) if cfg.measure else 0))
+        for name in cfg.models:
+            for shape in cfg.shapes:
+                bar.update(task, description=f"profiling and simulating {name} {shape}")
+                _profile_and_simulate(cfg, name, shape, out, bar.console, stage_tables)
+                bar.advance(task)
+        if cfg.measure:
+            todo = [m for m in cfg.measure_models if m in out.measured_costs]
+            if len(todo) < len(cfg.measure_models):
+                bar.console.print(
+                    f"[yellow]not measured: {', '.join(sorted(set(cfg.measure_models) - set(todo)))}"
+                    f" (a measured model must also be in --models, with --shapes including "
+                    f"{cfg.measure_shape} and --stages including {cfg.measure_stages})[/]")
+            bar.update(task, total=len(cfg.models) * len(cfg.shapes) + len(todo))
+            if todo:
+                _measure_all(cfg, todo, out, lambda text: bar.update(task, description=text),
+                             lambda: bar.advance(task))
+    add_predictions(out.rows)
+    return out
+
+
+def _profile_and_simulate(cfg: BenchConfig, name: str, shape: str, out: Results, console,
+                          stage_tables: bool) -> None:
+    """Profile one model on one shape, print its stage tables, simulate every split."""
+    model = make_model(cfg, name, shape)
+    mp = profile_model(cfg, name, shape)
+    for p in cfg.stages:
+        measured = cfg.measured(name, shape, p)
+        keep = measured or (not out.simulated and not cfg.measure)
+
+        def on_costs(schedule: str, sc: SplitCosts) -> None:
+            if measured:
+                out.measured_costs.setdefault(name, {})[schedule] = sc
+            if keep:  # the Gantt picture: the measured window, or one step
+                out.simulated[(name, schedule)] = simulate_costs(
+                    cfg, schedule, p, sc, steps=cfg.window if measured else None)
+
+        if len(mp.blocks) >= p and (stage_tables or measured):
+            part = stage_table(mp, _balance(mp, p), model)
+            table = part.table()
+            table.title = f"{name} {shape}, {p} stages: balance {part.balance} by time ({mp.source})"
+            console.print(table)
+        out.rows += simulate_split(cfg, mp, model, p, on_costs)
+
+
+def _measure_all(cfg: BenchConfig, todo: list[str], out: Results,
+                 say: Callable[[str], None], advance: Callable[[], None]) -> None:
+    """Start Ray and the torch peer once, measure every split, stop both (also on errors)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="resnet_splits_") as tmp:
+        say(f"starting Ray and torchrun ({cfg.measure_stages} ranks, gloo)")
+        peer = TorchPeer(Path(tmp), nproc=cfg.measure_stages, timeout_s=cfg.timeout_s,
+                         env=cfg.env)
+        try:
+            with _ray_cluster(num_cpus=cfg.measure_stages, env=cfg.env):
+                for name in todo:
+                    rows, tls = measure_split(cfg, name, out.measured_costs[name], peer, say)
+                    out.rows += rows
+                    out.measured.update({(name, r, s): tl for (r, s), tl in tls.items()})
+                    advance()
+        finally:
+            peer.close()
+        out.torch_error = peer.error
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; exit status 2 for bad flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.torch_worker is not None:
+        return torch_worker(args.torch_worker, args.parent_pid)
+    from rich.console import Console
+
+    try:
+        cfg = parse_config(args, argv)
+        if args.gantt is not None and args.gantt.suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise BenchError(f"--gantt {args.gantt} must end in .png, .svg or .pdf")
+    except (ConfigError, ValueError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    console = Console(stderr=True)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # so that finally blocks stop Ray/torchrun
+    t0 = time.perf_counter()
+    try:
+        res = run(cfg, console, args.stage_tables)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    wall = time.perf_counter() - t0
+    checks = target_checks(res.rows)
+    print_report(Console(width=None if sys.stdout.isatty() else 200), cfg, res.rows, checks)
+    if res.torch_error:
+        console.print(f"[red]torch.distributed.pipelining side failed:[/] {res.torch_error}")
+    console.print(f"done in {wall:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(res.rows, indent=1, default=_json_default) + "\n")
+    if args.markdown:
+        write_markdown(args.markdown, cfg, res.rows, checks, wall)
+    if args.gantt:
+        write_gantt(args.gantt, cfg, res.measured, res.simulated)
+    return 0
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM as an exception, so that the finally blocks stop Ray and torchrun."""
+    raise SystemExit(128 + signum)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
