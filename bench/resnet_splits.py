@@ -78,7 +78,7 @@ from torch import nn
 from brigade import schedulers
 from brigade.engine.ray_backend import actor_env
 from brigade.schedulers import Costs, ScheduleError, Timeline
-from brigade.stages.errors import ConfigError
+from brigade.stages.errors import ConfigError, choose
 from brigade.stages.models import build_model, shape_kwargs
 from brigade.stages.partition import (
     BlockProfile,
@@ -163,10 +163,10 @@ class BenchConfig:
         for name, kind, choices in (("models", "model", MODELS), ("shapes", "shape", SHAPES),
                                     ("schedules", "schedule", SCHEDULES),
                                     ("measure_models", "measured model", MODELS)):
-            names = (_choose(kind, v, choices) for v in getattr(self, name))
+            names = (choose(kind, v, choices) for v in getattr(self, name))
             object.__setattr__(self, name, tuple(dict.fromkeys(names)))  # once each, in order
         object.__setattr__(self, "stages", tuple(dict.fromkeys(self.stages)))
-        object.__setattr__(self, "measure_shape", _choose("measured shape", self.measure_shape, SHAPES))
+        object.__setattr__(self, "measure_shape", choose("measured shape", self.measure_shape, SHAPES))
         for name in ("models", "shapes", "stages", "schedules"):
             if not getattr(self, name):
                 raise BenchError(f"--{name} is empty; give at least one value")
@@ -211,15 +211,6 @@ class BenchConfig:
 QUICK = dict(models=("resnet18", "revnet18"), shapes=("cifar",), stages=(2,), microbatches=4,
              batch_size=16, width=8, warmup=1, steps=2, window=2, repeats=1,
              measure_models=("resnet18",))
-
-
-def _choose(kind: str, value: str, choices) -> str:
-    """Case-insensitive name lookup; an unknown name lists the valid ones."""
-    names = list(choices)
-    for name in names:
-        if str(value).strip().lower() == name.lower():
-            return name
-    raise BenchError(f"unknown {kind} {value!r}; valid: {', '.join(names)}")
 
 
 def _flag(name: str) -> str:
@@ -951,10 +942,8 @@ def _brigade_round(cfg: BenchConfig, pipe, batch, schedule: str, tally: _Tally) 
             t0 = time.perf_counter()
             pipe.step(*batch)
             tally.step_times.append(time.perf_counter() - t0)
-    tl = pipe.timeline()
-    # The pipeline's meta counts every step since it started (warm-up included), while
-    # the events cover this round only: describe the round.
-    tl.meta.update(time_unit="s", steps=cfg.window)
+    tl = pipe.timeline()  # this round's steps only (reset_timeline above)
+    tl.meta["time_unit"] = "s"
     _tally_timeline(tally, tl, cfg.window)
     tally.calibrated.append(_calibrated_step(tl, cfg.window))
     return tl
@@ -963,21 +952,9 @@ def _brigade_round(cfg: BenchConfig, pipe, batch, schedule: str, tally: _Tally) 
 def _calibrated_step(tl: Timeline, steps: int) -> float | None:
     """Seconds per step the simulator predicts with the costs this round measured (its
     mean action spans and message latency): what is left between this and the measured
-    step time is engine overhead outside compute (driver round trips, waits).
-
-    ``schedulers.costs_from_timeline`` puts DNI's measured S into ``f`` and leaves ``b``
-    unset, which the simulator then fills with 2f (S charged 3x), and PETRA's R into ``b``
-    with ``r`` defaulting to f (R charged f too much); set what S and R already hold to 0.
-    """
+    step time is engine overhead outside compute (driver round trips, waits)."""
     try:
-        schedule = schedulers.schedule_of(tl)
-        costs = schedulers.costs_from_timeline(tl)
-        n = schedule.num_stages
-        if schedule.name == "dni":
-            costs = replace(costs, b=[0.0] * n, i=None, w=None, u=0.0)
-        elif schedule.name == "petra":
-            costs = replace(costs, r=[0.0] * n)
-        return schedulers.simulate(schedule, costs).makespan / steps
+        return schedulers.predict(tl).makespan / steps
     except (ScheduleError, KeyError, ValueError):
         return None
 

@@ -6,12 +6,22 @@ from dataclasses import dataclass, field
 
 from .errors import PipelineConfigError
 
-__all__ = ["PipelineConfig", "BACKENDS", "METHOD_SCHEDULES", "PLACEMENTS"]
+__all__ = ["PipelineConfig", "BACKENDS", "METHOD_SCHEDULES", "PLACEMENTS", "check_placement"]
 
 BACKENDS = ("ray", "local", "torchrun")
 
 # How the Ray backend lays the stage actors' bundles over the nodes (placement strategies).
 PLACEMENTS = ("pack", "spread", "strict_pack", "strict_spread")
+
+
+def check_placement(value: str) -> str:
+    """The placement strategy in canonical (lower-case) spelling, or an error listing them."""
+    placement = str(value).lower()
+    if placement not in PLACEMENTS:
+        raise PipelineConfigError(
+            f"unknown placement {value!r}; valid placements: {', '.join(PLACEMENTS)}")
+    return placement
+
 
 # Which schedules each learning rule can run under (the first is the default).
 METHOD_SCHEDULES: dict[str, tuple[str, ...]] = {
@@ -66,11 +76,7 @@ class PipelineConfig:
         _positive("virtual", self.virtual)
         _positive("timeout_s", self.timeout_s)
         _positive("placement_timeout_s", self.placement_timeout_s)
-        self.placement = str(self.placement).lower()
-        if self.placement not in PLACEMENTS:
-            raise PipelineConfigError(
-                f"unknown placement {self.placement!r}; valid placements: {', '.join(PLACEMENTS)}"
-            )
+        self.placement = check_placement(self.placement)
         if self.virtual > 1 and self.schedule != "interleaved":
             raise PipelineConfigError(
                 f"virtual={self.virtual} needs schedule='interleaved' (got {self.schedule!r}); "

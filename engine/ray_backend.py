@@ -34,12 +34,12 @@ import torch
 
 from brigade.schedulers import Action
 
-from .config import PLACEMENTS
+from .config import check_placement
 from .errors import PipelineConfigError, PipelineError, StageFailedError
 from .spec import WorkerSpec, build_worker
 from .worker import StepResult
 
-__all__ = ["RayBackend", "TRANSPORTS", "PLACEMENTS", "actor_env", "to_wire", "from_wire"]
+__all__ = ["RayBackend", "TRANSPORTS", "actor_env", "to_wire", "from_wire"]
 
 
 def to_wire(value: Any) -> Any:
@@ -444,10 +444,7 @@ def _place(workers: int, cpus: float, gpus: float, placement: str, timeout_s: fl
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    placement = placement.lower()
-    if placement not in PLACEMENTS:
-        raise PipelineConfigError(
-            f"unknown placement {placement!r}; valid placements: {', '.join(PLACEMENTS)}")
+    placement = check_placement(placement)
     bundle = _bundle(cpus, gpus)
     if not bundle:
         return None

@@ -23,7 +23,7 @@ from brigade.stages.data import Batches, load_dataset
 from brigade.stages.models import build_model, shape_kwargs
 
 from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import METHOD_SCHEDULES, PLACEMENTS
+from .config import METHOD_SCHEDULES, check_placement
 from .errors import PipelineConfigError, StageFailedError
 from .pipeline import Pipeline
 from .torchrun_backend import broadcast_object, is_rank0
@@ -87,9 +87,7 @@ class TrainConfig:
         if not (self.placement_timeout > 0 and math.isfinite(self.placement_timeout)):
             raise PipelineConfigError(
                 f"--placement-timeout {self.placement_timeout:g} must be a positive number of seconds")
-        if self.placement.lower() not in PLACEMENTS:
-            raise PipelineConfigError(
-                f"unknown placement {self.placement!r}; valid placements: {', '.join(PLACEMENTS)}")
+        self.placement = check_placement(self.placement)
         if (self.resume or self.max_restarts or self.checkpoint_every) and not self.checkpoint:
             raise PipelineConfigError(
                 "--resume, --max-restarts and --checkpoint-every need --checkpoint DIR")
@@ -141,10 +139,7 @@ class TrainConfig:
             raise PipelineConfigError(
                 f"--optimizer {self.optimizer} is not a forward-gradient optimizer; valid for "
                 f"fwdgrad: {', '.join(FG_OPTIMIZERS)}")
-        text = str(self.projections).strip().lower()
-        if text != "auto" and not (text.isdigit() and int(text) >= 1):
-            raise PipelineConfigError(
-                f"--projections {self.projections} must be a positive integer or auto")
+        _projections(self.projections)  # fails here, before any process starts
         valid = METHOD_SCHEDULES["fwdgrad"]
         if self.schedule is not None and self.schedule.lower() not in valid:
             raise PipelineConfigError(
@@ -206,9 +201,18 @@ def _stage_options(cfg: TrainConfig) -> dict[str, Any]:
     """The method's stage options; fwdgrad's estimator options come from its flags."""
     if cfg.method.lower() != "fwdgrad":
         return dict(cfg.options)
-    text = str(cfg.projections).strip().lower()
-    projections: Any = "auto" if text == "auto" else int(text)
-    return {"projections": projections, "seed": cfg.seed, "guess": cfg.guess, **cfg.options}
+    return {"projections": _projections(cfg.projections), "seed": cfg.seed, "guess": cfg.guess,
+            **cfg.options}
+
+
+def _projections(value: str) -> int | str:
+    """``--projections``: a positive integer, or ``"auto"``."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return text
+    if not (text.isdigit() and int(text) >= 1):
+        raise PipelineConfigError(f"--projections {value} must be a positive integer or auto")
+    return int(text)
 
 
 def _model_kwargs(cfg: TrainConfig, shape, num_classes) -> dict:

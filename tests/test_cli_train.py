@@ -95,6 +95,5 @@ def test_forward_gradient_training_in_one_process(tmp_path):
 def test_each_method_gets_its_measured_default_optimizer(method, expected):
     from brigade.engine.train import TrainConfig
 
-    backend = "local"
-    assert TrainConfig(method=method, backend=backend).optimizer == expected
-    assert TrainConfig(method=method, backend=backend, optimizer="adam").optimizer == "adam"
+    assert TrainConfig(method=method, backend="local").optimizer == expected
+    assert TrainConfig(method=method, backend="local", optimizer="adam").optimizer == "adam"
