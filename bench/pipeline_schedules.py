@@ -11,7 +11,8 @@ the simulator models) and step by step (``Pipeline.step``: one driver round trip
 the difference is the driver's overhead). Measured samples/s (wall clock, driver included)
 and bubble fraction beside two predictions of the same schedule:
   profile     costs from profiling each stage in this process before the run
-              (brigade.stages.partition), plus the lower quartile of the run's send spans as latency
+              (brigade.stages.partition: F, B, and zb1p's split I and W), plus the lower
+              quartile of the run's send spans as latency
   calibrated  costs from the run's own per-action spans (brigade.schedulers.predict)
 Then the hand-off of a 4 MB activation by the engine's route beside torch.distributed gloo
 send/recv in the same run (bench/transport.py). Targets (issue 4): measured >= 0.9 x
@@ -47,8 +48,8 @@ def profile_costs(model, balance, sample, microbatches: int, latency: float) -> 
     """Per-stage forward/backward seconds of one microbatch, profiled in this process."""
     mb = sample[: sample.shape[0] // microbatches]
     part = partition(model, balance, sample=mb)
-    return Costs.from_profile(part.forward_s, part.backward_s, latency=latency,
-                              microbatch_size=mb.shape[0])
+    return Costs.from_profile(part.forward_s, part.backward_s, part.input_s, part.weight_s,
+                              latency=latency, microbatch_size=mb.shape[0])
 
 
 def run_schedule(model, data, schedule, virtual, balance, args) -> dict:

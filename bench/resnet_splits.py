@@ -87,6 +87,7 @@ from brigade.stages.partition import (
     min_max_partition,
     profile_blocks,
     split,
+    stage_times,
 )
 
 __all__ = [
@@ -352,6 +353,7 @@ def profile_model(cfg: BenchConfig, name: str, shape: str) -> ModelProfile:
     scale = cfg.microbatch_size / batch
     if scale != 1:
         blocks = [replace(b, forward_s=b.forward_s * scale, backward_s=b.backward_s * scale,
+                          input_s=b.input_s * scale, weight_s=b.weight_s * scale,
                           batch=cfg.microbatch_size,
                           out_shape=(cfg.microbatch_size, *b.out_shape[1:]),
                           out_bytes=int(b.out_bytes * scale)) for b in blocks]
@@ -376,8 +378,8 @@ def stage_table(mp: ModelProfile, balance: list[int], model: nn.Sequential) -> P
         stop = start + count
         part = mp.blocks[start:stop]
         rows.append(StageRow(s, start, stop, sum(b.params for b in part),
-                             sum(b.forward_s for b in part), sum(b.backward_s for b in part),
-                             part[-1].out_shape, part[-1].out_bytes))
+                             **stage_times(part, first=start == 0),
+                             out_shape=part[-1].out_shape, out_bytes=part[-1].out_bytes))
         start = stop
     return Partition(balance, split(model, balance), rows, "time", mp.blocks)
 

@@ -168,15 +168,23 @@ class Costs:
 
     @classmethod
     def from_profile(cls, forward_s: Sequence[float], backward_s: Sequence[float],
-                     **others: Any) -> "Costs":
+                     input_s: Sequence[float] | None = None,
+                     weight_s: Sequence[float] | None = None, **others: Any) -> "Costs":
         """Costs from measured per-stage forward and backward seconds (the partition
-        table's times); ``others`` sets the remaining fields (latency, bandwidth, ...)."""
-        if len(forward_s) != len(backward_s):
-            raise ScheduleError(
-                f"the profile has {len(forward_s)} forward times but {len(backward_s)} "
-                "backward times; give one of each per stage")
+        table's times), and the split backward's I and W seconds where they were profiled
+        (else zero-bubble schedules get half the backward each); ``others`` sets the
+        remaining fields (latency, bandwidth, ...)."""
+        lists = {"forward": forward_s, "backward": backward_s, "I": input_s, "W": weight_s}
+        for name, values in lists.items():
+            if values is not None and len(values) != len(forward_s):
+                raise ScheduleError(
+                    f"the profile has {len(forward_s)} forward times but {len(values)} "
+                    f"{name} times; give one of each per stage")
+        split = {}
+        if input_s is not None and weight_s is not None:
+            split = {"i": [float(x) for x in input_s], "w": [float(x) for x in weight_s]}
         return cls(f=[float(x) for x in forward_s], b=[float(x) for x in backward_s],
-                   **others)
+                   **split, **others)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields; a per-stage list whose values are all equal becomes a scalar."""

@@ -23,13 +23,14 @@ import copy
 import statistics
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, choose
 from .models import count_params
+from .split_backward import backward_input, backward_weight
 
 __all__ = [
     "split",
@@ -41,6 +42,7 @@ __all__ = [
     "BlockProfile",
     "profile_blocks",
     "StageRow",
+    "stage_times",
     "Partition",
     "partition",
     "BALANCERS",
@@ -141,6 +143,9 @@ class BlockProfile:
 
     ``forward_s``/``backward_s`` are medians over repeats; ``out_shape`` includes the batch
     dimension of the sample (``batch``), and ``out_bytes`` is that whole tensor's size.
+    ``input_s``/``weight_s`` time the same backward split as zero-bubble schedules run it
+    (``split_backward``: I, then W); their sum exceeds ``backward_s`` by the split's
+    per-node overhead, which a simulation of zb1p must charge.
     """
 
     index: int
@@ -151,6 +156,8 @@ class BlockProfile:
     batch: int
     out_shape: tuple[int, ...]
     out_bytes: int
+    input_s: float | None = None
+    weight_s: float | None = None
 
     @property
     def bytes_per_sample(self) -> int:
@@ -164,19 +171,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_block(block: nn.Module, x: Tensor, device: torch.device) -> tuple[float, float, Tensor]:
-    """One forward and one backward of ``block`` on ``x``; returns their seconds and output."""
+def _time_block(block: nn.Module, x: Tensor, device: torch.device) -> tuple[float, ...]:
+    """One forward, one backward, and the backward split into I and W, of ``block`` on
+    ``x``; returns their seconds (f, b, i, w) and the output."""
     x = x.detach().requires_grad_(x.is_floating_point())
+    params = [p for p in block.parameters() if p.requires_grad]
     _sync(device)
     t0 = time.perf_counter()
     out = block(x)
     _sync(device)
     t1 = time.perf_counter()
-    inputs = [t for t in (x, *block.parameters()) if t.requires_grad]
+    inputs = [t for t in (x, *params) if t.requires_grad]
     if out.requires_grad and inputs:
         torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
     _sync(device)
-    return t1 - t0, time.perf_counter() - t1, out.detach()
+    t2 = time.perf_counter()
+    i = w = 0.0
+    if out.requires_grad and x.requires_grad:
+        again = block(x)
+        _sync(device)
+        t3 = time.perf_counter()
+        _, plan = backward_input(again, torch.ones_like(again), x, params)
+        _sync(device)
+        t4 = time.perf_counter()
+        backward_weight(plan)
+        _sync(device)
+        i, w = t4 - t3, time.perf_counter() - t4
+    return t1 - t0, t2 - t1, i, w, out.detach()
 
 
 def profile_blocks(
@@ -193,16 +214,16 @@ def profile_blocks(
     device = torch.device(device)
     work = copy.deepcopy(model).to(device).train()
     names = list(model._modules)
-    times: list[list[tuple[float, float]]] = [[] for _ in work]
+    times: list[list[tuple[float, ...]]] = [[] for _ in work]
     outs: list[Tensor] = []
     for r in range(repeats + 1):
         x = sample.to(device)
         outs = []
         for i, block in enumerate(work):
-            f, b, x = _time_block(block, x, device)
+            *spans, x = _time_block(block, x, device)
             outs.append(x)
             if r:
-                times[i].append((f, b))
+                times[i].append(tuple(spans))
     return [
         BlockProfile(
             index=i,
@@ -213,6 +234,8 @@ def profile_blocks(
             batch=int(sample.shape[0]),
             out_shape=tuple(out.shape),
             out_bytes=out.numel() * out.element_size(),
+            input_s=statistics.median(t[2] for t in times[i]),
+            weight_s=statistics.median(t[3] for t in times[i]),
         )
         for i, out in enumerate(outs)
     ]
@@ -247,6 +270,8 @@ class StageRow:
     backward_s: float | None = None
     out_shape: tuple[int, ...] | None = None
     out_bytes: int | None = None
+    input_s: float | None = None  # the split backward's I and W (zero-bubble schedules)
+    weight_s: float | None = None
 
     @property
     def blocks(self) -> int:
@@ -298,6 +323,16 @@ class Partition:
         """Per-stage backward seconds (simulator costs), or None when not profiled."""
         return None if self.profile is None else [r.backward_s for r in self.rows]
 
+    @property
+    def input_s(self) -> list[float] | None:
+        """Per-stage seconds of a split backward's I (zb1p's costs), or None."""
+        return None if self.profile is None else [r.input_s for r in self.rows]
+
+    @property
+    def weight_s(self) -> list[float] | None:
+        """Per-stage seconds of a split backward's W (zb1p's costs), or None."""
+        return None if self.profile is None else [r.weight_s for r in self.rows]
+
     def table(self) -> "rich.table.Table":  # noqa: F821
         """A rich table: per stage, blocks, parameters, time, output shape and bytes."""
         from rich.table import Table
@@ -325,17 +360,28 @@ def _rows(model: nn.Sequential, balance: list[int], profile: list[BlockProfile] 
         stop = start + count
         row = StageRow(stage=s, start=start, stop=stop, params=sum(count_params(model[i]) for i in range(start, stop)))
         if profile is not None:
-            last = profile[stop - 1]
-            row = StageRow(
-                s, start, stop, row.params,
-                forward_s=sum(p.forward_s for p in profile[start:stop]),
-                backward_s=sum(p.backward_s for p in profile[start:stop]),
-                out_shape=last.out_shape,
-                out_bytes=last.out_bytes,
-            )
+            row = replace(row, **stage_times(profile[start:stop], first=start == 0),
+                          out_shape=profile[stop - 1].out_shape,
+                          out_bytes=profile[stop - 1].out_bytes)
         rows.append(row)
         start = stop
     return rows
+
+
+def stage_times(blocks: list[BlockProfile], first: bool) -> dict[str, float | None]:
+    """A stage's forward, backward, I and W seconds from its blocks' profiles.
+
+    The first stage's input needs no gradient, so its I computes nothing and its W is its
+    whole backward (as ``Stage.backward_input``/``backward_weight`` run it).
+    """
+    f = sum(b.forward_s for b in blocks)
+    back = sum(b.backward_s for b in blocks)
+    if any(b.input_s is None or b.weight_s is None for b in blocks):
+        return {"forward_s": f, "backward_s": back, "input_s": None, "weight_s": None}
+    if first:
+        return {"forward_s": f, "backward_s": back, "input_s": 0.0, "weight_s": back}
+    return {"forward_s": f, "backward_s": back, "input_s": sum(b.input_s for b in blocks),
+            "weight_s": sum(b.weight_s for b in blocks)}
 
 
 def partition(

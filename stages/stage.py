@@ -75,7 +75,8 @@ class _SavedBytes:
 
     Why: the memory a pipeline stage holds per in-flight microbatch is the autograd graph's
     saved tensors, not just the boundary activation; PETRA's savings are measured with this.
-    Computing the set of parameter storages costs one pass over the parameters per forward.
+    Computing the set of parameter storages costs one pass over the parameters per forward,
+    and the hook one call per saved tensor, so :class:`Stage` counts once per input shape.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -89,11 +90,20 @@ class _SavedBytes:
         }
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """Count ``t`` and hand autograd an alias without its graph link.
+
+        Why the alias: a saved output packed as itself holds its own ``grad_fn``, a cycle
+        through C++ that Python's collector cannot see. A graph freed by a backward with
+        ``retain_graph=False`` breaks it, but a split backward (I then W) retains the graph,
+        and the whole microbatch's activations leaked: 3.6 MB per microbatch on resnet18's
+        last stage, 8k page faults per step. ``detach`` shares storage and version counter,
+        and autograd re-attaches the graph edge on unpack.
+        """
         key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
         if key not in self._seen:
             self._seen.add(key)
             self.nbytes += t.untyped_storage().nbytes()
-        return t
+        return t.detach() if t.grad_fn is not None else t
 
     def own(self, t: torch.Tensor) -> None:
         """Count ``t`` by its own bytes, not its storage's: a microbatch is a view of the
@@ -119,6 +129,7 @@ class Stage:
     device: torch.device | str = "cpu"
     _saved: dict[int, _Saved] = field(default_factory=dict, init=False, repr=False)
     _losses: list[float] = field(default_factory=list, init=False, repr=False)
+    _bytes_by_shape: dict[tuple, int] = field(default_factory=dict, init=False, repr=False)
     peak_stored_bytes: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -145,19 +156,30 @@ class Stage:
         """
         x = x.to(self.device)
         inp = x.detach().requires_grad_(not self.spec.is_first and x.is_floating_point())
-        counter = _SavedBytes(self.module)
-        counter.own(inp)
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
-            out = self.module(inp)
-        if self.spec.is_last:
-            if target is None:
-                raise ValueError(f"stage {self.spec.index}: last stage forward needs a target")
-            out = self.loss_fn(out, target.to(self.device)) * weight
-            self._losses.append(float(out.detach()))
-        counter.pack(out)
-        self._saved[mb] = _Saved(inp, out, counter.nbytes)
+        if self.spec.is_last and target is None:
+            raise ValueError(f"stage {self.spec.index}: last stage forward needs a target")
+        shape = (tuple(inp.shape), inp.dtype, inp.requires_grad, self.module.training)
+        nbytes = self._bytes_by_shape.get(shape)
+        if nbytes is None:  # first microbatch of this shape: count what autograd saves
+            counter = _SavedBytes(self.module)
+            counter.own(inp)
+            with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+                out = self._run(inp, target, weight)
+            counter.pack(out)
+            nbytes = self._bytes_by_shape[shape] = counter.nbytes
+        else:
+            out = self._run(inp, target, weight)
+        self._saved[mb] = _Saved(inp, out, nbytes)
         self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes())
         return out.detach()
+
+    def _run(self, inp: torch.Tensor, target: torch.Tensor | None, weight: float) -> torch.Tensor:
+        """The module's output, or on the last stage ``weight`` times the mean loss."""
+        out = self.module(inp)
+        if self.spec.is_last:
+            out = self.loss_fn(out, target.to(self.device)) * weight
+            self._losses.append(float(out.detach()))
+        return out
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:

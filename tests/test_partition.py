@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from brigade.schedulers import Costs
 from brigade.stages.errors import ConfigError
 from brigade.stages.models import build_model, count_params
 from brigade.stages.partition import (
@@ -139,6 +140,19 @@ class Sleep(nn.Module):
     def forward(self, x):
         time.sleep(self.seconds)
         return self.lin(x)
+
+
+def test_profile_times_the_split_backward_and_stage_rows_sum_it():
+    """Each block's I and W are timed; a stage sums them, except the first stage, whose I
+    is empty (its input needs no gradient) and whose W is its whole backward."""
+    model = nn.Sequential(*(Sleep(s) for s in (0.0, 0.01, 0.0)))
+    part = partition(model, [1, 2], sample=torch.randn(2, 2), repeats=1)
+    assert all(b.input_s > 0 and b.weight_s > 0 for b in part.profile)
+    assert part.input_s[0] == 0.0 and part.weight_s[0] == part.backward_s[0]
+    assert part.input_s[1] == pytest.approx(sum(b.input_s for b in part.profile[1:]))
+    assert part.weight_s[1] == pytest.approx(sum(b.weight_s for b in part.profile[1:]))
+    costs = Costs.from_profile(part.forward_s, part.backward_s, part.input_s, part.weight_s)
+    assert costs.resolve(2, "zb1p").i == part.input_s
 
 
 def test_balance_by_time_follows_measured_cost():

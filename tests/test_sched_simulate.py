@@ -146,6 +146,10 @@ def test_costs_parse_and_profile():
     assert c.stores_activations == [True, False, False, True]
     p = Costs.from_profile([0.1, 0.2], [0.2, 0.4], latency=0.01)
     assert p.resolve(2).i == [0.1, 0.2]
+    split = Costs.from_profile([0.1, 0.2], [0.2, 0.4], [0.0, 0.3], [0.2, 0.25]).resolve(2)
+    assert split.i == [0.0, 0.3] and split.w == [0.2, 0.25] and split.b == [0.2, 0.4]
+    with pytest.raises(ScheduleError, match="2 forward times but 1 W times"):
+        Costs.from_profile([0.1, 0.2], [0.2, 0.4], [0.1, 0.2], [0.1])
 
 
 @pytest.mark.parametrize("text, expected", [
