@@ -10,9 +10,10 @@ warm-up steps, then the timed steps two ways, alternating: as one pipelined run
 the simulator models) and step by step (``Pipeline.step``: one driver round trip per step,
 the difference is the driver's overhead). Measured samples/s (wall clock, driver included)
 and bubble fraction beside two predictions of the same schedule:
-  profile     costs from profiling each stage in this process before the run
-              (brigade.stages.partition: F, B, and zb1p's split I and W), plus the lower
-              quartile of the run's send spans as latency
+  profile     costs from profiling each stage in this process before the run, the way
+              bench/resnet_splits.py does: brigade's Stage class on the time-balanced split
+              (F, B, zb1p's split I and W, the loss, the update), plus the lower quartile
+              of the run's send spans as latency
   calibrated  costs from the run's own per-action spans (brigade.schedulers.predict)
 Then the hand-off of a 4 MB activation by the engine's route beside torch.distributed gloo
 send/recv in the same run (bench/transport.py). Targets (issue 4): measured >= 0.9 x
@@ -26,6 +27,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,23 +35,39 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import resnet_splits  # noqa: E402  (bench/resnet_splits.py: the stage-class profile)
 import transport  # noqa: E402  (bench/transport.py)
 
 from brigade.engine import Pipeline  # noqa: E402
-from brigade.schedulers import Costs, build, predict, simulate  # noqa: E402
+from brigade.schedulers import predict  # noqa: E402
 from brigade.stages.data import load_dataset  # noqa: E402
-from brigade.stages.models import build_model  # noqa: E402
-from brigade.stages.partition import partition  # noqa: E402
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb1p", 1), ("interleaved", 2)]
 
 
-def profile_costs(model, balance, sample, microbatches: int, latency: float) -> Costs:
-    """Per-stage forward/backward seconds of one microbatch, profiled in this process."""
-    mb = sample[: sample.shape[0] // microbatches]
-    part = partition(model, balance, sample=mb)
-    return Costs.from_profile(part.forward_s, part.backward_s, part.input_s, part.weight_s,
-                              latency=latency, microbatch_size=mb.shape[0])
+def profile_split(args, name: str, virtual: int, cache: dict) -> "resnet_splits.SplitCosts":
+    """The time-balanced split of ``args.model`` and each stage's action seconds for one
+    microbatch, timed on brigade's own Stage class (``resnet_splits.split_costs``).
+
+    One profile per distinct split and rule (gpipe and 1f1b share theirs), so that two
+    schedules with the same costs are predicted from the same numbers."""
+    cfg = bench_config(args, name, virtual)
+    key = (virtual, "zb1p" if name == "zb1p" else "backprop")
+    if key not in cache:
+        if "blocks" not in cache:
+            cache["blocks"] = resnet_splits.profile_model(cfg, args.model, "cifar")
+        model = resnet_splits.make_model(cfg, args.model, "cifar")
+        cache[key] = resnet_splits.split_costs(cfg, cache["blocks"], model, 2, name)
+    return replace(cache[key])
+
+
+def bench_config(args, name: str, virtual: int) -> "resnet_splits.BenchConfig":
+    """resnet_splits' configuration for this benchmark's model, batch and schedule."""
+    return resnet_splits.BenchConfig(
+        models=(args.model,), shapes=("cifar",), stages=(2,), schedules=(name,),
+        microbatches=args.microbatches, batch_size=args.batch_size, width=args.width,
+        virtual=max(virtual, 2), measure=False, measure_models=(args.model,),
+        repeats=args.profile_repeats)
 
 
 def run_schedule(model, data, schedule, virtual, balance, args) -> dict:
@@ -87,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per schedule")
+    parser.add_argument("--profile-repeats", type=int, default=5,
+                        help="microbatches timed per stage action in the profile (median)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -100,21 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         ds = load_dataset("synthetic", like="cifar10", size=args.batch_size * 4, seed=0)
         data = [(ds.x[i:i + args.batch_size], ds.y[i:i + args.batch_size])
                 for i in range(0, len(ds), args.batch_size)]
-        model = build_model(args.model, width=args.width)
-        rows = []
+        rows, profiles = [], {}
         for name, virtual in SCHEDULES:
-            stages = 2 * virtual
-            balance = partition(model, stages, by="time", sample=data[0][0][:8]).balance
-            res = run_schedule(model, data, name, virtual, balance, args)
+            sc = profile_split(args, name, virtual, profiles)
+            cfg = bench_config(args, name, virtual)
+            model = resnet_splits.make_model(cfg, args.model, "cifar")
+            res = run_schedule(model, data, name, virtual, sc.balance, args)
             tl = res["timeline"]
-            costs = profile_costs(model, balance, data[0][0], args.microbatches,
-                                  latency=_latency_for(tl, hand))
-            sched = build(name, stages=2, microbatches=args.microbatches, virtual=virtual,
-                          steps=args.steps)
-            prof = simulate(sched, costs)
+            sc.costs = replace(sc.costs, latency=_latency_for(tl, hand), bandwidth=0.0)
+            prof = resnet_splits.simulate_costs(cfg, name, 2, sc, steps=args.steps)
             cal = predict(tl)
             rows.append({
-                "schedule": name, "virtual": virtual, "balance": balance,
+                "schedule": name, "virtual": virtual, "balance": sc.balance,
                 "measured_samples_per_s": res["samples_per_s"],
                 "measured_bubble": tl.bubble_fraction,
                 "stepwise_samples_per_s": res["stepwise_samples_per_s"],
