@@ -67,12 +67,13 @@ def random_lr(model_name: str, args) -> float:
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """``evaluate``'s top-1 accuracy, leaving the model in the mode it was in."""
+    from brigade.stages.trainer import evaluate
+
     was = model.training
-    model.eval()
-    with torch.no_grad():
-        correct = sum(int((model(x[i : i + 500]).argmax(1) == y[i : i + 500]).sum()) for i in range(0, len(y), 500))
+    correct = evaluate(model, x, y, batch_size=500)
     model.train(was)
-    return correct / len(y)
+    return correct
 
 
 def centralized(row: str, model_name: str, train, test, epochs: int, args) -> dict:

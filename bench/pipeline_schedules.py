@@ -45,20 +45,14 @@ from brigade.stages.data import load_dataset  # noqa: E402
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb1p", 1), ("interleaved", 2)]
 
 
-def profile_split(args, name: str, virtual: int, cache: dict) -> "resnet_splits.SplitCosts":
+def profile_split(args, cfg, name: str, cache: dict) -> "resnet_splits.SplitCosts":
     """The time-balanced split of ``args.model`` and each stage's action seconds for one
-    microbatch, timed on brigade's own Stage class (``resnet_splits.split_costs``).
-
-    One profile per distinct split and rule (gpipe and 1f1b share theirs), so that two
-    schedules with the same costs are predicted from the same numbers."""
-    cfg = bench_config(args, name, virtual)
-    key = (virtual, "zb1p" if name == "zb1p" else "backprop")
-    if key not in cache:
-        if "blocks" not in cache:
-            cache["blocks"] = resnet_splits.profile_model(cfg, args.model, "cifar")
-        model = resnet_splits.make_model(cfg, args.model, "cifar")
-        cache[key] = resnet_splits.split_costs(cfg, cache["blocks"], model, 2, name)
-    return replace(cache[key])
+    microbatch, timed on brigade's own Stage class (``resnet_splits.split_costs``; one
+    profile per split and rule: gpipe and 1f1b share theirs)."""
+    if "blocks" not in cache:
+        cache["blocks"] = resnet_splits.profile_model(cfg, args.model, "cifar")
+    model = resnet_splits.make_model(cfg, args.model, "cifar")
+    return replace(resnet_splits.split_costs(cfg, cache["blocks"], model, 2, name, cache))
 
 
 def bench_config(args, name: str, virtual: int) -> "resnet_splits.BenchConfig":
@@ -122,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(0, len(ds), args.batch_size)]
         rows, profiles = [], {}
         for name, virtual in SCHEDULES:
-            sc = profile_split(args, name, virtual, profiles)
             cfg = bench_config(args, name, virtual)
+            sc = profile_split(args, cfg, name, profiles)
             model = resnet_splits.make_model(cfg, args.model, "cifar")
             res = run_schedule(model, data, name, virtual, sc.balance, args)
             tl = res["timeline"]

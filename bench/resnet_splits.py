@@ -541,11 +541,19 @@ def _rule(schedule: str) -> str:
 
 
 def split_costs(cfg: BenchConfig, mp: ModelProfile, model: nn.Sequential, stages: int,
-                schedule: str) -> SplitCosts:
+                schedule: str, cache: dict | None = None) -> SplitCosts:
     """The costs ``schedule`` is simulated with on a ``stages``-worker split (interleaved:
-    ``stages x virtual`` model stages)."""
+    ``stages x virtual`` model stages). With a ``cache`` dict, schedules that share a split
+    and a learning rule (gpipe and 1f1b) share one profile, so they are predicted from the
+    same numbers."""
     parts = stages * (cfg.virtual if schedule == "interleaved" else 1)
-    return stage_costs(cfg, mp, model, parts, _rule(schedule))
+    key = (parts, _rule(schedule))
+    if cache is None or key not in cache:
+        sc = stage_costs(cfg, mp, model, parts, _rule(schedule))
+        if cache is None:
+            return sc
+        cache[key] = sc
+    return cache[key]
 
 
 # -- simulation ------------------------------------------------------------------------------------
@@ -613,11 +621,7 @@ def simulate_split(cfg: BenchConfig, mp: ModelProfile, model: nn.Sequential, sta
             rows.append({**base, "skipped": reason, "step_time_s": None, "samples_per_s": None,
                          "bubble_fraction": None})
             continue
-        parts = stages * (cfg.virtual if schedule == "interleaved" else 1)
-        key = (parts, _rule(schedule))
-        if key not in cache:  # gpipe and 1f1b share one split and its costs
-            cache[key] = split_costs(cfg, mp, model, stages, schedule)
-        sc = cache[key]
+        sc = split_costs(cfg, mp, model, stages, schedule, cache)
         steps = _steps_of(cfg, schedule)
         tl = simulate_costs(cfg, schedule, stages, sc, steps)
         peaks = _peak_bytes(tl, sc.stored_bytes, stages)

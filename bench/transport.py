@@ -142,7 +142,7 @@ class _P2PPeer:
             self.box.take(("g", 0, i))
             if i >= 2:  # two warm-up rounds
                 times.append((time.perf_counter() - t0) / 2)
-        self.transport.flush()
+        self.transport.check()
         return times
 
     def close(self) -> bool:

@@ -9,11 +9,9 @@ simulator, so a measured timeline and its prediction print side by side.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections import deque
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -25,21 +23,11 @@ from brigade.stages.stage import make_stage_module
 from .config import PipelineConfig
 from .errors import PipelineConfigError, PipelineError
 from .microbatch import loss_weights, split_batch
-from .spec import WorkerSpec
+from .spec import STAGE_CLASSES, WorkerSpec
 
 __all__ = ["Pipeline", "MAX_EVENTS"]
 
 MAX_EVENTS = 500_000  # measured events kept on the driver (about 100 MB at most)
-
-
-def _base_steps(config: PipelineConfig) -> int:
-    """Steps in one period of a flush schedule's pattern (stale repeats every k steps)."""
-    if config.schedule == "stale":
-        k = config.schedule_options.get("k")
-        if k is None:
-            k = inspect.signature(schedulers.generators.stale).parameters["k"].default
-        return int(k)
-    return 1
 
 
 def _concatenate(base: schedulers.Schedule, steps: int, phase: int) -> list[list[Action]]:
@@ -71,13 +59,6 @@ def _num_classes(model: nn.Sequential) -> int:
         "cdni needs num_classes and the model has no final nn.Linear to read it from; "
         "pass num_classes=... to Pipeline"
     )
-
-
-def _owned(value: Any) -> torch.Tensor:
-    """A tensor that owns its memory (Ray hands back read-only numpy views)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    return torch.from_numpy(np.array(value, copy=True))
 
 
 class Pipeline:
@@ -124,7 +105,9 @@ class Pipeline:
                 "wrap your layers in nn.Sequential so contiguous cuts are stages"
             )
         self.balance = self._balance(model, sample)
-        self.schedule = self._build(1 if self.decoupled else _base_steps(self.config))
+        self.schedule = self._build(1)
+        if not self.decoupled:  # one period of the pattern (stale repeats every k steps)
+            self.schedule = self._build(int(self.schedule.options.get("k", 1)))
         self._programs: dict[tuple[int, int], list[list[Action]]] = {}
         self._stage_options = self._method_options(model)
         # Bounded so that a long run cannot grow the driver's memory without limit; the
@@ -279,7 +262,7 @@ class Pipeline:
         outputs: dict[int, Any] = {}
         for r in results:
             outputs.update(r.outputs)
-        return torch.cat([_owned(outputs[j]) for j in range(m)])
+        return torch.cat([outputs[j] for j in range(m)])
 
     def _forward_program(self, m: int) -> list[list[Action]]:
         """Every worker's forward actions, microbatch by microbatch (no backward)."""
@@ -297,7 +280,7 @@ class Pipeline:
         messages: list[list[tuple]] = [[] for _ in range(self.config.num_workers)]
         messages[first] += [(("x", 0, j), xj) for j, xj in enumerate(xs)]
         messages[last] += [(("y", j), yj) for j, yj in enumerate(ys)]
-        if training and self._stage_options.get("conditioned", self.config.method == "cdni"):
+        if training and STAGE_CLASSES[self.config.method][1].get("conditioned", False):
             for w in {self.schedule.worker_of(s) for s in range(n - 1)}:
                 messages[w] += [(("l", j), yj) for j, (yj, _) in enumerate(ys)]
         try:
@@ -350,6 +333,7 @@ class Pipeline:
             "microbatches": self.config.microbatches,
             "virtual": self.config.virtual,
             "workers": self.config.num_workers,
+            "schedule_options": dict(self.config.schedule_options),
         }
 
     def checkpoint_state(self) -> dict[int, dict[str, Any]]:

@@ -143,8 +143,8 @@ class _StageActor:
             if self.transport is not None:  # a lost peer or a failed delivery says more
                 self.transport.check()
             raise
-        if self.transport is not None:  # surface send and delivery failures
-            self.transport.flush()
+        if self.transport is not None:  # a receiver thread that stopped on an error
+            self.transport.check()
         if self._in_flight:  # surface delivery failures and release the object refs
             ray.get(self._in_flight)
             self._in_flight = []
@@ -280,7 +280,10 @@ class RayBackend:
             )
             for actor, prog, msgs in zip(self.actors, programs, messages)
         ]
-        return self._get(refs)
+        results = self._get(refs)
+        for r in results:  # eval outputs travel as numpy; hand back owned tensors
+            r.outputs = {j: from_wire(v) for j, v in r.outputs.items()}
+        return results
 
     def _get(self, refs: list) -> list:
         """``ray.get`` in completion order, so the first failure is raised at once."""
@@ -310,20 +313,21 @@ class RayBackend:
         self._kill()  # no graceful close: a failure must surface at once
         raise StageFailedError(worker, self.worker_stages[worker], _root_cause(err)) from err
 
-    def state_dicts(self) -> dict[int, dict]:
+    def _merged(self, method: str) -> dict[int, dict]:
+        """Call ``method`` on every actor and merge their per-stage dicts."""
         states: dict[int, dict] = {}
-        for part in self._get([a.state_dicts.remote() for a in self.actors]):
+        for part in self._get([getattr(a, method).remote() for a in self.actors]):
             states.update(part)
         return states
+
+    def state_dicts(self) -> dict[int, dict]:
+        return self._merged("state_dicts")
 
     def load_state_dicts(self, states: dict[int, dict]) -> None:
         self._get([a.load_state_dicts.remote(states) for a in self.actors])
 
     def checkpoint_state(self) -> dict[int, dict]:
-        states: dict[int, dict] = {}
-        for part in self._get([a.checkpoint_state.remote() for a in self.actors]):
-            states.update(part)
-        return states
+        return self._merged("checkpoint_state")
 
     def load_checkpoint_state(self, states: dict[int, dict]) -> None:
         self._get([a.load_checkpoint_state.remote({s: states[s] for s in stages})

@@ -4,7 +4,7 @@ SPMD: every rank runs the same program (``torchrun --nproc-per-node P -m
 brigade.engine.launch ...``) and builds the same :class:`Pipeline`; this backend builds
 only the rank's own worker. A step runs the rank's action list with the same Worker code
 as the Ray backend; stages exchange activations and gradients over a torch.distributed
-group of their own (gloo on CPU, NCCL for CUDA tensors) through
+gloo group of their own (CUDA tensors are staged through host memory) through
 :class:`~brigade.engine.transport.P2PTransport`, and each rank's step result is all-gathered
 over the default group, so every rank's Pipeline sees the same losses, outputs and
 timeline. Rank 0 writes what the run produces.

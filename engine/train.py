@@ -399,15 +399,12 @@ class _Run:
 def _train_forward_gradient(cfg, train, test, model_kwargs, progress) -> dict[str, Any]:
     """Single-process forward-gradient training (no backward pass): the baseline that the
     data-parallel ``brigade fwdgrad`` and the pipelined form are compared with."""
-    from brigade.stages import fg_optim
     from brigade.stages.fwdgrad import ForwardGradient
 
     model = build_model(cfg.model, **model_kwargs)
-    projections: Any = cfg.projections if cfg.projections == "auto" else int(cfg.projections)
     fg = ForwardGradient(model, nn.CrossEntropyLoss(), guess=cfg.guess,
-                         projections=projections, seed=cfg.seed)
-    opt = fg_optim.make_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr,
-                                  guess=cfg.guess)
+                         projections=_projections(cfg.projections), seed=cfg.seed)
+    opt = _optimizer_factory(cfg)(model.parameters())
     loader = Batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed)
     total = cfg.steps if cfg.steps is not None else len(loader) * cfg.epochs
     done, train_s, epoch_losses = 0, 0.0, {}

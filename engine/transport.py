@@ -46,6 +46,7 @@ UNTESTED: written for clusters with one GPU per worker; this project's CI has no
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from datetime import timedelta
@@ -186,10 +187,7 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -367,13 +365,9 @@ class P2PTransport:
             slots.append(sizes)
         return -1
 
-    def flush(self) -> None:
-        """Raise the first transport error (sends are blocking, so only a receiver thread
-        that stopped on an error is left to report)."""
-        self.check()
-
     def check(self) -> None:
-        """Raise if a receiver thread stopped on an error (a peer died, a bad delivery)."""
+        """Raise if a receiver thread stopped on an error (a peer died, a bad delivery);
+        sends are blocking and raise on their own, so this is all there is to report."""
         if self._errors:
             raise TransportError(f"rank {self.rank}: " + "; ".join(self._errors))
 

@@ -48,7 +48,7 @@ def train(method: str, schedule: str, data, test, args) -> dict:
         wall = time.perf_counter() - t0
         acc = (pipe.predict(test.x).argmax(1) == test.y).float().mean().item()
         tl = pipe.timeline()
-        return {"acc": acc, "loss": sum(losses[-10:]) / 10, "wall": wall,
+        return {"acc": acc, "loss": sum(losses[-10:]) / len(losses[-10:]), "wall": wall,
                 "idle": [tl.idle_fraction(w) for w in range(tl.num_workers)]}
 
 

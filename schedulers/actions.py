@@ -16,8 +16,9 @@ Kinds (letters between the two numbers, so every text form parses one way)::
         and update the stage's weights, all in one action
     T   DNI: train the synthetic-gradient module on the gradient that came back
     R   PETRA: reconstruct the input from the output, then backward
-    D   forward gradients: fold the scalars d = ∇L·v, which the last stage's F computed
-        for this microbatch, into the stage's gradient (nothing but d travels backward)
+    D   forward gradients: add the scalars d = ∇L·v, which the last stage's F computed
+        for this microbatch, to the step's coefficients (U forms Σ d·v); nothing but d
+        travels backward
     SF RF   send / receive a forward activation (added by the lowering pass only)
     SB RB   send / receive a backward gradient (added by the lowering pass only)
 """
@@ -49,7 +50,7 @@ KIND_NAMES: dict[str, str] = {
     "S": "forward + synthetic-gradient update (DNI)",
     "T": "train synthetic-gradient module (DNI)",
     "R": "reconstruct + backward (PETRA)",
-    "D": "fold d = ∇L·v into the gradient (forward gradients)",
+    "D": "add d = ∇L·v to the step's coefficients (forward gradients)",
     "SF": "send activation",
     "RF": "receive activation",
     "SB": "send gradient",

@@ -38,7 +38,7 @@ def schedule_of(timeline: Timeline) -> Schedule:
     )
 
 
-def _medians(events: list[Event]) -> dict[tuple[int, str], float]:
+def _means(events: list[Event]) -> dict[tuple[int, str], float]:
     """Mean duration per (stage, kind) of compute events, plus the cost of their sends.
 
     Means, not medians: the prediction should reproduce the run's total busy time. A
@@ -103,9 +103,9 @@ def _folded(med: dict[tuple[int, str], float], n: int) -> dict[str, list[float]]
 
 
 def costs_from_timeline(timeline: Timeline) -> Costs:
-    """Per-stage median costs and the message latency of a measured run."""
+    """Per-stage mean costs and the message latency of a measured run."""
     schedule = schedule_of(timeline)
-    med = _medians(timeline.events)
+    med = _means(timeline.events)
     n = schedule.num_stages
     fields: dict[str, list[float]] = {}
     for kind, name in _FIELD.items():
@@ -123,8 +123,9 @@ def costs_from_timeline(timeline: Timeline) -> Costs:
     )
 
 
-def predict(timeline: Timeline) -> Timeline:
-    """Simulate the schedule a measured run executed, with the costs it measured."""
-    tl = simulate(schedule_of(timeline), costs_from_timeline(timeline))
+def predict(timeline: Timeline, costs: Costs | None = None) -> Timeline:
+    """Simulate the schedule a measured run executed, with the costs it measured
+    (``costs``: ``costs_from_timeline(timeline)`` when the caller has it already)."""
+    tl = simulate(schedule_of(timeline), costs or costs_from_timeline(timeline))
     tl.meta["source"] = "simulated"
     return tl

@@ -204,8 +204,8 @@ def fwdgrad(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) ->
     """The forward-only pipeline (forward gradients, Baydin 2022): ``F`` pushes a
     microbatch's activation and its tangent downstream; on the last stage it also yields
     ``d = ∇L·v``, one scalar per projection, which goes straight back to every stage;
-    ``D`` folds it into the stage's gradient (``d·v``, ``v`` regenerated from the seed);
-    ``U`` steps. No activation gradient travels backward: GPipe with B replaced by D::
+    ``D`` adds it to the stage's coefficients for the step; ``U`` forms the gradient
+    ``Σ d·v / n`` from the directions drawn during F, and steps. No activation gradient travels backward: GPipe with B replaced by D::
 
         w0 | 0F0 0F1 0F2 0F3 0D0 0D1 0D2 0D3 0U0
         w1 |     1F0 1F1 1F2 1F3 1D0 1D1 1D2 1D3 1U0

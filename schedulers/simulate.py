@@ -53,14 +53,17 @@ def _send_bytes(send: Action, c: Costs, deps: Dependencies | None) -> float:
     if send.stage == 0:
         return 0.0
     producer = deps.of(send)[0].kind if deps is not None else ""
-    if producer == "F":  # fwdgrad's d: a few scalars, not an activation gradient
-        return 0.0
     return _grad_bytes(send.stage - 1, producer, c)
 
 
+# Backward messages per producer, in activations of the receiving stage's output: PETRA's R
+# also sends the input back; fwdgrad's F sends d, a few scalars (charged as none).
+_GRAD_SIZE = {"R": 2, "F": 0}
+
+
 def _grad_bytes(stage: int, producer_kind: str, c: Costs) -> float:
-    """Bytes of the gradient wrt ``stage``'s output (PETRA also sends the input back)."""
-    return c.activation_bytes[stage] * (2 if producer_kind == "R" else 1)
+    """Bytes of what travels back to ``stage`` from an action of ``producer_kind``."""
+    return c.activation_bytes[stage] * _GRAD_SIZE.get(producer_kind, 1)
 
 
 def _delay(dep: Action, action: Action, deps: Dependencies, c: Costs) -> float:
@@ -71,8 +74,6 @@ def _delay(dep: Action, action: Action, deps: Dependencies, c: Costs) -> float:
         return c.latency
     if dep.stage < action.stage:
         return c.message_time(c.activation_bytes[dep.stage])
-    if action.kind == "D":  # fwdgrad's d: a few scalars
-        return c.latency
     return c.message_time(_grad_bytes(action.stage, dep.kind, c))
 
 

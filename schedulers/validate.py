@@ -139,7 +139,7 @@ def _backwards(schedule: "Schedule", s: int, kinds: dict[str, set[int]]) -> None
               "split needs both I (input gradient) and W (weight gradient)",
               [Action(s, have, j)])
     m = schedule.microbatches
-    for family in ("BI", "W", "R", "T", "D"):
+    for family in dict.fromkeys(_FAMILIES.values()):
         done = set().union(*(kinds[k] for k in family))
         for t in sorted({j // m for j in done}):
             step = set(range(t * m, (t + 1) * m))

@@ -38,7 +38,9 @@ Three changes, all on by default:
 - ``sg_clip=3.0``: each example's synthetic gradient is capped at ``sg_clip`` times the
   typical norm of a true target's example (running RMS x sqrt(elements)), so no SG, however
   badly trained, can move the stage much further than true gradients would; ``clipped``
-  counts the examples it caught (none in the MNIST runs: it is a guard). None turns it off.
+  counts the examples it caught (none in the MNIST runs: it is a guard). None turns it off;
+  it needs ``sg_normalize`` (the typical norm is the running RMS that normalising keeps),
+  so with ``sg_normalize=False`` nothing is clipped.
 - ``sg_lr_scaling=True``: with the scale fixed, one SG step moves the prediction by about
   lr x (sum of the last layer's |inputs|) relative to the target, i.e. in proportion to the
   fan-in: normalised, Adam 1e-3 suited the 1024-unit MNIST synthesizer but left a 16- or

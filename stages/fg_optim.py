@@ -58,7 +58,9 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "rmsprop")
 DECAYS = ("constant", "inverse", "sqrt", "cosine")
 
 # Measured defaults: MNIST MLP (784-1024-1024-10), 7,000 training images, batch 64, test
-# accuracy after 3 epochs (/tmp runs of the bench's setup; bench/fwdgrad_mnist.py for 10):
+# accuracy after 3 epochs (one-off sweeps with the bench's setup, not kept: the bench runs
+# adam, and sgd for global-scope fg-baydin, only; bench/fwdgrad_mnist.py gives the 10-epoch
+# adam figures):
 #
 #   rule       random guess (block scope, projections 1,1,256)   local guess
 #   sgd        5e-4   -> 0.305 (1e-3 with global scope diverged)   0.05 -> 0.918

@@ -313,25 +313,29 @@ class Partition:
     def __len__(self) -> int:
         return len(self.modules)
 
+    def _column(self, name: str) -> list[float | None] | None:
+        """One per-stage time of the rows (simulator costs), or None when not profiled."""
+        return None if self.profile is None else [getattr(r, name) for r in self.rows]
+
     @property
     def forward_s(self) -> list[float] | None:
-        """Per-stage forward seconds (simulator costs), or None when not profiled."""
-        return None if self.profile is None else [r.forward_s for r in self.rows]
+        """Per-stage forward seconds, or None when not profiled."""
+        return self._column("forward_s")
 
     @property
     def backward_s(self) -> list[float] | None:
-        """Per-stage backward seconds (simulator costs), or None when not profiled."""
-        return None if self.profile is None else [r.backward_s for r in self.rows]
+        """Per-stage backward seconds, or None when not profiled."""
+        return self._column("backward_s")
 
     @property
     def input_s(self) -> list[float] | None:
         """Per-stage seconds of a split backward's I (zb1p's costs), or None."""
-        return None if self.profile is None else [r.input_s for r in self.rows]
+        return self._column("input_s")
 
     @property
     def weight_s(self) -> list[float] | None:
         """Per-stage seconds of a split backward's W (zb1p's costs), or None."""
-        return None if self.profile is None else [r.weight_s for r in self.rows]
+        return self._column("weight_s")
 
     def table(self) -> "rich.table.Table":  # noqa: F821
         """A rich table: per stage, blocks, parameters, time, output shape and bytes."""

@@ -29,9 +29,10 @@ CASES = [
      "not a multiple of virtual=2"),
     (TRAIN + ["--accumulate", "2"], "--accumulate applies to --method petra"),
     (TRAIN + ["--method", "petra", "--schedule", "1f1b"], "valid schedules for petra: petra"),
-    (TRAIN + ["--model", "revnet18", "--width", "7"], "width"),
+    (TRAIN + ["--model", "revnet18", "--width", "7"], "width must be even"),
     (TRAIN + ["--batch-size", "2", "--microbatches", "4"], "smaller than --microbatches 4"),
-    (TRAIN + ["--method", "fwdgrad", "--optimizer", "adamw"], "adamw"),
+    (TRAIN + ["--method", "fwdgrad", "--optimizer", "adamw"],
+     "--optimizer adamw is not a forward-gradient optimizer"),
     (TRAIN + ["--cpus-per-stage", "-1"], "--cpus-per-stage -1 must be >= 0"),
     (TRAIN + ["--gpus-per-stage", "-0.5"], "--gpus-per-stage -0.5 must be >= 0"),
     (TRAIN + ["--placement", "ring"],
@@ -101,9 +102,10 @@ def _mnist_folder(tmp_path, images: bytes, labels: bytes):
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda p: _mnist_folder(p, _idx_images(4)[:-100], _idx_labels(4)), "images-idx3-ubyte"),
-    (lambda p: _mnist_folder(p, _idx_labels(4), _idx_labels(4)), "images-idx3-ubyte"),
-    (lambda p: _mnist_folder(p, _idx_images(4), _idx_labels(5)), "5"),
+    (lambda p: _mnist_folder(p, _idx_images(4)[:-100], _idx_labels(4)),
+     "truncated: header says 4x28x28"),
+    (lambda p: _mnist_folder(p, _idx_labels(4), _idx_labels(4)), "wrong magic number 0x00000801"),
+    (lambda p: _mnist_folder(p, _idx_images(4), _idx_labels(5)), "holds 4 images but"),
     (lambda p: p / "missing", "missing"),
 ], ids=["truncated", "wrong-magic", "count-mismatch", "no-folder"])
 def test_bad_data_folders(tmp_path, make, message, capsys):

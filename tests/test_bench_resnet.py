@@ -113,14 +113,14 @@ def test_imagenet_shape_is_profiled_small_and_scaled(tmp_path):
     (["--models", "resnet19"], "resnet19"),
     (["--shapes", "mnist"], "mnist"),
     (["--schedules", "1f1b,foo"], "foo"),
-    (["--stages", "1"], "1"),
+    (["--stages", "1"], "stage count 1 is out of range"),
     (["--stages", "two"], "two"),
     (["--batch-size", "30", "--microbatches", "8"], "--batch-size 32"),
     (["--width", "7"], "--width 8"),
     (["--steps", "0"], "--steps 0"),
     (["--gantt", "g.txt"], "g.txt"),
     (["--no-such-flag"], "--no-such-flag"),
-    (["--worker-env", "MALLOC_ARENA_MAX"], "MALLOC_ARENA_MAX"),
+    (["--worker-env", "MALLOC_ARENA_MAX"], "'MALLOC_ARENA_MAX' must read KEY=VALUE"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, names, capsys):
     assert run_main(args) == 2

@@ -75,8 +75,12 @@ def test_stop_and_resume_ends_with_the_same_weights(tmp_path, schedule):
     full, resumed, ck = tmp_path / "full.pt", tmp_path / "resumed.pt", tmp_path / "ck"
     assert main(base + ["--steps", "9", "--save", str(full)]) == 0
     assert main(base + ["--steps", "4", "--checkpoint", str(ck), "--checkpoint-every", "2"]) == 0
+    trace = tmp_path / "resumed.json"
     assert main(base + ["--steps", "9", "--checkpoint", str(ck), "--resume",
-                        "--save", str(resumed)]) == 0
+                        "--save", str(resumed), "--trace", str(trace)]) == 0
+    # the resumed run ran only the 5 steps after the checkpoint (a run that ignored the
+    # checkpoint would run all 9 from the same seed and end with the same weights)
+    assert json.loads(trace.read_text())["meta"]["steps"] == 5
     a, b = torch.load(full, weights_only=True), torch.load(resumed, weights_only=True)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
@@ -89,6 +93,17 @@ def test_resume_refuses_another_split(tmp_path, capsys):
     capsys.readouterr()
     assert main(base + ["--balance", "2,1", "--resume"]) == 2
     assert "balance: checkpoint [1, 2], this run [2, 1]" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_schedule_options(tmp_path, capsys):
+    """A stale run saved with k=2 does not resume as k=3 (the steps' pattern differs)."""
+    ck = tmp_path / "ck"
+    base = TRAIN + ["--backend", "local", "--steps", "2", "--checkpoint", str(ck),
+                    "--method", "stale", "--schedule", "stale"]
+    assert main(base + ["--stale-k", "2"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--stale-k", "3", "--resume"]) == 2
+    assert "schedule_options: checkpoint {'k': 2}, this run {'k': 3}" in capsys.readouterr().err
 
 
 @pytest.mark.ray

@@ -213,3 +213,24 @@ def test_batch_smaller_than_microbatches_is_refused():
         x, y = batches(1, n=3)[0]
         with pytest.raises(PipelineConfigError, match="batch of 3 samples cannot be split into 4"):
             pipe.step(x, y)
+
+
+def test_a_compute_span_ends_where_its_send_starts():
+    """A handler's sends are their own spans, outside its compute span (as the simulator
+    charges them): busy time does not count a send blocked on the receiver."""
+    from brigade.engine.worker import Worker
+    from brigade.schedulers import Action
+    from brigade.stages.stage import Stage, StageSpec
+
+    def slow_send(dest, key, payload):
+        time.sleep(0.05)  # a send waiting for the receiver
+
+    stage = Stage(nn.Sequential(nn.Linear(4, 4)), StageSpec(0, 2))
+    worker = Worker(0, {0: stage}, [0, 1], send=slow_send)
+    program = [Action(0, "F", 0), Action(0, "B", 0)]  # F keeps what B needs
+    worker.begin(True, [(("x", 0, 0), torch.randn(2, 4))], program)
+    worker.run([Action(0, "F", 0)])
+    compute, send = worker.end().events
+    assert (compute[2], compute[6], send[6]) == ("F", "compute", "send")
+    assert compute[5] <= send[4] and compute[5] - compute[4] < 0.04
+    assert send[5] - send[4] >= 0.05

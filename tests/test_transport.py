@@ -99,7 +99,7 @@ class _Peer:
             for dest, q in zip(t.peers, queues):
                 if i < len(q):
                     t.send(dest, *q[i])
-        t.flush()
+        t.check()
 
     def check_arrivals(self, timeout: float) -> list[str]:
         """Problems with what arrived (empty when everything is exact and in order)."""
@@ -138,7 +138,7 @@ class _Peer:
     def send_to_dead(self, dest: int) -> str:
         try:
             self.transport.send(dest, ("x", 0, 0), torch.ones(1 << 20))
-            self.transport.flush()
+            self.transport.check()
         except TransportError as err:
             return str(err)
         return ""

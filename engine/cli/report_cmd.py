@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
                                     write_chrome_trace)
 
     measured = _load(args.trace)
-    simulated = predict(measured)
     costs = costs_from_timeline(measured)
+    simulated = predict(measured, costs)
     console = Console()
     meta = measured.meta
     console.print(
