@@ -17,39 +17,44 @@ ImageNet 3x224x224, synthetic data) and stage count (2, 4, 8):
    lower, simulate): gpipe, 1f1b, interleaved (2 chunks per worker), zb1p, and the decoupled
    dni (every model) and petra (revnets). The costs are the per-stage action times of
    brigade's own stage classes on the balanced split, one microbatch, one thread (backprop
-   F and B, DNI S and T, PETRA F and R; an SGD step for U), so they include what the engine
-   runs beyond the blocks (loss, saved-bytes hooks, synthetic gradients, reconstruction);
-   zb1p splits B evenly into I and W. Sends are charged to the sender
+   F and B, zb1p F, I and W, DNI S and T, PETRA F and R; an SGD step for U), so they include
+   what the engine runs beyond the blocks (loss, saved-bytes hooks, the split backward,
+   synthetic gradients, reconstruction). Sends are charged to the sender
    (``--latency-ms``, ``--bandwidth-gbs``, defaults from bench/transport.py on this kind of
    machine). Figures: step time, samples/s, bubble, idle fraction per worker, peak stored
    activation bytes per worker.
 4. Measures the splits that fit the machine (default: 2 stages, CIFAR shape, resnet18 and
-   revnet18 at width 16) on brigade's engine (Ray, 2 actors x 1 CPU thread, p2p gloo
-   transport) and, side by side in the same run, the same split (same seed, same weights,
-   same batch) on torch.distributed.pipelining (PipelineStage with ScheduleGPipe,
+   revnet18 at width 16) on brigade's engine, on each of ``--backends`` (default both): Ray
+   (2 actors x 1 CPU thread, p2p gloo transport) and torchrun (2 ranks, the same transport
+   and worker code); and, side by side in the same run, the same split (same seed, same
+   weights, same batch) on torch.distributed.pipelining (PipelineStage with ScheduleGPipe,
    Schedule1F1B, ScheduleInterleaved1F1B) under ``torchrun --standalone --nproc-per-node 2``
-   with gloo, one thread per rank. The torch ranks stay up for the whole run and take
-   commands from this process (a hidden ``--torch-worker DIR`` mode of this script), so the
-   two runners alternate round by round: each round runs ``--window`` steps of brigade, then
-   the same number on torch (order swapped every round), after warm-up steps that are not
-   counted. Step time is the median over timed steps; for the decoupled schedules, which do
-   not flush between steps, a round is one ``Pipeline.run`` of ``--window`` steps and its
-   step time is the window's wall time over its steps. The torch companion of zb1p, dni and
-   petra is torch's Schedule1F1B. torch records no timeline, so its bubble is read from CPU
-   time: 1 - (sum of the ranks' CPU seconds) / (ranks x wall seconds).
+   with gloo, one thread per rank. The torchrun ranks stay up for the whole run and take
+   commands from this process (a hidden ``--torch-worker DIR`` mode of this script); they
+   hold both torch's side and brigade's torchrun side of a split, so those two differ by
+   their pipelines alone (same launcher, processes and allocator settings). The runners
+   take turns round by round: each round runs ``--window`` steps of one runner, the order
+   rotating every round, after warm-up steps that are not counted. Step time is the median
+   over timed steps (torchrun runners: each step between barriers); for the decoupled
+   schedules, which do not flush between steps, a round is one ``Pipeline.run`` of
+   ``--window`` steps and its step time is the window's wall time over its steps. The torch
+   companion of zb1p, dni and petra is torch's Schedule1F1B. torch's stages' compute calls
+   (forward_one_chunk, backward_one_chunk, backward_weight_one_chunk) and its optimizer step
+   are timed, which gives its busy time and bubble as brigade's timeline gives brigade's.
 
-Reported: brigade / torch step-time ratio per schedule; brigade DNI (and PETRA, revnets)
-throughput over torch 1F1B's on the same split (target >= 1.3x); simulated over measured
-throughput for every measured brigade schedule (target within 10%). Beside the profiled
-prediction, a *calibrated* one simulates each measured round again with the costs that round
-measured (``brigade.schedulers.predict``): profiled -> calibrated is how much slower compute
-ran inside the engine than in the profile, calibrated -> measured is overhead outside
-compute (driver round trips, waits); the per-worker compute per step, measured beside
-simulated, is in the measured table too. Outputs: rich tables on
+Reported: brigade / torch step-time ratio per schedule and backend (target <= 1.0 for GPipe
+and 1F1B); brigade DNI (and PETRA, revnets) throughput over torch 1F1B's on the same split
+(target >= 1.3x); simulated over measured throughput for every measured brigade row (target
+within 10%). Beside the profiled prediction, a *calibrated* one simulates each measured
+round again with the costs that round measured (``brigade.schedulers.predict``): profiled ->
+calibrated is how much slower compute ran inside the engine than in the profile, calibrated
+-> measured is overhead outside compute (driver round trips, waits); the per-worker compute
+per step, measured beside simulated, is in the measured table too. Outputs: rich tables on
 the terminal, ``--json`` (a list of rows: model, stages, microbatches, schedule, runner =
-brigade | torch | simulated, step_time_s, samples_per_s, bubble_fraction, and more),
-``--markdown`` (the same as tables) and ``--gantt`` (measured brigade rounds beside their
-simulation, or the simulated schedules when nothing is measured). Every process started here
+brigade | torch | simulated, step_time_s, samples_per_s, bubble_fraction, and more; brigade
+rows name their ``backend``), ``--markdown`` (the same as tables) and ``--gantt`` (measured
+rounds beside brigade's simulation of them, or the simulated schedules when nothing is
+measured). Every process started here
 (the Ray cluster, the torchrun ranks) is stopped at the end, on errors too.
 """
 
@@ -66,7 +71,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -100,6 +105,7 @@ __all__ = [
     "SHAPES",
     "SCHEDULES",
     "TORCH_SCHEDULES",
+    "BACKENDS",
     "parse_config",
     "profile_model",
     "stage_costs",
@@ -120,10 +126,13 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p", "dni", "petra")
 # brigade schedule -> the torch.distributed.pipelining schedule measured beside it
 TORCH_SCHEDULES = {"gpipe": "gpipe", "1f1b": "1f1b", "interleaved": "interleaved",
                    "zb1p": "1f1b", "dni": "1f1b", "petra": "1f1b"}
+BACKENDS = ("ray", "torchrun")  # brigade's backends the measured splits run on
 _TORCH_CLASSES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
                   "interleaved": "ScheduleInterleaved1F1B"}
 _METHOD = {"dni": "dni", "petra": "petra"}  # schedule -> learning rule (else backprop)
 _SPEEDUP_TARGET = 1.3   # decoupled throughput over torch 1F1B
+_RATIO_TARGET = 1.0     # brigade / torch step time, for the schedules below
+_RATIO_SCHEDULES = ("gpipe", "1f1b")
 _PREDICT_TOLERANCE = 0.10  # |simulated / measured - 1|
 LR = 0.01
 
@@ -147,6 +156,7 @@ class BenchConfig:
     virtual: int = 2
     measure: bool = True
     measure_models: tuple[str, ...] = ("resnet18", "revnet18")
+    backends: tuple[str, ...] = BACKENDS  # brigade's, each measured beside torch
     measure_stages: int = 2
     measure_shape: str = "cifar"
     warmup: int = 2
@@ -163,12 +173,13 @@ class BenchConfig:
     def __post_init__(self) -> None:
         for name, kind, choices in (("models", "model", MODELS), ("shapes", "shape", SHAPES),
                                     ("schedules", "schedule", SCHEDULES),
-                                    ("measure_models", "measured model", MODELS)):
+                                    ("measure_models", "measured model", MODELS),
+                                    ("backends", "backend", BACKENDS)):
             names = (choose(kind, v, choices) for v in getattr(self, name))
             object.__setattr__(self, name, tuple(dict.fromkeys(names)))  # once each, in order
         object.__setattr__(self, "stages", tuple(dict.fromkeys(self.stages)))
         object.__setattr__(self, "measure_shape", choose("measured shape", self.measure_shape, SHAPES))
-        for name in ("models", "shapes", "stages", "schedules"):
+        for name in ("models", "shapes", "stages", "schedules", "backends"):
             if not getattr(self, name):
                 raise BenchError(f"--{name} is empty; give at least one value")
         for name in ("microbatches", "batch_size", "width", "steps", "window", "repeats",
@@ -257,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=d.measure,
                    help="run the measured splits on brigade and torch (default on)")
     p.add_argument("--measure-models", type=_csv(str), default=d.measure_models)
+    p.add_argument("--backends", type=_csv(str), default=d.backends,
+                   help="brigade backends to measure: ray,torchrun (both by default)")
     p.add_argument("--measure-stages", type=int, default=d.measure_stages)
     p.add_argument("--measure-shape", default=d.measure_shape)
     p.add_argument("--warmup", type=int, default=d.warmup, help="steps not timed, per runner")
@@ -289,7 +302,8 @@ def parse_config(args: argparse.Namespace, given: Sequence[str]) -> BenchConfig:
     if args.quick:
         explicit = {a.split("=")[0][2:].replace("-", "_") for a in given if a.startswith("--")}
         values.update({k: v for k, v in QUICK.items() if k not in explicit})
-    for key in ("models", "shapes", "schedules", "measure_models", "stages", "worker_env"):
+    for key in ("models", "shapes", "schedules", "measure_models", "stages", "worker_env",
+                "backends"):
         values[key] = tuple(values[key])
     return BenchConfig(**values)
 
@@ -806,6 +820,11 @@ class _TorchSide:
 
             setattr(stage, method, timed)
 
+    def warm_up(self, steps: int) -> float | None:
+        """Untimed steps (at least one); the first step's loss."""
+        losses = self.run(max(1, steps))["losses"]
+        return losses[0] if losses else None
+
     def step(self, step: int) -> float | None:
         """One training step (forward, backward, SGD update); the mean loss on the last rank."""
         args = (self.x,) if self.first else ()
@@ -844,6 +863,46 @@ class _TorchSide:
                 "losses": next((g["losses"] for g in gathered if g["losses"]), [])}
 
 
+class _BrigadeSide:
+    """One rank's part of a split on brigade's torchrun backend (same seed, weights and batch
+    as the other runners): the same launcher, process layout and allocator as the torch
+    side, so the two differ by their pipelines alone."""
+
+    def __init__(self, cmd: dict, rank: int, world: int) -> None:
+        self.cfg = BenchConfig(**cmd["config"])
+        self.schedule = cmd["schedule"]
+        self.pipe = _brigade_pipeline(self.cfg, make_model(self.cfg, cmd["model"], cmd["shape"]),
+                                      cmd["balance"], self.schedule, backend="torchrun")
+        self.batch = make_batch(self.cfg, cmd["shape"], self.cfg.batch_size)
+
+    def warm_up(self, steps: int) -> float:
+        return _brigade_warmup(replace(self.cfg, warmup=steps), self.pipe, self.batch,
+                               self.schedule)
+
+    def run(self, steps: int) -> dict:
+        """``steps`` timed steps, each between barriers as torch's are (a decoupled schedule:
+        one ``Pipeline.run`` of ``steps`` steps); wall seconds per step and the timeline."""
+        import torch.distributed as dist
+
+        self.pipe.reset_timeline()
+        walls = []
+        decoupled = self.schedule in schedulers.DECOUPLED
+        rounds, batches = (1, [self.batch] * steps) if decoupled else (steps, [self.batch])
+        for _ in range(rounds):
+            dist.barrier()
+            t0 = time.perf_counter()
+            self.pipe.run(batches)
+            dist.barrier()
+            walls.append((time.perf_counter() - t0) / len(batches))
+        return {"wall": walls, "timeline": self.pipe.timeline().to_json()}
+
+    def close(self) -> None:
+        self.pipe.shutdown()
+
+
+_SIDES = {"torch": _TorchSide, "brigade": _BrigadeSide}
+
+
 def _next_command(workdir: Path, n: int, parent: int | None) -> dict:
     """Rank 0 waits for command ``n``; a vanished parent means exit."""
     path = workdir / f"cmd-{n}.json"
@@ -872,32 +931,41 @@ def torch_worker(workdir: Path, parent: int | None = None) -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(minutes=30))
     rank, world = dist.get_rank(), dist.get_world_size()
-    side: _TorchSide | None = None
+    sides: dict[str, Any] = {}  # runner ("torch" | "brigade") -> its side of the current split
     n = 0
     try:
         while True:
             box = [_next_command(workdir, n, parent) if rank == 0 else None]
             dist.broadcast_object_list(box, src=0)
             cmd = box[0]
+            runner = cmd.get("runner", "torch")
             if cmd["op"] == "exit":
                 break
-            if cmd["op"] == "build":
-                side = None  # free the previous split first
+            if cmd["op"] == "build" and runner in _SIDES:
+                _close_side(sides.pop(runner, None))  # free the previous split first
                 t0 = time.perf_counter()
-                side = _TorchSide(cmd, rank, world)
-                warm = side.run(max(1, cmd["warmup"]))
-                result = {"build_s": time.perf_counter() - t0,
-                          "first_loss": warm["losses"][0] if warm["losses"] else None}
-            elif cmd["op"] == "run":
-                result = side.run(cmd["steps"])
+                sides[runner] = _SIDES[runner](cmd, rank, world)
+                first = sides[runner].warm_up(cmd["warmup"])
+                result = {"build_s": time.perf_counter() - t0, "first_loss": first}
+            elif cmd["op"] == "run" and runner in sides:
+                result = sides[runner].run(cmd["steps"])
             else:
-                result = {"error": f"unknown command {cmd['op']!r}"}
+                result = {"error": f"unknown command {cmd['op']!r} for runner {runner!r} "
+                                   f"(built: {sorted(sides)})"}
             if rank == 0:
                 _write_json(workdir / f"res-{n}.json", result)
             n += 1
     finally:
+        for side in sides.values():
+            _close_side(side)
         dist.destroy_process_group()
     return 0
+
+
+def _close_side(side: Any) -> None:
+    """Stop a side that owns processes' resources (brigade's transport); torch's has none."""
+    if side is not None and hasattr(side, "close"):
+        side.close()
 
 
 # -- measurement -------------------------------------------------------------------------------------
@@ -924,20 +992,23 @@ class _Tally:
         return [statistics.fmean(r[w] for r in self.idle) for w in range(len(self.idle[0]))]
 
 
-def _brigade_pipeline(cfg: BenchConfig, model: nn.Sequential, balance: list[int], schedule: str):
-    """A Ray pipeline of 2 actors x 1 CPU thread for ``schedule`` on ``balance``."""
+def _brigade_pipeline(cfg: BenchConfig, model: nn.Sequential, balance: list[int], schedule: str,
+                      backend: str = "ray"):
+    """A pipeline of 2 workers x 1 CPU thread for ``schedule`` on ``balance``: Ray actors,
+    or (``backend="torchrun"``, called on every rank) the torchrun ranks."""
     from brigade.engine import Pipeline
 
     return Pipeline(model, stages=balance, schedule=schedule,
                     method=_METHOD.get(schedule, "backprop"),
                     virtual=cfg.virtual if schedule == "interleaved" else 1,
-                    microbatches=cfg.microbatches, cpus_per_stage=1,
+                    microbatches=cfg.microbatches,
+                    cpus_per_stage=1 if backend == "ray" else None,
                     optimizer=lambda p: torch.optim.SGD(p, lr=LR),
-                    loss_fn=nn.CrossEntropyLoss(), backend="ray", timeout_s=cfg.timeout_s)
+                    loss_fn=nn.CrossEntropyLoss(), backend=backend, timeout_s=cfg.timeout_s)
 
 
 def _brigade_round(cfg: BenchConfig, pipe, batch, schedule: str, tally: _Tally) -> Timeline:
-    """``window`` timed steps on brigade; the round's timeline feeds busy and idle."""
+    """``window`` timed steps on brigade's Ray backend; the round's timeline feeds busy and idle."""
     pipe.reset_timeline()
     if schedule in schedulers.DECOUPLED:
         t0 = time.perf_counter()
@@ -948,7 +1019,18 @@ def _brigade_round(cfg: BenchConfig, pipe, batch, schedule: str, tally: _Tally) 
             t0 = time.perf_counter()
             pipe.step(*batch)
             tally.step_times.append(time.perf_counter() - t0)
-    tl = pipe.timeline()  # this round's steps only (reset_timeline above)
+    return _tally_brigade(cfg, pipe.timeline(), tally)  # this round's steps only
+
+
+def _peer_brigade_round(cfg: BenchConfig, peer: TorchPeer, tally: _Tally) -> Timeline:
+    """``window`` timed steps on brigade's torchrun backend, run by the peer's ranks."""
+    res = peer.call("run", runner="brigade", steps=cfg.window)
+    tally.step_times += res["wall"]
+    return _tally_brigade(cfg, Timeline.from_json(res["timeline"]), tally)
+
+
+def _tally_brigade(cfg: BenchConfig, tl: Timeline, tally: _Tally) -> Timeline:
+    """Add a brigade round's timeline: busy, idle, and its calibrated prediction."""
     tl.meta["time_unit"] = "s"
     _tally_timeline(tally, tl, cfg.window)
     tally.calibrated.append(_calibrated_step(tl, cfg.window))
@@ -999,12 +1081,14 @@ def _tally_timeline(tally: _Tally, tl: Timeline, steps: int) -> None:
 def measure_split(cfg: BenchConfig, model_name: str, costs: dict[str, SplitCosts],
                   peer: TorchPeer | None, progress: Callable[[str], None] = lambda s: None
                   ) -> tuple[list[dict], dict[tuple[str, str], Timeline]]:
-    """Measure every schedule of one split on brigade and, alternating, on torch.
+    """Measure every schedule of one split on brigade (each of ``cfg.backends``) and torch,
+    round by round in rotating order.
 
-    Returns brigade and torch rows (torch rows once per torch schedule) and the last
-    measured round of each for the Gantt picture, keyed ``(runner, schedule)``.
+    Returns one brigade row per backend and schedule (``backend`` says which), torch rows
+    (once per torch schedule), and the last measured round of each runner for the Gantt
+    picture, keyed ``(runner label, schedule)``.
     """
-    shape, p = cfg.measure_shape, cfg.measure_stages
+    shape = cfg.measure_shape
     batch = make_batch(cfg, shape, cfg.batch_size)
     rounds = max(1, math.ceil(cfg.steps / cfg.window))
     rows: list[dict] = []
@@ -1013,41 +1097,68 @@ def measure_split(cfg: BenchConfig, model_name: str, costs: dict[str, SplitCosts
     for schedule in cfg.schedules:
         if not applies(schedule, model_name) or schedule not in costs:
             continue
-        sc = costs[schedule]
-        tname = TORCH_SCHEDULES[schedule]
-        progress(f"measuring {model_name} {schedule} (brigade) beside torch {tname}")
-        mine, theirs = _Tally(), _Tally()
+        sc, tname = costs[schedule], TORCH_SCHEDULES[schedule]
+        progress(f"measuring {model_name} {schedule} (brigade on {', '.join(cfg.backends)}) "
+                 f"beside torch {tname}")
+        tallies = {b: _Tally() for b in cfg.backends}
+        theirs = _Tally()
         load = [os.getloadavg()[0]]
-        with _brigade_pipeline(cfg, make_model(cfg, model_name, shape), sc.balance, schedule) as pipe:
-            mine.first_loss = _brigade_warmup(cfg, pipe, batch, schedule)
-            _on_torch(peer, progress, lambda: setattr(theirs, "first_loss", _torch_build(
-                cfg, peer, model_name, shape, schedule, sc.balance)))
+        ray_pipe = (_brigade_pipeline(cfg, make_model(cfg, model_name, shape), sc.balance, schedule)
+                    if "ray" in tallies else nullcontext())
+        with ray_pipe as pipe:
+            if pipe is not None:
+                tallies["ray"].first_loss = _brigade_warmup(cfg, pipe, batch, schedule)
+            for runner, tally in (("brigade", tallies.get("torchrun")), ("torch", theirs)):
+                if tally is not None:
+                    _on_torch(peer, progress, lambda r=runner, t=tally: setattr(
+                        t, "first_loss", _peer_build(cfg, peer, r, model_name, shape,
+                                                     schedule, sc.balance)))
+            runs = {
+                "ray": lambda: _brigade_round(cfg, pipe, batch, schedule, tallies["ray"]),
+                "torchrun": lambda: _peer_brigade_round(cfg, peer, tallies["torchrun"]),
+                "torch": lambda: _torch_round(cfg, peer, theirs, tname),
+            }
+            order = [*tallies, "torch"]
             for r in range(rounds):
-                order = ("b", "t") if r % 2 == 0 else ("t", "b")
-                for who in order:
-                    if who == "b":
-                        timelines[("brigade", schedule)] = _brigade_round(cfg, pipe, batch,
-                                                                          schedule, mine)
+                for who in order[r % len(order):] + order[:r % len(order)]:
+                    label = ("torch", tname) if who == "torch" else (f"brigade ({who})", schedule)
+                    if who == "ray":
+                        timelines[label] = runs[who]()
                     else:
-                        _on_torch(peer, progress, lambda: timelines.__setitem__(
-                            ("torch", tname), _torch_round(cfg, peer, theirs, tname)))
-            peak = pipe.timeline().meta.get("peak_stored_activation_bytes", [])
+                        _on_torch(peer, progress,
+                                  lambda w=who, k=label: timelines.__setitem__(k, runs[w]()))
+            peaks = {"ray": pipe.timeline().meta.get("peak_stored_activation_bytes", [])
+                     if pipe is not None else []}
         load.append(os.getloadavg()[0])
-        rows.append(_measured_row(cfg, model_name, schedule, "brigade", mine, sc.balance,
-                                  peak_per_stage=peak, workers=p))
-        rows[-1]["load_avg_1min"] = load  # the machine's load at start and end (2 cores)
-        if peer is not None and peer.error is None and theirs.step_times:
-            rows[-1].update(torch_schedule=tname, torch_step_time_s=statistics.median(theirs.step_times),
-                            torch_min_step_time_s=min(theirs.step_times),
-                            torch_first_loss=theirs.first_loss)
-            rows[-1]["min_ratio_vs_torch"] = (rows[-1]["min_step_time_s"]
-                                              / rows[-1]["torch_min_step_time_s"])
-            rows[-1]["ratio_vs_torch"] = rows[-1]["step_time_s"] / rows[-1]["torch_step_time_s"]
-            if tname == schedule:
-                torch_tallies[schedule] = (theirs, sc.balance)
+        last = timelines.get(("brigade (torchrun)", schedule))
+        peaks["torchrun"] = last.meta.get("peak_stored_activation_bytes", []) if last else []
+        for backend, tally in tallies.items():
+            if not tally.step_times:  # the peer failed before this backend ran
+                continue
+            rows.append(_brigade_row(cfg, model_name, schedule, backend, tally, sc.balance,
+                                     peaks[backend], theirs if peer and not peer.error else None))
+            rows[-1]["load_avg_1min"] = load  # the machine's load at start and end (2 cores)
+        if theirs.step_times and tname == schedule:
+            torch_tallies[schedule] = (theirs, sc.balance)
     for schedule, (tally, balance) in torch_tallies.items():
         rows.append(_measured_row(cfg, model_name, schedule, "torch", tally, balance))
     return rows, timelines
+
+
+def _brigade_row(cfg: BenchConfig, model: str, schedule: str, backend: str, tally: _Tally,
+                 balance: list[int], peak: Sequence[int], theirs: _Tally | None) -> dict:
+    """A measured brigade row on one backend, with torch's step time and the ratio beside."""
+    row = _measured_row(cfg, model, schedule, "brigade", tally, balance, peak_per_stage=peak,
+                        workers=cfg.measure_stages)
+    row["backend"] = backend
+    if theirs is not None and theirs.step_times:
+        row.update(torch_schedule=TORCH_SCHEDULES[schedule],
+                   torch_step_time_s=statistics.median(theirs.step_times),
+                   torch_min_step_time_s=min(theirs.step_times),
+                   torch_first_loss=theirs.first_loss)
+        row["min_ratio_vs_torch"] = row["min_step_time_s"] / row["torch_min_step_time_s"]
+        row["ratio_vs_torch"] = row["step_time_s"] / row["torch_step_time_s"]
+    return row
 
 
 def _on_torch(peer: TorchPeer | None, progress: Callable[[str], None],
@@ -1063,11 +1174,13 @@ def _on_torch(peer: TorchPeer | None, progress: Callable[[str], None],
         progress(f"torch side failed; brigade goes on alone: {err}")
 
 
-def _torch_build(cfg: BenchConfig, peer: TorchPeer, model: str, shape: str, schedule: str,
-                 balance: list[int]) -> float | None:
-    """Build the torch side of this split on the ranks and run its warm-up steps."""
-    res = peer.call("build", config=_config_dict(cfg), model=model, shape=shape,
-                    schedule=TORCH_SCHEDULES[schedule], balance=balance, warmup=cfg.warmup)
+def _peer_build(cfg: BenchConfig, peer: TorchPeer, runner: str, model: str, shape: str,
+                schedule: str, balance: list[int]) -> float | None:
+    """Build ``runner``'s side of this split on the ranks (torch: ``schedule``'s torch
+    companion; brigade: ``schedule`` itself) and run its warm-up steps; the first loss."""
+    res = peer.call("build", runner=runner, config=_config_dict(cfg), model=model, shape=shape,
+                    schedule=TORCH_SCHEDULES[schedule] if runner == "torch" else schedule,
+                    balance=balance, warmup=cfg.warmup)
     return res.get("first_loss")
 
 
@@ -1135,19 +1248,24 @@ def add_predictions(rows: list[dict]) -> None:
 
 
 def target_checks(rows: list[dict]) -> list[dict]:
-    """The two targets, one line each, met or not."""
+    """The three targets, one line per measured brigade row and target, met or not."""
     checks = []
     for r in rows:
         if r["runner"] != "brigade":
             continue
+        name = f"{r['model']} {r['schedule']} (brigade on {r.get('backend', 'ray')})"
+        if r["schedule"] in _RATIO_SCHEDULES and r.get("ratio_vs_torch"):
+            checks.append({"check": f"{name} / torch step time", "value": r["ratio_vs_torch"],
+                           "target": f"<= {_RATIO_TARGET}",
+                           "met": r["ratio_vs_torch"] <= _RATIO_TARGET})
         if r["schedule"] in schedulers.DECOUPLED and r.get("torch_step_time_s"):
             speedup = r["torch_step_time_s"] / r["step_time_s"]
-            checks.append({"check": f"{r['model']} {r['schedule']} / torch 1f1b throughput",
+            checks.append({"check": f"{name} / torch 1f1b throughput",
                            "value": speedup, "target": f">= {_SPEEDUP_TARGET}x",
                            "met": speedup >= _SPEEDUP_TARGET})
         if r.get("predicted_over_measured"):
             ratio = r["predicted_over_measured"]
-            checks.append({"check": f"{r['model']} {r['schedule']} simulated / measured throughput",
+            checks.append({"check": f"{name} simulated / measured throughput",
                            "value": ratio, "target": f"within {_PREDICT_TOLERANCE:.0%}",
                            "met": abs(ratio - 1) <= _PREDICT_TOLERANCE})
     return checks
@@ -1171,7 +1289,7 @@ def measured_table_rows(rows: list[dict]) -> list[list[str]]:
     for r in rows:
         if r["runner"] != "brigade":
             continue
-        out.append([r["model"], r["schedule"], _ms(r["step_time_s"]),
+        out.append([r["model"], r["schedule"], r.get("backend", "ray"), _ms(r["step_time_s"]),
                     f"{r['samples_per_s']:.1f}", _pct(r["bubble_fraction"]),
                     f"{r.get('torch_schedule', '-')}",
                     _ms(r.get("torch_step_time_s")),
@@ -1184,7 +1302,7 @@ def measured_table_rows(rows: list[dict]) -> list[list[str]]:
     return out
 
 
-MEASURED_COLUMNS = ["model", "schedule", "brigade step ms", "brigade samples/s", "brigade bubble",
+MEASURED_COLUMNS = ["model", "schedule", "brigade backend", "brigade step ms", "brigade samples/s", "brigade bubble",
                     "torch schedule", "torch step ms", "brigade/torch step (of fastest steps)",
                     "simulated samples/s",
                     "simulated/measured", "calibrated samples/s",
@@ -1234,10 +1352,12 @@ def print_report(console, cfg: BenchConfig, rows: list[dict], checks: list[dict]
     measured = measured_table_rows(rows)
     if measured:
         m = Table(title=f"measured: {cfg.measure_stages} stages, {cfg.measure_shape}, median of "
-                        f"timed steps, brigade (Ray, 2 x 1 thread) and torch.distributed.pipelining "
-                        f"(torchrun gloo, 2 x 1 thread) alternating", title_justify="left")
+                        f"timed steps; brigade (Ray actors or torchrun ranks, 2 x 1 thread) and "
+                        f"torch.distributed.pipelining (torchrun gloo, 2 x 1 thread) in rotation",
+                  title_justify="left")
         for col in MEASURED_COLUMNS:
-            m.add_column(col, justify="left" if col in ("model", "schedule", "torch schedule") else "right")
+            m.add_column(col, justify="left" if col in ("model", "schedule", "brigade backend",
+                                                        "torch schedule") else "right")
         for cells in measured:
             m.add_row(*cells)
         console.print(m)
@@ -1269,7 +1389,7 @@ def write_markdown(path: Path, cfg: BenchConfig, rows: list[dict], checks: list[
     measured = measured_table_rows(rows)
     if measured:
         out += [f"## Measured ({cfg.measure_stages} stages, {cfg.measure_shape}, median of timed "
-                "steps, runners alternating)", ""] + table(MEASURED_COLUMNS, measured) + [""]
+                "steps, runners in rotation)", ""] + table(MEASURED_COLUMNS, measured) + [""]
     if checks:
         out += ["## Targets", ""] + [
             f"- {c['check']}: {c['value']:.2f} (target {c['target']}): "
@@ -1286,7 +1406,7 @@ def write_gantt(path: Path, cfg: BenchConfig, measured: dict[tuple[str, str, str
     for (model, runner, schedule), tl in measured.items():
         tl.meta["time_unit"] = "s"
         panels[f"{model} {schedule}: {runner}, measured"] = tl
-        if runner == "brigade" and (model, schedule) in simulated:
+        if runner.startswith("brigade") and (model, schedule) in simulated:
             panels[f"{model} {schedule}: brigade, simulated"] = simulated[(model, schedule)]
     if panels:
         title = (f"measured rounds of {cfg.window} steps and brigade's simulation of them "
@@ -1370,11 +1490,13 @@ def _measure_all(cfg: BenchConfig, todo: list[str], out: Results,
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="resnet_splits_") as tmp:
-        say(f"starting Ray and torchrun ({cfg.measure_stages} ranks, gloo)")
+        say(f"starting {'Ray and ' if 'ray' in cfg.backends else ''}torchrun "
+            f"({cfg.measure_stages} ranks, gloo)")
         peer = TorchPeer(Path(tmp), nproc=cfg.measure_stages, timeout_s=cfg.timeout_s,
                          env=cfg.env)
         try:
-            with _ray_cluster(num_cpus=cfg.measure_stages, env=cfg.env):
+            with (_ray_cluster(num_cpus=cfg.measure_stages, env=cfg.env)
+                  if "ray" in cfg.backends else nullcontext()):
                 for name in todo:
                     rows, tls = measure_split(cfg, name, out.measured_costs[name], peer, say)
                     out.rows += rows

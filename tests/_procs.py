@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["gone", "wait_gone", "descendants", "with_cmdline"]
+__all__ = ["gone", "wait_gone", "descendants", "with_cmdline", "run_session"]
 
 
 def gone(pid: int) -> bool:
@@ -59,3 +61,30 @@ def with_cmdline(marker: str, pids=None) -> list[int]:
         except OSError:
             pass
     return found
+
+
+def run_session(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that leaves nothing behind on a timeout: the command and every
+    process below it (torchrun starts each rank in a session of its own, so one process
+    group is not enough) get SIGTERM, then SIGKILL, before ``TimeoutExpired`` is raised."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = [proc.pid, *descendants(proc.pid)]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in tree:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            try:
+                proc.wait(timeout=5.0)  # reaps our child (a zombie would look alive)
+            except subprocess.TimeoutExpired:
+                continue
+            if wait_gone(tree[1:], 5.0):
+                break
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

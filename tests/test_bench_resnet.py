@@ -151,6 +151,19 @@ def test_torch_worker_runs_splits_from_the_same_weights_and_leaves_no_process(tm
             assert {(0, "F"), (0, "B"), (1, "F"), (1, "B"), (0, "U"), (1, "U")} <= kinds
             stages = {e[1] for e in res["events"]}
             assert stages == set(range(len(balance)))  # interleaved: 2 chunks per rank
+            # brigade's torchrun backend on the same ranks: same first loss, a timeline
+            built = peer.call("build", runner="brigade", config=rs._config_dict(cfg),
+                              model="resnet18", shape="cifar", schedule=schedule,
+                              balance=balance, warmup=1)
+            assert built["first_loss"] == pytest.approx(want, rel=1e-4)
+            res = peer.call("run", runner="brigade", steps=2)
+            assert len(res["wall"]) == 2 and all(w > 0 for w in res["wall"])
+            tl = rs.Timeline.from_json(res["timeline"])
+            assert tl.meta["backend"] == "torchrun" and tl.meta["steps"] == 2
+            assert {(e.worker, e.kind) for e in tl.compute_events()} >= {
+                (0, "F"), (0, "B"), (1, "F"), (1, "B")}
+        with pytest.raises(rs.TorchPeerError, match="unknown command 'run' for runner 'nobody'"):
+            peer.call("run", runner="nobody", steps=1)
         pids = [peer.pid, *descendants(peer.pid)]
         assert len(pids) >= 3  # torchrun and its two ranks
     assert wait_gone(pids, 15)
@@ -167,20 +180,24 @@ def test_tiny_measured_run_compares_both_runners_and_stops_everything(tmp_path):
     assert run_main(["--quick", "--models", "resnet18", "--schedules", "1f1b,dni",
                      "--json", str(out), "--gantt", str(png)]) == 0
     rows = json.loads(out.read_text())
-    by = {(r["runner"], r["schedule"]): r for r in rows}
-    assert set(by) == {("simulated", "1f1b"), ("simulated", "dni"), ("brigade", "1f1b"),
-                       ("brigade", "dni"), ("torch", "1f1b")}
+    by = {(r["runner"], r.get("backend"), r["schedule"]): r for r in rows}
+    assert set(by) == {("simulated", None, "1f1b"), ("simulated", None, "dni"),
+                       ("brigade", "ray", "1f1b"), ("brigade", "ray", "dni"),
+                       ("brigade", "torchrun", "1f1b"), ("brigade", "torchrun", "dni"),
+                       ("torch", None, "1f1b")}
     for r in rows:
         check_row(r)
-    for s in ("1f1b", "dni"):
-        b = by[("brigade", s)]
-        assert b["torch_schedule"] == "1f1b" and b["torch_step_time_s"] > 0
-        assert b["ratio_vs_torch"] == pytest.approx(b["step_time_s"] / b["torch_step_time_s"])
-        assert b["predicted_samples_per_s"] == pytest.approx(by[("simulated", s)]["samples_per_s"])
-        assert b["steps_timed"] == 2
-        assert b["calibrated_samples_per_s"] > 0  # the round re-simulated with its own costs
-    # same weights, same batch: both runners start from the same loss
-    assert by[("brigade", "1f1b")]["first_loss"] == pytest.approx(
-        by[("torch", "1f1b")]["first_loss"], rel=1e-4)
+    for backend in ("ray", "torchrun"):
+        for s in ("1f1b", "dni"):
+            b = by[("brigade", backend, s)]
+            assert b["torch_schedule"] == "1f1b" and b["torch_step_time_s"] > 0
+            assert b["ratio_vs_torch"] == pytest.approx(b["step_time_s"] / b["torch_step_time_s"])
+            assert b["predicted_samples_per_s"] == pytest.approx(
+                by[("simulated", None, s)]["samples_per_s"])
+            assert b["steps_timed"] == 2
+            assert b["calibrated_samples_per_s"] > 0  # the round re-simulated with its own costs
+        # same weights, same batch: every runner starts from the same loss
+        assert by[("brigade", backend, "1f1b")]["first_loss"] == pytest.approx(
+            by[("torch", None, "1f1b")]["first_loss"], rel=1e-4)
     assert with_cmdline("--torch-worker") == [] or wait_gone(with_cmdline("--torch-worker"), 10)
     assert ray.is_initialized() == had_ray

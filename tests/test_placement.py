@@ -46,9 +46,11 @@ def test_actors_run_in_one_group_bundle_each_and_the_group_goes(ray_cluster):
         assert info["state"] == "CREATED" and info["strategy"] == "PACK"
         assert list(info["bundles"].values()) == [{"CPU": 1.0}, {"CPU": 1.0}]
         assert run_one_step(pipe) > 0
-        for pid in pipe.worker_pids:  # one malloc arena per actor (see actor_env)
+        for pid in pipe.worker_pids:  # glibc malloc settings per actor (see actor_env)
             with open(f"/proc/{pid}/environ", "rb") as f:
-                assert b"MALLOC_ARENA_MAX=1" in f.read().split(b"\0")
+                environ = f.read().split(b"\0")
+            assert b"MALLOC_ARENA_MAX=1" in environ
+            assert b"MALLOC_TRIM_THRESHOLD_=%d" % (1 << 30) in environ
     finally:
         pipe.shutdown()
     assert set(live_groups(ray)) <= before

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 
@@ -12,7 +11,7 @@ import torch
 
 from brigade.engine.cli import main
 
-from _procs import with_cmdline
+from _procs import run_session, with_cmdline
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +24,9 @@ def test_torchrun_weights_equal_single_process_and_processes_end(tmp_path, sched
         flags += ["--method", "fwdgrad"]
     want, got, js = tmp_path / "want.pt", tmp_path / "got.pt", tmp_path / "o.json"
     assert main(["train", *flags, "--backend", "local", "--save", str(want)]) == 0
-    proc = subprocess.run(
+    proc = run_session(
         [sys.executable, "-m", "brigade.engine.cli", "train", *flags, "--backend", "torchrun",
-         "--save", str(got), "--json", str(js)],
-        capture_output=True, text=True, timeout=240)
+         "--save", str(got), "--json", str(js)], timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     a, b = torch.load(want, weights_only=True), torch.load(got, weights_only=True)
     for k in a:

@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _spawn_torchrun(args: argparse.Namespace) -> int:
     """Start ``torchrun --nproc-per-node <workers> -m brigade.engine.launch <same flags>``,
-    its ranks with one malloc arena each, as Ray stage actors get (see ``actor_env``)."""
+    its ranks with the malloc settings Ray stage actors get (see ``actor_env``)."""
     import os
     import subprocess
     import sys
