@@ -328,6 +328,7 @@ class _Run:
                                       "without --resume to start")
             self.done, self.train_s, self.epoch_losses = 0, 0.0, {}
             self.loader.load_state_dict({"epoch": 0, "index": 0})
+            self._note_resumed(0)
             return
         ckpt = load_checkpoint(root, identity=_jsonable(self.identity(pipe)))
         pipe.load_checkpoint_state(ckpt.stages, step=ckpt.step)
@@ -337,6 +338,13 @@ class _Run:
         self.epoch_losses = {int(k): list(v) for k, v in d["epoch_losses"].items()}
         torch.set_rng_state(d["rng"])
         self.last_saved = str(ckpt.path)
+        self._note_resumed(ckpt.step)
+
+    def _note_resumed(self, step: int) -> None:
+        """Record in the latest restart the step it went on from (0: no checkpoint yet),
+        so a report tells a restart from a checkpoint from one from the beginning."""
+        if self.restarts:
+            self.restarts[-1]["resumed_from"] = step
 
     def save(self, pipe: Pipeline) -> None:
         driver = {"loader": self.loader.state_dict(), "train_s": self.train_s,

@@ -132,6 +132,9 @@ def test_a_killed_stage_restarts_from_the_checkpoint_and_ends_equal(tmp_path):
     assert proc.returncode == 0, out
     report = json.loads(js.read_text())
     assert len(report["restarts"]) == 1 and "failed" in report["restarts"][0]["error"]
+    # it went on from a checkpoint taken before the kill (not from step 0, same weights)
+    restart = report["restarts"][0]
+    assert 5 <= restart["resumed_from"] <= restart["step"] and restart["resumed_from"] % 5 == 0
     a, b = torch.load(full, weights_only=True), torch.load(got, weights_only=True)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
