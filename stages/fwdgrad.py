@@ -446,10 +446,14 @@ def directional_derivatives(
     leaves that block out (no direction, no update: the block stays as initialised).
     """
     _, _, scope, dist, n = _check("random", "weight", scope, dist, projections)
-    return _weight_random(model, x, y, loss_fn, seed, tuple(keys), n, dist, scope, blocks, chunk_size, update_stats)
+    loss, d, _ = _weight_random(model, x, y, loss_fn, seed, tuple(keys), n, dist, scope, blocks, chunk_size, update_stats)
+    return loss, d
 
 
 def _weight_random(model, x, y, loss_fn, seed, keys, n, dist, scope, blocks, chunk_size, update_stats):
+    """``(loss, d, drawn)``: ``drawn`` holds per unit ``(parameter indices, directions)``,
+    so a caller that also needs the estimate weighs them without drawing them again
+    (drawing costs more than a forward; see :func:`sample`)."""
     params = list(model.parameters())
     if scope == "global":
         (n,) = _unit_counts(n, 1)
@@ -470,11 +474,11 @@ def _weight_random(model, x, y, loss_fn, seed, keys, n, dist, scope, blocks, chu
                 model(x)  # the running statistics move once, as in one training forward
             with _frozen_stats(model):
                 loss, d = vmap(one, randomness="same", chunk_size=chunk_size)(tangents)
-        return float(loss[0]), [d.reshape(n)]
+        return float(loss[0]), [d.reshape(n)], [(list(range(len(params))), vs)]
 
     bl = param_blocks(model, blocks)
     counts = _unit_counts(n, len(bl))
-    ds = []
+    ds, drawn = [], []
     with torch.no_grad():
         inputs = [x]
         for b in bl[:-1]:
@@ -487,9 +491,11 @@ def _weight_random(model, x, y, loss_fn, seed, keys, n, dist, scope, blocks, chu
                 nk = counts[k]
                 if not b.params or nk == 0:
                     ds.append(torch.zeros(nk))
+                    drawn.append((b.index, []))
                     continue
                 primal = {nm: p.detach() for nm, p in zip(b.names, b.params)}
                 vs = directions(b.params, seed, keys, nk, dist, indices=b.index)
+                drawn.append((b.index, vs))
                 tangents = dict(zip(b.names, vs))
                 h = inputs[k]
 
@@ -500,7 +506,14 @@ def _weight_random(model, x, y, loss_fn, seed, keys, n, dist, scope, blocks, chu
                     return jvp(f, (primal,), (t,))[1]
 
                 ds.append(vmap(one, randomness="same", chunk_size=chunk_size)(tangents).reshape(nk))
-    return loss, ds
+    return loss, ds, drawn
+
+
+def _weigh(out: list[torch.Tensor], idx: Sequence[int], coefs: torch.Tensor,
+           vs: Sequence[torch.Tensor]) -> None:
+    """``out[i] += Σ_k coefs[k] · vs[i][k]`` for one unit's parameters ``idx``."""
+    for i, v in zip(idx, vs):
+        out[i] += torch.tensordot(coefs.to(v.device), v.float(), dims=1).to(out[i].dtype)
 
 
 def combine(
@@ -539,9 +552,7 @@ def combine(
     for idx, cu in zip(units, cs):
         if not idx or not cu.numel():
             continue
-        vs = directions([params[i] for i in idx], seed, keys, cu.numel(), dist, indices=idx)
-        for i, v in zip(idx, vs):
-            out[i] += torch.tensordot(cu.to(v.device), v.float(), dims=1).to(out[i].dtype)
+        _weigh(out, idx, cu, directions([params[i] for i in idx], seed, keys, cu.numel(), dist, indices=idx))
     return out
 
 
@@ -575,8 +586,11 @@ def forward_gradient(
     if guess == "local" and heads is None:
         raise ConfigError("guess='local' needs heads=LocalHeads(model, example_x)")
     if mode == "weight" and guess == "random":
-        loss, d = _weight_random(model, x, y, loss_fn, seed, keys, n, dist, scope, blocks, chunk_size, update_stats)
-        grads = combine(model, [du / max(du.numel(), 1) for du in d], seed, keys, dist, scope, blocks)
+        loss, d, drawn = _weight_random(model, x, y, loss_fn, seed, keys, n, dist, scope, blocks, chunk_size, update_stats)
+        grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        for (idx, vs), du in zip(drawn, d):  # what combine(d / n) gives, without redrawing
+            if vs:
+                _weigh(grads, idx, du.detach().float() / max(du.numel(), 1), vs)
         grads = [g.to(p.dtype) for g, p in zip(grads, params)]
         return Estimate(loss=loss, grads=grads, d=d)
     stats = contextlib.nullcontext() if update_stats else _frozen_stats(model)

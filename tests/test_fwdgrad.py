@@ -62,6 +62,25 @@ def test_many_projections_match_autograd(kw):
     assert est.loss == pytest.approx(LOSS(m(x), y).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("kw", [dict(projections=5), dict(projections=5, dist="gaussian"),
+                                dict(scope="block", projections=[3, 0, 2])],
+                         ids=["global", "global-gaussian", "block-with-a-skipped-block"])
+def test_estimate_is_what_combine_makes_of_the_derivatives(kw):
+    """The estimate reuses the directions it drew; a data-parallel driver regenerates them
+    from the seed (combine). Both must give the same gradient, bit for bit."""
+    m = small_model()
+    x, y = batch()
+    est = fg.forward_gradient(m, x, y, LOSS, seed=7, keys=(2,), **kw)
+    n = [du.numel() for du in est.d]
+    again = fg.combine(m, [du / max(k, 1) for du, k in zip(est.d, n)], seed=7, keys=(2,),
+                       dist=kw.get("dist", "rademacher"), scope=kw.get("scope", "global"))
+    for g, h in zip(est.grads, again):
+        assert torch.equal(g, h)
+    assert any(g.abs().sum() > 0 for g in est.grads)
+    if "scope" in kw:  # the block with no projections is not updated
+        assert all(g.abs().sum() == 0 for g in est.grads[2:4])
+
+
 @pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
 def test_single_projection_is_unbiased(dist):
     """Mean of M one-projection estimates (M seeds) is within a few standard errors."""
