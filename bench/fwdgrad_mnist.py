@@ -39,7 +39,6 @@ ROWS = ("bp", "fg-baydin", "fg-random", "fg-local", "dfg-naive", "dfg-mean", "df
 SEED = {
     ("mlp", "bp"): 0.8763, ("cnn", "bp"): 0.8839,
     ("mlp", "fg"): 0.8823, ("cnn", "fg"): 0.6474,
-    ("mlp", "dfg"): 0.5016, ("cnn", "dfg"): 0.4821,
     ("mlp", "dfg-naive"): 0.497, ("mlp", "dfg-mean"): 0.502, ("mlp", "dfg-weighted"): 0.519,
     ("cnn", "dfg-naive"): 0.471, ("cnn", "dfg-mean"): 0.482, ("cnn", "dfg-weighted"): 0.485,
 }
@@ -81,6 +80,7 @@ def centralized(row: str, model_name: str, train, test, epochs: int, args) -> di
     from brigade.stages.data import batches
     from brigade.stages.fg_optim import FGOptimizer
     from brigade.stages.models import build_model
+    from brigade.stages.trainer import reference_step
 
     torch.manual_seed(args.seed)
     model = build_model(model_name)
@@ -108,11 +108,7 @@ def centralized(row: str, model_name: str, train, test, epochs: int, args) -> di
         tl, n = 0.0, 0
         for x, y in data:
             if trainer is None:
-                opt.zero_grad()
-                loss = loss_fn(model(x), y)
-                loss.backward()
-                opt.step()
-                lv = loss.item()
+                lv = reference_step(model, opt, loss_fn, x, y)
             else:
                 lv = trainer.step(x, y, opt)["loss"]
             tl += lv * len(y)

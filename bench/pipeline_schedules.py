@@ -40,27 +40,19 @@ import transport  # noqa: E402  (bench/transport.py)
 
 from brigade.engine import Pipeline  # noqa: E402
 from brigade.schedulers import predict  # noqa: E402
+from brigade.schedulers.calibrate import send_cost  # noqa: E402
 from brigade.stages.data import load_dataset  # noqa: E402
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb1p", 1), ("interleaved", 2)]
 
 
-def profile_split(args, cfg, name: str, cache: dict) -> "resnet_splits.SplitCosts":
-    """The time-balanced split of ``args.model`` and each stage's action seconds for one
-    microbatch, timed on brigade's own Stage class (``resnet_splits.split_costs``; one
-    profile per split and rule: gpipe and 1f1b share theirs)."""
-    if "blocks" not in cache:
-        cache["blocks"] = resnet_splits.profile_model(cfg, args.model, "cifar")
-    model = resnet_splits.make_model(cfg, args.model, "cifar")
-    return replace(resnet_splits.split_costs(cfg, cache["blocks"], model, 2, name, cache))
-
-
-def bench_config(args, name: str, virtual: int) -> "resnet_splits.BenchConfig":
-    """resnet_splits' configuration for this benchmark's model, batch and schedule."""
+def bench_config(args) -> "resnet_splits.BenchConfig":
+    """resnet_splits' configuration for this benchmark's model, batch and schedules."""
     return resnet_splits.BenchConfig(
-        models=(args.model,), shapes=("cifar",), stages=(2,), schedules=(name,),
-        microbatches=args.microbatches, batch_size=args.batch_size, width=args.width,
-        virtual=max(virtual, 2), measure=False, measure_models=(args.model,),
+        models=(args.model,), shapes=("cifar",), stages=(2,),
+        schedules=tuple(name for name, _ in SCHEDULES), microbatches=args.microbatches,
+        batch_size=args.batch_size, width=args.width,
+        virtual=max(v for _, v in SCHEDULES), measure=False, measure_models=(args.model,),
         repeats=args.profile_repeats)
 
 
@@ -72,7 +64,7 @@ def run_schedule(model, data, schedule, virtual, balance, args) -> dict:
                   optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
                   loss_fn=nn.CrossEntropyLoss(), backend="ray") as pipe:
         batches = [data[i % len(data)] for i in range(args.steps)]
-        pipe.run(batches[: args.warmup])
+        pipe.run([data[i % len(data)] for i in range(args.warmup)])
         window, stepwise = [], []
         for _ in range(args.repeat):
             t0 = time.perf_counter()
@@ -85,8 +77,7 @@ def run_schedule(model, data, schedule, virtual, balance, args) -> dict:
             window.append(time.perf_counter() - t0)
         tl = pipe.timeline()
     samples = args.batch_size * args.steps
-    return {"timeline": tl, "wall_s": statistics.median(window),
-            "samples_per_s": samples / statistics.median(window),
+    return {"timeline": tl, "samples_per_s": samples / statistics.median(window),
             "stepwise_samples_per_s": samples / statistics.median(stepwise)}
 
 
@@ -114,11 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         ds = load_dataset("synthetic", like="cifar10", size=args.batch_size * 4, seed=0)
         data = [(ds.x[i:i + args.batch_size], ds.y[i:i + args.batch_size])
                 for i in range(0, len(ds), args.batch_size)]
-        rows, profiles = [], {}
+        # the time-balanced split and each stage's action seconds for one microbatch, timed
+        # on brigade's own Stage class; one profile per split and rule (gpipe and 1f1b
+        # share theirs, so each gets a copy before its latency is set)
+        cfg, cache = bench_config(args), {}
+        blocks = resnet_splits.profile_model(cfg, args.model, "cifar")
+        rows = []
         for name, virtual in SCHEDULES:
-            cfg = bench_config(args, name, virtual)
-            sc = profile_split(args, cfg, name, profiles)
             model = resnet_splits.make_model(cfg, args.model, "cifar")
+            sc = replace(resnet_splits.split_costs(cfg, blocks, model, 2, name, cache))
             res = run_schedule(model, data, name, virtual, sc.balance, args)
             tl = res["timeline"]
             sc.costs = replace(sc.costs, latency=_latency_for(tl, hand), bandwidth=0.0)
@@ -148,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _latency_for(tl, hand: dict) -> float:
-    """One-way hand-off time of this run's messages: the lower quartile of its send spans,
-    as ``brigade.schedulers.calibrate`` prices a send (a blocking send's longer spans also
-    wait for the receiver); the 4 MB hand-off where the run sent nothing."""
-    sends = sorted(e.duration for e in tl.events if e.category == "send")
-    return sends[len(sends) // 4] if sends else hand["brigade-p2p"]
+    """The message latency the profile's prediction uses (the sender is charged nothing):
+    what this run's sends cost, priced as ``brigade.schedulers.calibrate`` prices one (a
+    blocking send's longer spans also wait for the receiver); the 4 MB hand-off where the
+    run sent nothing."""
+    sends = [e.duration for e in tl.events if e.category == "send"]
+    return send_cost(sends) if sends else hand["brigade-p2p"]
 
 
 def print_tables(rows: list[dict], hand: dict, args) -> None:

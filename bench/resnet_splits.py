@@ -81,18 +81,18 @@ import torch
 from torch import nn
 
 from brigade import schedulers
+from brigade.engine.cli.output import atomic_write_bytes
 from brigade.engine.ray_backend import actor_env
 from brigade.schedulers import Costs, ScheduleError, Timeline
+from brigade.schedulers.calibrate import costs_from_spans
 from brigade.stages.errors import ConfigError, choose
 from brigade.stages.models import build_model, shape_kwargs
 from brigade.stages.partition import (
     BlockProfile,
     Partition,
-    StageRow,
     min_max_partition,
     profile_blocks,
     split,
-    stage_times,
 )
 
 __all__ = [
@@ -322,7 +322,6 @@ class ModelProfile:
     blocks: list[BlockProfile]
     scale: float
     profile_batch: int
-    seconds: float = 0.0
 
     @property
     def source(self) -> str:
@@ -358,7 +357,6 @@ def _profile_batch(cfg: BenchConfig, shape: str) -> int:
 
 def profile_model(cfg: BenchConfig, name: str, shape: str) -> ModelProfile:
     """Every block's forward and backward seconds for one microbatch, on one thread."""
-    t0 = time.perf_counter()
     model = make_model(cfg, name, shape)
     batch = _profile_batch(cfg, shape)
     x, _ = make_batch(cfg, shape, batch)
@@ -371,7 +369,7 @@ def profile_model(cfg: BenchConfig, name: str, shape: str) -> ModelProfile:
                           batch=cfg.microbatch_size,
                           out_shape=(cfg.microbatch_size, *b.out_shape[1:]),
                           out_bytes=int(b.out_bytes * scale)) for b in blocks]
-    return ModelProfile(name, shape, blocks, scale, batch, time.perf_counter() - t0)
+    return ModelProfile(name, shape, blocks, scale, batch)
 
 
 @contextmanager
@@ -387,15 +385,7 @@ def _threads(n: int) -> Iterator[None]:
 
 def stage_table(mp: ModelProfile, balance: list[int], model: nn.Sequential) -> Partition:
     """The partition table of ``balance`` from the profile (no second profiling pass)."""
-    rows, start = [], 0
-    for s, count in enumerate(balance):
-        stop = start + count
-        part = mp.blocks[start:stop]
-        rows.append(StageRow(s, start, stop, sum(b.params for b in part),
-                             **stage_times(part, first=start == 0),
-                             out_shape=part[-1].out_shape, out_bytes=part[-1].out_bytes))
-        start = stop
-    return Partition(balance, split(model, balance), rows, "time", mp.blocks)
+    return Partition.from_profile(model, balance, mp.blocks, "time")
 
 
 # -- costs of a split ----------------------------------------------------------------------------
@@ -448,14 +438,6 @@ def _stage_inputs(model: nn.Sequential, balance: list[int], x: torch.Tensor) -> 
 
 
 # How each profiled rule's action times become Costs fields (U is an SGD step, timed apart).
-_COST_FIELDS = {
-    "backprop": {"F": "f", "B": "b"},
-    "zb1p": {"F": "f", "I": "i", "W": "w"},
-    "dni": {"S": "f", "T": "sg"},     # the simulator charges S as f + b + u: b = u = 0
-    "petra": {"F": "f", "R": "b"},    # ... and R as r + b: r = 0
-}
-
-
 def stage_costs(cfg: BenchConfig, mp: ModelProfile, model: nn.Sequential, parts: int,
                 rule: str) -> SplitCosts:
     """Per-stage action seconds of brigade's own stage classes on the time-balanced split.
@@ -469,26 +451,25 @@ def stage_costs(cfg: BenchConfig, mp: ModelProfile, model: nn.Sequential, parts:
 
     balance = _balance(mp, parts)
     x, y = make_batch(cfg, mp.shape, mp.profile_batch)
-    per_stage: list[dict[str, float]] = []
+    seconds: dict[tuple[int, str], float] = {}  # (stage, action kind) -> one microbatch's
     stored, acts, first = [], [], 0
     with _threads(1):
         inputs = _stage_inputs(model, balance, x)
         pieces = split(copy.deepcopy(model), balance)
-        u = [_update_seconds(piece, cfg.repeats) for piece in pieces]
         for s, piece in enumerate(pieces):
             last = s == parts - 1
+            if rule != "dni":  # DNI's S updates inside, per microbatch: no U of its own
+                seconds[(s, "U")] = _update_seconds(piece, cfg.repeats)
             st = _make_stage(rule, make_stage_module(list(piece), first), StageSpec(s, parts), last)
             first += len(piece)
             measured, held, out_bytes = _time_actions(rule, st, inputs[s], y if last else None,
                                                       cfg.repeats)
-            per_stage.append({_COST_FIELDS[rule][k]: t * mp.scale for k, t in measured.items()})
+            seconds.update({(s, kind): t * mp.scale for kind, t in measured.items()})
             stored.append(held * mp.scale)
             acts.append(out_bytes * mp.scale)
-    names = {name for row in per_stage for name in row}  # DNI's last stage has no T
-    times = {name: [row.get(name, 0.0) for row in per_stage] for name in names}
-    zero = [0.0] * parts
-    extra = {"dni": dict(b=zero, u=zero), "petra": dict(r=zero, u=u)}.get(rule, dict(u=u))
-    costs = Costs(**times, **extra, activation_bytes=acts, **_comm(cfg))
+    # each kind charged as the simulator charges it, folded actions once (as a measured
+    # run is calibrated); DNI's last stage has no T: 0
+    costs = costs_from_spans(seconds, parts, activation_bytes=acts, **_comm(cfg))
     return SplitCosts(balance, costs, stored, mp.source)
 
 
@@ -649,16 +630,12 @@ def simulate_split(cfg: BenchConfig, mp: ModelProfile, model: nn.Sequential, sta
 
 
 def _stage_seconds(costs: Costs, stages: int) -> list[float]:
-    """Compute seconds per microbatch on each worker (f + b, or S + T, or F + R)."""
-    def per(name: str) -> list[float]:
-        value = getattr(costs, name)
-        return value if isinstance(value, list) else [value or 0.0]
-    f, b, sg = per("f"), per("b"), per("sg")
-    n = max(len(f), len(b))
-    total = [(f[i % len(f)] + b[i % len(b)] + sg[i % len(sg)]) for i in range(n)]
+    """Compute seconds per microbatch on each worker (f + b, zb1p's b = i + w, S + T, or
+    F + R), model stage s on worker s mod ``stages``."""
+    c = costs.resolve(len(costs.f) if isinstance(costs.f, list) else stages)
     out = [0.0] * stages
-    for s, t in enumerate(total):
-        out[s % stages] += t
+    for s, (f, b, sg) in enumerate(zip(c.f, c.b, c.sg)):
+        out[s % stages] += f + b + sg
     return out
 
 
@@ -768,10 +745,8 @@ class TorchPeer:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write atomically (temporary name, then rename): readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    """Write atomically: readers (the ranks, the driver) never see half a file."""
+    atomic_write_bytes(str(path), json.dumps(data).encode())
 
 
 class _TorchSide:
@@ -824,6 +799,9 @@ class _TorchSide:
         """Untimed steps (at least one); the first step's loss."""
         losses = self.run(max(1, steps))["losses"]
         return losses[0] if losses else None
+
+    def close(self) -> None:
+        """Nothing to stop: torch's stages use the ranks' default group."""
 
     def step(self, step: int) -> float | None:
         """One training step (forward, backward, SGD update); the mean loss on the last rank."""
@@ -942,7 +920,8 @@ def torch_worker(workdir: Path, parent: int | None = None) -> int:
             if cmd["op"] == "exit":
                 break
             if cmd["op"] == "build" and runner in _SIDES:
-                _close_side(sides.pop(runner, None))  # free the previous split first
+                if runner in sides:
+                    sides.pop(runner).close()  # free the previous split first
                 t0 = time.perf_counter()
                 sides[runner] = _SIDES[runner](cmd, rank, world)
                 first = sides[runner].warm_up(cmd["warmup"])
@@ -957,15 +936,9 @@ def torch_worker(workdir: Path, parent: int | None = None) -> int:
             n += 1
     finally:
         for side in sides.values():
-            _close_side(side)
+            side.close()
         dist.destroy_process_group()
     return 0
-
-
-def _close_side(side: Any) -> None:
-    """Stop a side that owns processes' resources (brigade's transport); torch's has none."""
-    if side is not None and hasattr(side, "close"):
-        side.close()
 
 
 # -- measurement -------------------------------------------------------------------------------------
@@ -974,7 +947,6 @@ class _Tally:
     """Timed steps of one runner on one schedule, gathered over rounds."""
 
     step_times: list[float] = field(default_factory=list)
-    busy: float = 0.0  # worker-seconds inside compute spans
     span: float = 0.0  # worker-seconds of wall time
     idle: list[list[float]] = field(default_factory=list)  # per round, per worker
     busy_per_worker: list[float] = field(default_factory=list)  # seconds, summed over rounds
@@ -984,7 +956,8 @@ class _Tally:
 
     @property
     def bubble(self) -> float:
-        return min(1.0, max(0.0, 1.0 - self.busy / self.span)) if self.span else 0.0
+        busy = sum(self.busy_per_worker)  # worker-seconds inside compute spans
+        return min(1.0, max(0.0, 1.0 - busy / self.span)) if self.span else 0.0
 
     def idle_per_worker(self) -> list[float]:
         if not self.idle:
@@ -1071,7 +1044,6 @@ def _tally_timeline(tally: _Tally, tl: Timeline, steps: int) -> None:
     """Add a round's compute and span (worker-seconds) and its idle fractions."""
     workers = tl.num_workers
     busy = [tl.busy(w) for w in range(workers)]
-    tally.busy += sum(busy)
     tally.span += workers * tl.makespan
     tally.idle.append([tl.idle_fraction(w) for w in range(workers)])
     tally.busy_per_worker = [a + b for a, b in zip(tally.busy_per_worker or [0.0] * workers, busy)]
@@ -1108,35 +1080,34 @@ def measure_split(cfg: BenchConfig, model_name: str, costs: dict[str, SplitCosts
         with ray_pipe as pipe:
             if pipe is not None:
                 tallies["ray"].first_loss = _brigade_warmup(cfg, pipe, batch, schedule)
-            for runner, tally in (("brigade", tallies.get("torchrun")), ("torch", theirs)):
-                if tally is not None:
-                    _on_torch(peer, progress, lambda r=runner, t=tally: setattr(
-                        t, "first_loss", _peer_build(cfg, peer, r, model_name, shape,
-                                                     schedule, sc.balance)))
-            runs = {
-                "ray": lambda: _brigade_round(cfg, pipe, batch, schedule, tallies["ray"]),
-                "torchrun": lambda: _peer_brigade_round(cfg, peer, tallies["torchrun"]),
-                "torch": lambda: _torch_round(cfg, peer, theirs, tname),
-            }
-            order = [*tallies, "torch"]
+            if "torchrun" in tallies:
+                tallies["torchrun"].first_loss = _on_torch(peer, progress, lambda: _peer_build(
+                    cfg, peer, "brigade", model_name, shape, schedule, sc.balance))
+            theirs.first_loss = _on_torch(peer, progress, lambda: _peer_build(
+                cfg, peer, "torch", model_name, shape, schedule, sc.balance))
+            runs = {}  # runner label -> one round (None when the peer has failed)
+            if pipe is not None:
+                runs[("brigade (ray)", schedule)] = lambda: _brigade_round(
+                    cfg, pipe, batch, schedule, tallies["ray"])
+            if "torchrun" in tallies:
+                runs[("brigade (torchrun)", schedule)] = lambda: _on_torch(
+                    peer, progress, lambda: _peer_brigade_round(cfg, peer, tallies["torchrun"]))
+            runs[("torch", tname)] = lambda: _on_torch(
+                peer, progress, lambda: _torch_round(cfg, peer, theirs, tname))
+            order = list(runs)
             for r in range(rounds):
-                for who in order[r % len(order):] + order[:r % len(order)]:
-                    label = ("torch", tname) if who == "torch" else (f"brigade ({who})", schedule)
-                    if who == "ray":
-                        timelines[label] = runs[who]()
-                    else:
-                        _on_torch(peer, progress,
-                                  lambda w=who, k=label: timelines.__setitem__(k, runs[w]()))
-            peaks = {"ray": pipe.timeline().meta.get("peak_stored_activation_bytes", [])
-                     if pipe is not None else []}
+                for label in order[r % len(order):] + order[:r % len(order)]:
+                    tl = runs[label]()
+                    if tl is not None:
+                        timelines[label] = tl
         load.append(os.getloadavg()[0])
-        last = timelines.get(("brigade (torchrun)", schedule))
-        peaks["torchrun"] = last.meta.get("peak_stored_activation_bytes", []) if last else []
         for backend, tally in tallies.items():
             if not tally.step_times:  # the peer failed before this backend ran
                 continue
+            last = timelines[(f"brigade ({backend})", schedule)]  # peaks since the start
             rows.append(_brigade_row(cfg, model_name, schedule, backend, tally, sc.balance,
-                                     peaks[backend], theirs if peer and not peer.error else None))
+                                     last.meta.get("peak_stored_activation_bytes", []),
+                                     theirs if peer and not peer.error else None))
             rows[-1]["load_avg_1min"] = load  # the machine's load at start and end (2 cores)
         if theirs.step_times and tname == schedule:
             torch_tallies[schedule] = (theirs, sc.balance)
@@ -1162,16 +1133,17 @@ def _brigade_row(cfg: BenchConfig, model: str, schedule: str, backend: str, tall
 
 
 def _on_torch(peer: TorchPeer | None, progress: Callable[[str], None],
-              action: Callable[[], Any]) -> None:
-    """Run a torch-side action unless the peer is absent or has failed; a failure is kept
-    on the peer (the brigade measurements go on without it) and reported once."""
+              action: Callable[[], Any]) -> Any:
+    """``action()`` on the torchrun peer, or None when the peer is absent or has failed; a
+    failure is kept on the peer (the Ray measurements go on without it) and reported once."""
     if peer is None or peer.error is not None:
-        return
+        return None
     try:
-        action()
+        return action()
     except TorchPeerError as err:
         peer.error = str(err)
         progress(f"torch side failed; brigade goes on alone: {err}")
+        return None
 
 
 def _peer_build(cfg: BenchConfig, peer: TorchPeer, runner: str, model: str, shape: str,
@@ -1197,8 +1169,7 @@ def _measured_row(cfg: BenchConfig, model: str, schedule: str, runner: str, tall
            "step_time_s": step, "samples_per_s": cfg.batch_size / step,
            "min_step_time_s": min(tally.step_times),
            "bubble_fraction": tally.bubble, "idle_per_stage": tally.idle_per_worker(),
-           "steps_timed": len(tally.step_times) * (cfg.window if runner == "brigade"
-                                                   and schedule in schedulers.DECOUPLED else 1),
+           "steps_timed": tally.steps,
            "step_times_s": tally.step_times, "balance": balance, "first_loss": tally.first_loss,
            "bubble_source": "timeline" if runner == "brigade" else "timed compute calls",
            "busy_per_step_s": [b / tally.steps for b in tally.busy_per_worker] if tally.steps else []}
@@ -1253,7 +1224,7 @@ def target_checks(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["runner"] != "brigade":
             continue
-        name = f"{r['model']} {r['schedule']} (brigade on {r.get('backend', 'ray')})"
+        name = f"{r['model']} {r['schedule']} (brigade on {r['backend']})"
         if r["schedule"] in _RATIO_SCHEDULES and r.get("ratio_vs_torch"):
             checks.append({"check": f"{name} / torch step time", "value": r["ratio_vs_torch"],
                            "target": f"<= {_RATIO_TARGET}",
@@ -1289,7 +1260,7 @@ def measured_table_rows(rows: list[dict]) -> list[list[str]]:
     for r in rows:
         if r["runner"] != "brigade":
             continue
-        out.append([r["model"], r["schedule"], r.get("backend", "ray"), _ms(r["step_time_s"]),
+        out.append([r["model"], r["schedule"], r["backend"], _ms(r["step_time_s"]),
                     f"{r['samples_per_s']:.1f}", _pct(r["bubble_fraction"]),
                     f"{r.get('torch_schedule', '-')}",
                     _ms(r.get("torch_step_time_s")),
@@ -1302,8 +1273,8 @@ def measured_table_rows(rows: list[dict]) -> list[list[str]]:
     return out
 
 
-MEASURED_COLUMNS = ["model", "schedule", "brigade backend", "brigade step ms", "brigade samples/s", "brigade bubble",
-                    "torch schedule", "torch step ms", "brigade/torch step (of fastest steps)",
+MEASURED_COLUMNS = ["model", "schedule", "brigade backend", "brigade step ms",
+                    "brigade samples/s", "brigade bubble", "torch schedule", "torch step ms", "brigade/torch step (of fastest steps)",
                     "simulated samples/s",
                     "simulated/measured", "calibrated samples/s",
                     "compute ms/step per worker, measured (simulated)"]

@@ -66,8 +66,8 @@ SECTIONS = ("accuracy", "revnet", "idle", "memory")
 MEMORY_BALANCE = [1, 1, 1, 7]  # revnet18: Stem | RevBlock | RevBlock | Downsample ... Head
 MLP_BALANCE = [1, 2]  # flatten+linear | linear, linear: the split `brigade train` makes
 REVNET_BALANCE = [4, 6]  # revnet18 cut balanced for both backprop and PETRA (profiled)
-IDLE_WARMUP = 4
-BN_BATCHES = 100  # training microbatches that re-estimate BatchNorm statistics  # steps run (and not measured) before an idle measurement
+IDLE_WARMUP = 4  # steps run (and not measured) before an idle measurement
+BN_BATCHES = 100  # training microbatches that re-estimate BatchNorm statistics
 
 
 @dataclass
@@ -121,14 +121,6 @@ def pipeline(spec: RunSpec, args, backend: str | None = None, stages: int | list
     )
 
 
-def accuracy(pipe, test, batch_size: int = 500) -> float:
-    correct = 0
-    for i in range(0, len(test), batch_size):
-        x, y = test.x[i:i + batch_size], test.y[i:i + batch_size]
-        correct += int((pipe.predict(x).argmax(1) == y).sum())
-    return correct / len(test)
-
-
 @torch.no_grad()
 def recalibrated_accuracy(spec: RunSpec, args, state: dict, train, test) -> float | None:
     """Test accuracy of the trained weights after re-estimating BatchNorm's statistics
@@ -156,10 +148,9 @@ def recalibrated_accuracy(spec: RunSpec, args, state: dict, train, test) -> floa
     idx = torch.randperm(len(train), generator=g)[: BN_BATCHES * size]
     for chunk in idx.split(size):
         model(train.x[chunk])
-    model.eval()
-    correct = sum(int((model(test.x[i:i + 500]).argmax(1) == test.y[i:i + 500]).sum())
-                  for i in range(0, len(test), 500))
-    return correct / len(test)
+    from brigade.stages.trainer import evaluate
+
+    return evaluate(model, test.x, test.y, 500)
 
 
 def windows(train, args, steps: int | None = None, epochs: int | None = None):
@@ -197,6 +188,8 @@ def stage_figures(pipe) -> dict[str, Any]:
 def train_run(spec: RunSpec, args, train, test, steps: int | None = None,
               epochs: int | None = None) -> dict[str, Any]:
     """Train ``spec`` for ``epochs`` (or ``steps``); accuracy, wall time, idle figures."""
+    from brigade.engine.train import pipeline_accuracy
+
     t_start = time.perf_counter()
     pipe = pipeline(spec, args)
     startup = time.perf_counter() - t_start
@@ -213,7 +206,7 @@ def train_run(spec: RunSpec, args, train, test, steps: int | None = None,
                     raise FloatingPointError(f"{spec.label}: loss became {losses[-1]} by step {n_steps}")
             figures = stage_figures(pipe)
             samples = pipe.timeline().samples
-            acc = accuracy(pipe, test)
+            acc = pipeline_accuracy(pipe, test)
             recal = recalibrated_accuracy(spec, args, pipe.state_dict(), train, test)
     except FloatingPointError as err:
         return {"label": spec.label, "model": spec.model, "method": spec.method,

@@ -46,7 +46,7 @@ import math
 import pickle
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -229,7 +229,6 @@ class _FGWorker:
         return self._with_buffers({
             "g": [g.numpy() for g in est.grads],
             "h": [g.numpy() for g in est.head_grads],
-            "d": [du.tolist() for du in est.d],
             "n": int(len(y)),
             "loss": float(est.loss),
         })
@@ -280,7 +279,7 @@ class _FGWorker:
             for i in range(0, len(y), 500):
                 out = self.model(x[i : i + 500])
                 correct += int((out.argmax(1) == y[i : i + 500]).sum())
-                loss += float(nn.functional.cross_entropy(out, y[i : i + 500], reduction="sum"))
+                loss += float(self.loss_fn(out, y[i : i + 500])) * len(out)  # a mean, summed
         self.model.train(was)
         return correct, int(len(y)), loss
 

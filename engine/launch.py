@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import UsageError, _usage_errors
+from .cli import _usage_errors
 from .cli import train_cmd
 
 

@@ -88,6 +88,7 @@ class Pipeline:
         gpus_per_stage: float | None = None,
         placement: str = "pack",
         placement_timeout_s: float = 30.0,
+        transport: str = "p2p",
         timeout_s: float = 300.0,
         schedule_options: dict[str, Any] | None = None,
         **options: Any,
@@ -96,7 +97,7 @@ class Pipeline:
             stages=stages, schedule=schedule, method=method, microbatches=microbatches,
             virtual=virtual, backend=backend, balance_by=balance_by, address=address,
             cpus_per_stage=cpus_per_stage, gpus_per_stage=gpus_per_stage,
-            placement=placement, placement_timeout_s=placement_timeout_s,
+            placement=placement, placement_timeout_s=placement_timeout_s, transport=transport,
             timeout_s=timeout_s, options=options, schedule_options=dict(schedule_options or {}),
         )
         if not isinstance(model, nn.Sequential):
@@ -106,8 +107,9 @@ class Pipeline:
             )
         self.balance = self._balance(model, sample)
         self.schedule = self._build(1)
-        if not self.decoupled:  # one period of the pattern (stale repeats every k steps)
-            self.schedule = self._build(int(self.schedule.options.get("k", 1)))
+        period = int(self.schedule.options.get("k", 1))  # stale repeats every k steps
+        if not self.decoupled and period != 1:  # build one period of the pattern
+            self.schedule = self._build(period)
         self._programs: dict[tuple[int, int], list[list[Action]]] = {}
         self._stage_options = self._method_options(model)
         # Bounded so that a long run cannot grow the driver's memory without limit; the
@@ -203,6 +205,7 @@ class Pipeline:
                 specs, self.config.cpus_per_stage, self.config.gpus_per_stage,
                 self.config.timeout_s, placement=self.config.placement,
                 placement_timeout_s=self.config.placement_timeout_s,
+                transport=self.config.transport,
             )
         except BaseException:
             self._release_ray()
@@ -369,7 +372,8 @@ class Pipeline:
                 "events_dropped": self._dropped,
                 "schedule": self.config.schedule,
                 "method": self.config.method,
-                "stages": self.config.num_workers,
+                "stages": len(self.balance),
+                "workers": self.config.num_workers,
                 "microbatches": self.config.microbatches,
                 "virtual": self.config.virtual,
                 "steps": self._timeline_steps,

@@ -100,9 +100,9 @@ class _StageActor:
         peers go over it instead of Ray calls."""
         import ray
 
-        from .transport import P2PTransport
+        from .transport import _LOOPBACK, P2PTransport
 
-        host = None if addr in ("127.0.0.1", "localhost") else ray.util.get_node_ip_address()
+        host = None if addr in _LOOPBACK else ray.util.get_node_ip_address()
         self.transport = P2PTransport(
             rank, world_size, addr, port, self.worker.mailbox.put, self.device,
             timeout_s=timeout_s, host=host,
@@ -137,14 +137,7 @@ class _StageActor:
         self.worker.begin(
             training, [(k, from_wire(v, self.device)) for k, v in messages], actions
         )
-        try:
-            self.worker.run(actions, timeout)
-        except PipelineError:
-            if self.transport is not None:  # a lost peer or a failed delivery says more
-                self.transport.check()
-            raise
-        if self.transport is not None:  # a receiver thread that stopped on an error
-            self.transport.check()
+        self.worker.run(actions, timeout, self.transport and self.transport.check)
         if self._in_flight:  # surface delivery failures and release the object refs
             ray.get(self._in_flight)
             self._in_flight = []
@@ -189,8 +182,6 @@ class RayBackend:
         placement: str = "pack",
         placement_timeout_s: float = 30.0,
     ) -> None:
-        import ray
-
         if transport not in TRANSPORTS:
             raise PipelineConfigError(
                 f"unknown transport {transport!r}; valid transports: {', '.join(TRANSPORTS)}"

@@ -104,7 +104,7 @@ class TorchrunBackend:
         error = None
         try:
             self.worker.begin(training, messages[self.rank], programs[self.rank])
-            self.worker.run(programs[self.rank], self.timeout_s)
+            self.worker.run(programs[self.rank], self.timeout_s, self.transport.check)
             result: Any = self.worker.end()
         except Exception as err:  # noqa: BLE001 - reported to every rank below
             error = f"{type(err).__name__}: {err}"

@@ -28,7 +28,8 @@ from .errors import PipelineConfigError, StageFailedError
 from .pipeline import Pipeline
 from .torchrun_backend import broadcast_object, is_rank0
 
-__all__ = ["TrainConfig", "run_training", "make_optimizer", "default_optimizer", "OPTIMIZERS"]
+__all__ = ["TrainConfig", "run_training", "make_optimizer", "default_optimizer", "OPTIMIZERS",
+           "pipeline_accuracy"]
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
 
@@ -150,6 +151,11 @@ class TrainConfig:
                 "--guess local is not pipelined (its directions depend on each microbatch's "
                 "data); run it in one process with --stages 1 --backend local, or use "
                 "--guess random")
+        if self.single_process and (self.checkpoint or self.resume or self.max_restarts):
+            raise PipelineConfigError(
+                "the single-process forward-gradient estimator (--stages 1 --backend local) "
+                "does not checkpoint; drop --checkpoint/--resume/--max-restarts, or run the "
+                "pipelined form (--stages 2 or more)")
 
 
 def default_optimizer(method: str) -> str:
@@ -396,7 +402,7 @@ class _Run:
             "steps": self.done,
             "wall_s": self.train_s,
             "samples_per_s": samples / self.train_s if self.train_s > 0 else 0.0,
-            "final_test_accuracy": _accuracy(pipe, test),
+            "final_test_accuracy": pipeline_accuracy(pipe, test),
             "checkpoint": self.last_saved,
         }
         report.update(_timeline_figures(pipe))
@@ -415,7 +421,7 @@ def _train_forward_gradient(cfg, train, test, model_kwargs, progress) -> dict[st
     opt = _optimizer_factory(cfg)(model.parameters())
     loader = Batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed)
     total = cfg.steps if cfg.steps is not None else len(loader) * cfg.epochs
-    done, train_s, epoch_losses = 0, 0.0, {}
+    done, samples, train_s, epoch_losses = 0, 0, 0.0, {}
     while done < total:
         epoch = loader.epoch
         for x, y in loader:
@@ -425,13 +431,13 @@ def _train_forward_gradient(cfg, train, test, model_kwargs, progress) -> dict[st
             _check_finite(loss, done, None)
             epoch_losses.setdefault(epoch, []).append(loss)
             done += 1
+            samples += len(y)  # an epoch's last batch may be short
             if progress:
                 progress(done, total, {"epoch": epoch + 1, "loss": loss})
             if done == total:
                 break
     from brigade.stages.trainer import evaluate
 
-    samples = done * cfg.batch_size
     return {
         "train_loss": [sum(v) / len(v) for _, v in sorted(epoch_losses.items())],
         "steps": done, "wall_s": train_s,
@@ -466,7 +472,8 @@ def _check_finite(loss: float, step: int, pipe: Pipeline | None) -> None:
         )
 
 
-def _accuracy(pipe: Pipeline, test, batch_size: int = 500) -> float:
+def pipeline_accuracy(pipe: Pipeline, test, batch_size: int = 500) -> float:
+    """Top-1 accuracy on a data set, forward-only through the pipeline, in chunks."""
     correct = 0
     for i in range(0, len(test), batch_size):
         x, y = test.x[i : i + batch_size], test.y[i : i + batch_size]

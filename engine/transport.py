@@ -38,10 +38,8 @@ arrives, so when all ranks close together every thread ends. A peer that died ma
 receive raise ("Connection closed by peer"): the thread records it and ends. Threads are
 daemons, so a rank closed alone (or killed) never hangs its process on exit.
 
-CUDA: with ``payload="gloo"`` (the default) CUDA tensors are staged through host memory.
-``payload="nccl"`` sends payload bytes over one 2-rank NCCL group per direction (headers still
-over gloo), so each NCCL communicator has exactly one sending and one receiving thread.
-UNTESTED: written for clusters with one GPU per worker; this project's CI has no GPU pair.
+CUDA: tensors are staged through host memory (sent from a CPU copy, delivered on the
+transport's device). A direct NCCL route for payloads is not built: nothing here could test it.
 """
 
 from __future__ import annotations
@@ -49,6 +47,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+import time
 from datetime import timedelta
 from typing import Any, Callable, Hashable
 
@@ -203,10 +202,6 @@ def _slot_tag(slot: int, i: int) -> int:
     return 2 + slot * MAX_TENSORS + i
 
 
-def _rendezvous_timeout(seconds: float) -> timedelta:
-    return timedelta(seconds=seconds)
-
-
 class P2PTransport:
     """Sends keyed tensor messages to peer ranks; delivers arriving ones to a callback.
 
@@ -226,7 +221,6 @@ class P2PTransport:
         *,
         timeout_s: float = 60.0,
         host: str | None = None,
-        payload: str = "gloo",
         pool_bytes: int = 256 * 1024**2,
     ) -> None:
         """Rendezvous with the other ``world_size - 1`` ranks (all must call this at once).
@@ -237,12 +231,11 @@ class P2PTransport:
         rendezvous and every wait for a send to complete. ``pool_bytes``: receive buffers
         each receiver thread keeps for reuse (see :class:`_BufferPool`).
         """
-        if payload not in ("gloo", "nccl"):
-            raise ValueError(f"payload={payload!r}: use 'gloo' or 'nccl'")
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
         self.timeout_s = timeout_s
+        self._timeout = timedelta(seconds=timeout_s)
         self.pool_bytes = pool_bytes
         self._deliver = deliver
         self._closing = False
@@ -255,7 +248,7 @@ class P2PTransport:
 
         self._store = dist.TCPStore(
             master_addr, master_port, world_size, rank == 0,
-            timeout=_rendezvous_timeout(timeout_s), wait_for_workers=True,
+            timeout=self._timeout, wait_for_workers=True,
         )
         if host is None and master_addr in _LOOPBACK:
             host = "127.0.0.1"
@@ -265,19 +258,6 @@ class P2PTransport:
         self._pg = dist.ProcessGroupGloo(
             dist.PrefixStore("brigade/gloo", self._store), rank, world_size, options
         )
-        # payload groups: None means "the gloo group"
-        self._nccl_send: dict[int, Any] = {}
-        self._nccl_recv: dict[int, Any] = {}
-        if payload == "nccl":  # UNTESTED (see module docstring)
-            if self.device.type != "cuda" or not dist.is_nccl_available():
-                raise TransportError(
-                    f"payload='nccl' needs a CUDA device and NCCL (device {self.device}, "
-                    f"nccl available: {dist.is_nccl_available()}); use payload='gloo'"
-                )
-            torch.cuda.set_device(self.device)
-            for peer in self.peers:
-                self._nccl_send[peer] = self._nccl_pair(rank, peer)
-                self._nccl_recv[peer] = self._nccl_pair(peer, rank)
         self._threads = [
             threading.Thread(target=self._receive_loop, args=(src,), daemon=True,
                              name=f"brigade-p2p-recv-{src}-to-{rank}")
@@ -285,12 +265,6 @@ class P2PTransport:
         ]
         for t in self._threads:
             t.start()
-
-    def _nccl_pair(self, src: int, dst: int) -> Any:
-        """A 2-rank NCCL group carrying payloads from ``src`` to ``dst`` only (UNTESTED)."""
-        store = dist.PrefixStore(f"brigade/nccl/{src}->{dst}", self._store)
-        return dist.ProcessGroupNCCL(store, 0 if self.rank == src else 1, 2,
-                                     dist.ProcessGroupNCCL.Options())
 
     # -- sending ----------------------------------------------------------------------------
     def send(self, dest: int, key: Hashable, payload: Any) -> None:
@@ -311,23 +285,20 @@ class P2PTransport:
                 f"rank {self.rank}: cannot send {key!r} to rank {dest}; peers are {self.peers}"
             )
         header, tensors = encode(key, payload)
-        nccl = self._nccl_send.get(dest)
         wires = []
         for t in tensors:
             if t is None:
                 continue
-            if nccl is None and t.device.type != "cpu":
-                t = t.detach().cpu()  # gloo path: stage CUDA tensors through host memory
-            elif nccl is not None and t.device != self.device:
-                t = t.detach().to(self.device)
+            if t.device.type != "cpu":
+                t = t.detach().cpu()  # stage CUDA tensors through host memory
             if t.numel():
                 wires.append(_as_bytes(t))
         sizes = tuple(w.numel() for w in wires)
-        inline = nccl is None and sum(sizes) <= INLINE_BYTES
+        inline = sum(sizes) <= INLINE_BYTES
         header[_H_INLINE] = int(inline)
         with self._send_lock:
             slot = -1
-            if not inline and nccl is None:
+            if not inline:
                 slot = self._pick_slot(self._slots_out.setdefault(dest, []), sizes)
             header[_H_SLOT] = slot
             head = torch.tensor(header, dtype=torch.int64).view(torch.uint8)
@@ -340,15 +311,9 @@ class P2PTransport:
                               for i, w in enumerate(wires)]
                 works.append(self._pg.send([head], dest, TAG_FRAME))
                 if slot < 0:
-                    for w in wires:
-                        if nccl is not None:  # UNTESTED
-                            works.append(nccl.send([w], 1, 0))
-                        else:
-                            works.append(self._pg.send([w], dest, TAG_PAYLOAD))
+                    works += [self._pg.send([w], dest, TAG_PAYLOAD) for w in wires]
                 for w in works:
-                    w.wait(_rendezvous_timeout(self.timeout_s))
-                if nccl is not None:  # UNTESTED: the bytes have left before we return
-                    torch.cuda.current_stream(self.device).synchronize()
+                    w.wait(self._timeout)
             except Exception as err:  # noqa: BLE001 - e.g. the peer's connection is gone
                 raise TransportError(
                     f"rank {self.rank}: sending {key!r} to rank {dest} failed: {err}"
@@ -375,7 +340,6 @@ class P2PTransport:
     def _receive_loop(self, src: int) -> None:
         frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
         header = frame[:HEADER_BYTES].view(torch.int64)
-        nccl = self._nccl_recv.get(src)
         slots: list[tuple[int, ...]] = []  # size signatures, mirrored from the sender
         pool = _BufferPool(self.pool_bytes)
         posted: list[list[tuple[Any, torch.Tensor]]] = []  # per slot: (work, buffer)
@@ -393,8 +357,6 @@ class P2PTransport:
                     for n in sizes:
                         bufs.append(frame[offset:offset + n].clone())
                         offset += n
-                elif nccl is not None:  # UNTESTED
-                    bufs = [self._receive_nccl(nccl, n) for n in sizes]
                 else:
                     slot = self._pick_slot(slots, sizes)
                     if slot != fields[_H_SLOT]:
@@ -449,12 +411,6 @@ class P2PTransport:
             out.append((self._pg.recv([buf], src, _slot_tag(slot, i)), buf))
         return out
 
-    def _receive_nccl(self, nccl: Any, nbytes: int) -> torch.Tensor:  # UNTESTED
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        nccl.recv([buf], 0, 0).wait()
-        torch.cuda.current_stream(self.device).synchronize()
-        return buf
-
     # -- lifetime ---------------------------------------------------------------------------
     def close(self, timeout_s: float = 2.0) -> bool:
         """Tell every peer this rank is done, and join the receiver threads.
@@ -465,7 +421,7 @@ class P2PTransport:
         if self._closed:
             return True
         self._closing = True
-        deadline = _Deadline(timeout_s)
+        end = time.monotonic() + timeout_s
         try:
             with self._send_lock:
                 head = torch.zeros(HEADER_LEN, dtype=torch.int64)
@@ -473,16 +429,14 @@ class P2PTransport:
                 head = head.view(torch.uint8)
                 works = [self._pg.send([head], peer, TAG_FRAME) for peer in self.peers]
                 for w in works:
-                    w.wait(_rendezvous_timeout(max(deadline.left(), 0.01)))
+                    w.wait(timedelta(seconds=max(end - time.monotonic(), 0.01)))
         except Exception:  # noqa: BLE001 - a peer is gone; nothing more to say to it
             pass
         for t in self._threads:
-            t.join(max(deadline.left(), 0.0))
+            t.join(max(end - time.monotonic(), 0.0))
         self._closed = not any(t.is_alive() for t in self._threads)
         if self._closed:  # no thread uses the groups any more: release sockets and store
             self._posted.clear()
-            self._nccl_send.clear()
-            self._nccl_recv.clear()
             self._pg = None
             self._store = None
         return self._closed
@@ -525,14 +479,3 @@ class _BufferPool:
             arrays.append(array)
             self.kept += nbytes
         return torch.from_numpy(array)
-
-
-class _Deadline:
-    def __init__(self, seconds: float) -> None:
-        import time
-
-        self._clock = time.monotonic
-        self._end = self._clock() + seconds
-
-    def left(self) -> float:
-        return self._end - self._clock()

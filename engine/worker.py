@@ -118,8 +118,23 @@ class Worker:
                 stage.pop_losses()  # the worker keeps its own (mb, loss) record
         return result
 
-    def run(self, actions: list[Action], timeout: float | None = None) -> None:
-        """Execute ``actions`` in order, blocking on the mailbox where a message is due."""
+    def run(self, actions: list[Action], timeout: float | None = None,
+            check: Callable[[], None] | None = None) -> None:
+        """Execute ``actions`` in order, blocking on the mailbox where a message is due.
+
+        ``check`` (a transport's) runs when the program stalls and after it ends: a receiver
+        thread stopped by a lost peer or a failed delivery says more than the stall does.
+        """
+        try:
+            self._run(actions, timeout)
+        except PipelineError:
+            if check is not None:
+                check()
+            raise
+        if check is not None:
+            check()
+
+    def _run(self, actions: list[Action], timeout: float | None) -> None:
         for action in actions:
             keys = self.needs(action)
             if keys and not self.mailbox.has(keys):

@@ -22,17 +22,20 @@ from .schedule import Schedule
 from .simulate import simulate
 from .timeline import Event, Timeline
 
-__all__ = ["costs_from_timeline", "schedule_of", "predict"]
+__all__ = ["costs_from_spans", "costs_from_timeline", "schedule_of", "predict", "send_cost"]
 
 # Cost field of each compute kind (S folds forward, backward and update: charged as f).
 _FIELD = {"F": "f", "B": "b", "I": "i", "W": "w", "U": "u", "T": "sg", "S": "f", "R": "b"}
 
 
 def schedule_of(timeline: Timeline) -> Schedule:
-    """The schedule a measured run executed, rebuilt from its metadata."""
+    """The schedule a run executed (measured or simulated), rebuilt from its metadata;
+    ``build`` takes workers, which traces written before ``meta["workers"]`` existed kept
+    under ``"stages"``."""
     meta = timeline.meta
     return build(
-        meta["schedule"], stages=int(meta["stages"]), microbatches=int(meta["microbatches"]),
+        meta["schedule"], stages=int(meta.get("workers", meta["stages"])),
+        microbatches=int(meta["microbatches"]),
         virtual=int(meta.get("virtual", 1)), steps=max(1, int(meta.get("steps", 1))),
         **meta.get("schedule_options", {}),
     )
@@ -53,13 +56,14 @@ def _means(events: list[Event]) -> dict[tuple[int, str], float]:
         if target is not None:
             target[(e.stage, e.kind)].append(e.duration)
     return {
-        key: statistics.fmean(v) + (_lower_quartile(sends[key]) if sends.get(key) else 0.0)
+        key: statistics.fmean(v) + (send_cost(sends[key]) if sends.get(key) else 0.0)
         for key, v in spans.items()
     }
 
 
-def _lower_quartile(values: list[float]) -> float:
-    return sorted(values)[len(values) // 4]
+def send_cost(spans: list[float]) -> float:
+    """What a send costs, from its measured spans: their lower quartile (see ``_means``)."""
+    return sorted(spans)[len(spans) // 4]
 
 
 def _latency(timeline: Timeline, schedule: Schedule) -> float:
@@ -102,22 +106,27 @@ def _folded(med: dict[tuple[int, str], float], n: int) -> dict[str, list[float]]
     return out
 
 
-def costs_from_timeline(timeline: Timeline) -> Costs:
-    """Per-stage mean costs and the message latency of a measured run."""
-    schedule = schedule_of(timeline)
-    med = _means(timeline.events)
-    n = schedule.num_stages
+def costs_from_spans(seconds: dict[tuple[int, str], float], stages: int, **others) -> Costs:
+    """Costs from each (stage, action kind)'s seconds, measured or profiled: every kind
+    charged to its field (``_FIELD``), folded actions charged once (``_folded``); a kind a
+    stage never ran costs it 0. ``others`` are further Costs fields (latency, ...)."""
     fields: dict[str, list[float]] = {}
     for kind, name in _FIELD.items():
-        values = [med.get((s, kind)) for s in range(n)]
+        values = [seconds.get((s, kind)) for s in range(stages)]
         if any(v is not None for v in values) and name not in fields:
             fields[name] = [v or 0.0 for v in values]
     if "i" in fields and "b" not in fields:
-        fields["w"] = fields.get("w", [0.0] * n)
-    fields.update(_folded(med, n))
+        fields["w"] = fields.get("w", [0.0] * stages)
+    fields.update(_folded(seconds, stages))
+    return Costs(**fields, **others)
+
+
+def costs_from_timeline(timeline: Timeline) -> Costs:
+    """Per-stage mean costs and the message latency of a measured run."""
+    schedule = schedule_of(timeline)
     total_mb = schedule.microbatches * max(1, int(timeline.meta.get("steps", 1)))
-    return Costs(
-        **fields,
+    return costs_from_spans(
+        _means(timeline.events), schedule.num_stages,
         latency=_latency(timeline, schedule),
         microbatch_size=timeline.samples / total_mb if total_mb else 1,
     )

@@ -14,9 +14,9 @@ Durations the simulator charges::
     SF, SB  bytes / bandwidth on the sender;  RF, RB  0 (the receiver waits ``latency``)
 
 Under ``fwdgrad`` an ``F`` is a forward with tangents (a jvp per projection), several times
-a plain forward (measured on the MNIST MLP at batch 16: ~15x with one projection, most of
-it drawing the directions): give ``f`` as its measured time (``brigade report`` calibrates
-it from a run). Its forward message carries the activation and its tangents, ``1 + n``
+a plain forward; a stage's first ``F`` of a step also draws the step's directions (kept for
+its later ones), so it costs the most: give ``f`` as the mean over a step's forwards, as
+``brigade report`` calibrates it from a run. Its forward message carries the activation and its tangents, ``1 + n``
 activations for ``n`` projections: give ``activation_bytes`` as that size.
 
 A message between workers arrives ``latency + bytes / bandwidth`` after its producer ends

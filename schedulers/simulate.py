@@ -125,7 +125,7 @@ def _meta(schedule: "Schedule", c: Costs) -> dict:
         "microbatches": schedule.microbatches,
         "virtual": schedule.virtual,
         "steps": schedule.steps,
-        "options": dict(schedule.options),
+        "schedule_options": dict(schedule.options),
         "stores_activations": list(c.stores_activations),
         "activation_bytes": list(c.activation_bytes),
         "costs": c.to_dict(),

@@ -65,18 +65,17 @@ optimizer for checkpoints.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import ConfigError, choose
-from .stage import StageSpec
+from .stage import OptimizerFactory, StageSpec
 from .synthetic import make_synthesizer, param_groups
 
 __all__ = ["DNIStage", "SG_OPTIMIZERS"]
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SG_OPTIMIZERS = ("adam", "sgd")
 
 

@@ -182,9 +182,12 @@ class FGOptimizer(torch.optim.Optimizer):
             grads = list(grads)
             if len(grads) != len(params):
                 raise ConfigError(f"step got {len(grads)} gradients for {len(params)} parameters")
-            gs = [None if g is None else g.detach().clone() for g in grads]
         else:
-            gs = [None if p.grad is None else p.grad.detach().clone() for p in params]
+            grads = [p.grad for p in params]
+        # the update rules only read the gradients; clipping scales them in place, so only
+        # then are they copied (the caller's tensors and .grad stay as they were)
+        copy = self.clip_norm is not None
+        gs = [None if g is None else (g.detach().clone() if copy else g.detach()) for g in grads]
         if self.clip_norm is not None:
             self.last_norm = clip_by_norm([g for g in gs if g is not None], self.clip_norm)
         factor = self.lr_factor()

@@ -43,7 +43,7 @@ activation perturbation. Optimizer options that look at all parameters at once (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -54,17 +54,17 @@ from .fwdgrad import (
     DISTRIBUTIONS,
     _check,
     _frozen_stats,
+    _has_running_stats,
     _unit_counts,
     auto_projections,
     directions,
     jvp_forward,
     param_blocks,
 )
-from .stage import StageSpec
+from .stage import OptimizerFactory, StageSpec
 
 __all__ = ["ForwardGradientStage", "stage_options", "PIPELINE_OPTIONS"]
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 # What a user may set for the pipelined estimator (Pipeline(..., method="fwdgrad", **these)).
 PIPELINE_OPTIONS = ("projections", "scope", "blocks", "dist", "seed", "guess")
@@ -107,7 +107,7 @@ def stage_options(
     _, _, scope, dist, n = _check("random", "weight", scope, dist, projections)
     params = list(model.parameters())
     if scope == "global":
-        counts, units = (int(n) if not isinstance(n, tuple) else n[0],), [0] * len(params)
+        counts, units = (n,), [0] * len(params)  # _check gives one int for the global scope
     else:
         bl = param_blocks(model, blocks)
         counts = tuple(_unit_counts(n, len(bl)))
@@ -162,10 +162,7 @@ class ForwardGradientStage:
         self.rows = sum(self.counts)  # numbers in d: one per projection of every unit
         self.seed, self.dist = int(seed), choose("direction distribution", dist, DISTRIBUTIONS)
         self.segments = self._segments(list(param_units), list(child_params))
-        self.tracks_stats = any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-            for m in self.module.modules()
-        )
+        self.tracks_stats = _has_running_stats(self.module)
         self.t = 0  # updates taken: the key of this step's directions
         self._coef: torch.Tensor | None = None  # Σ_j (n_j/N) d_j of this step
         self._vs: dict[int, list[torch.Tensor]] = {}  # segment -> this step's directions

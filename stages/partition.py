@@ -42,7 +42,6 @@ __all__ = [
     "BlockProfile",
     "profile_blocks",
     "StageRow",
-    "stage_times",
     "Partition",
     "partition",
     "BALANCERS",
@@ -313,6 +312,13 @@ class Partition:
     def __len__(self) -> int:
         return len(self.modules)
 
+    @classmethod
+    def from_profile(cls, model: nn.Sequential, balance: list[int],
+                     profile: list[BlockProfile] | None, by: str = "balance") -> "Partition":
+        """The partition ``balance`` of ``model``, its rows summed from a block profile
+        already taken (or without times when ``profile`` is None)."""
+        return cls(balance, split(model, balance), _rows(model, balance, profile), by, profile)
+
     def _column(self, name: str) -> list[float | None] | None:
         """One per-stage time of the rows (simulator costs), or None when not profiled."""
         return None if self.profile is None else [getattr(r, name) for r in self.rows]
@@ -364,7 +370,7 @@ def _rows(model: nn.Sequential, balance: list[int], profile: list[BlockProfile] 
         stop = start + count
         row = StageRow(stage=s, start=start, stop=stop, params=sum(count_params(model[i]) for i in range(start, stop)))
         if profile is not None:
-            row = replace(row, **stage_times(profile[start:stop], first=start == 0),
+            row = replace(row, **_stage_times(profile[start:stop], first=start == 0),
                           out_shape=profile[stop - 1].out_shape,
                           out_bytes=profile[stop - 1].out_bytes)
         rows.append(row)
@@ -372,7 +378,7 @@ def _rows(model: nn.Sequential, balance: list[int], profile: list[BlockProfile] 
     return rows
 
 
-def stage_times(blocks: list[BlockProfile], first: bool) -> dict[str, float | None]:
+def _stage_times(blocks: list[BlockProfile], first: bool) -> dict[str, float | None]:
     """A stage's forward, backward, I and W seconds from its blocks' profiles.
 
     The first stage's input needs no gradient, so its I computes nothing and its W is its
@@ -415,4 +421,4 @@ def partition(
         balance = balance_by_params(model, stages)
     elif by == "time":
         balance = min_max_partition([p.forward_s + p.backward_s for p in profile], stages)
-    return Partition(balance, split(model, balance), _rows(model, balance, profile), by, profile)
+    return Partition.from_profile(model, balance, profile, by)

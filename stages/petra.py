@@ -42,19 +42,15 @@ in the ``petra`` schedule, ``d = 2(p - 1 - s)``).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
-
 import torch
 from torch import nn
 
 from .dni import tensor_bytes
 from .errors import ConfigError
 from .revnet import frozen_bn_stats, is_reversible
-from .stage import StageSpec
+from .stage import OptimizerFactory, StageSpec
 
 __all__ = ["PetraStage"]
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
 class PetraStage:

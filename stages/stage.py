@@ -64,9 +64,6 @@ class _Saved:
     inp: torch.Tensor
     out: torch.Tensor  # the stage output, or the scaled loss on the last stage
     nbytes: int = 0  # bytes autograd saved for this microbatch's backward, plus inp and out
-    grad_in: torch.Tensor | None = None  # set by backward_input, kept for backward_weight
-    grad_out: torch.Tensor | None = None
-    input_done: bool = False  # backward_input ran; backward_weight may follow
     split: SplitBackward | None = None  # what backward_input left for backward_weight
 
 
@@ -208,30 +205,21 @@ class Stage:
         fixed cost, now paid twice, dominates.
         """
         saved = self._saved[mb]
-        saved.grad_out = self._grad_for(saved, grad_out)
-        saved.input_done = True
-        if self.spec.is_first or not saved.inp.requires_grad:
-            return None
+        grad = self._grad_for(saved, grad_out)
         params = [p for p in self.module.parameters() if p.requires_grad]
-        saved.grad_in, saved.split = backward_input(saved.out, saved.grad_out, saved.inp, params)
-        return saved.grad_in
+        if self.spec.is_first or not saved.inp.requires_grad:
+            # no input gradient to compute: W is the whole backward, walked once
+            saved.split = SplitBackward(direct=params, out=saved.out, grad_out=grad)
+            return None
+        grad_in, saved.split = backward_input(saved.out, grad, saved.inp, params)
+        return grad_in
 
     def backward_weight(self, mb: int) -> None:
         """The weight half of a split backward: accumulate parameter gradients, free ``mb``."""
         saved = self._saved.pop(mb)
-        if not saved.input_done:
+        if saved.split is None:
             raise RuntimeError(f"stage {self.spec.index}: W{mb} before I{mb}")
-        if saved.split is not None:
-            backward_weight(saved.split)
-            return
-        # The first stage's I computed nothing: W is its whole backward, walked once.
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        if not params:
-            return
-        grads = torch.autograd.grad(saved.out, params, saved.grad_out, allow_unused=True)
-        for p, g in zip(params, grads):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad.add_(g)
+        backward_weight(saved.split)
 
     def _grad_for(self, saved: _Saved, grad_out: torch.Tensor | None) -> torch.Tensor | None:
         """The gradient to start backward from: given, or none for the last stage's loss."""

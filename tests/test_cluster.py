@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from brigade.engine.transport import free_port
 
 from _procs import wait_gone, with_cmdline
 
@@ -39,12 +40,6 @@ TRAIN = ["--model", "mlp", "--width", "16", "--data", "synthetic", "--steps", "3
          "--batch-size", "32", "--quiet"]
 FIGURES = ("final_test_accuracy", "train_loss", "samples_per_s", "wall_s", "bubble_fraction",
            "stages")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], env: dict, timeout: float, cwd: Path | None = None) -> str:

@@ -184,7 +184,7 @@ def test_two_stage_chain_driven_by_hand_learns(conditioned):
     # the synthetic gradient learned to point like the true one; the label helps a lot
     # (measured: ~0.26 without it, ~0.87 with it)
     late = sum(cos[-20:]) / 20
-    assert late > (0.5 if conditioned else 0.02), cos[-20:]
+    assert late > (0.5 if conditioned else 0.1), cos[-20:]
     # and stage 0's synthetic-gradient updates matter: freezing it (update_prob=0) is worse
     _, frozen, _, st0 = drive(conditioned, 100, update_prob=0.0)
     assert st0.updates == 0 and end < 0.7 * frozen, (end, frozen)
@@ -314,7 +314,7 @@ def wide_chain(**options):
 
 def test_synthetic_gradient_stays_on_the_scale_of_the_true_one():
     """Regression test for the divergence: the SG's Adam moves every last-layer weight by
-    ~lr per step whatever the target's size, so an unnormalised SG predicted ~100x the true
+    ~lr per step whatever the target's size, so an unnormalised SG predicted ~20x the true
     gradient after one step and the stage's update exploded. Normalised, it stays on scale."""
     ratios, losses, st0 = wide_chain()
     assert max(ratios) < 2.0, ratios
@@ -347,17 +347,19 @@ def test_dni_default_cli_settings_do_not_diverge_on_mnist(mnist_dir):
     """The reported failure: `brigade train --model mlp --data mnist --method dni|cdni`
     (SGD lr 0.05, 4 microbatches of 16, each its own update) gave NaN by step 9 / 14."""
     from brigade.engine import Pipeline
-    from brigade.engine.train import make_optimizer
+    from brigade.engine.train import TrainConfig, make_optimizer
     from brigade.stages.data import batches, load_dataset
     from brigade.stages.models import build_model
 
     train = load_dataset("mnist", data_dir=str(mnist_dir), split="train")
     for method in ("dni", "cdni"):
+        cfg = TrainConfig(model="mlp", data="mnist", method=method, backend="local")  # defaults
         torch.manual_seed(0)
         with Pipeline(build_model("mlp"), stages=2, schedule="dni", method=method,
-                      microbatches=4, optimizer=make_optimizer("sgd", 0.05),
+                      microbatches=cfg.microbatches, optimizer=make_optimizer(cfg.optimizer, cfg.lr),
                       loss_fn=nn.CrossEntropyLoss(), backend="local") as pipe:
-            data = [b for _, b in zip(range(10), batches(train, 64, shuffle=True, seed=0))]
+            data = [b for _, b in zip(range(10), batches(train, cfg.batch_size, shuffle=True,
+                                                         seed=0))]
             losses = [out["loss"] for out in pipe.run(data)]
         assert all(math.isfinite(v) and v < 5.0 for v in losses), (method, losses)
         assert sum(losses[-4:]) / 4 < 0.8 * losses[0], (method, losses)

@@ -199,8 +199,10 @@ def test_batchnorm_statistics_move_once():
         assert int(mm[0][1].num_batches_tracked) == 1
     frozen = nn.Sequential(nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.ReLU()), nn.Linear(8, 3))
     frozen.load_state_dict(m.state_dict())
-    fg.forward_gradient(frozen, x, y, LOSS, projections=3, update_stats=False)
-    assert torch.equal(frozen[0][1].running_mean, m[0][1].running_mean)
+    for kw in (dict(), dict(scope="block")):
+        fg.forward_gradient(frozen, x, y, LOSS, projections=3, update_stats=False, **kw)
+        assert torch.equal(frozen[0][1].running_mean, m[0][1].running_mean)
+        assert int(frozen[0][1].num_batches_tracked) == 0
     # the estimate still matches the batch-statistics gradient
     est = fg.forward_gradient(frozen, x, y, LOSS, projections=3000, update_stats=False, seed=2)
     assert fg.cosine_similarity(est.grads, fg.true_gradient(frozen, x, y, LOSS)) > 0.9

@@ -62,3 +62,4 @@ def test_bytes_are_counted_once_per_input_shape():
     stage.forward(2, torch.randn(5, 8))  # an odd last microbatch
     assert [s.nbytes for s in stage._saved.values()] == [
         (16 * 8 + 16 * 16) * 4, (16 * 8 + 16 * 16) * 4, (5 * 8 + 5 * 16) * 4]
+    assert len(stage._bytes_by_shape) == 2  # counted twice for three microbatches

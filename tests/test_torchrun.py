@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import pytest
 import torch
 
 from brigade.engine.cli import main
 
-from _procs import run_session, with_cmdline
+from _procs import run_session, wait_gone, with_cmdline
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +32,7 @@ def test_torchrun_weights_equal_single_process_and_processes_end(tmp_path, sched
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)
     report = json.loads(js.read_text())
     assert report["config"]["backend"] == "torchrun" and len(report["stages"]) == 2
-    deadline = time.monotonic() + 10
-    while with_cmdline(str(js)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert with_cmdline(str(js)) == []
+    assert wait_gone(with_cmdline(str(js)), 10)
 
 
 def test_torchrun_backend_outside_torchrun_says_how_to_start(capsys):

@@ -225,32 +225,22 @@ def _net() -> nn.Sequential:
                          nn.Linear(8, 8), nn.Linear(8, 3))
 
 
-def _train(transport: str, monkeypatch) -> tuple[dict, list, str]:
-    import brigade.engine.ray_backend as rb
+def _train(transport: str) -> tuple[dict, list, str]:
     from brigade.engine import Pipeline
 
-    base = rb.RayBackend
-
-    def backend(*args, **kwargs):
-        return base(*args, **{**kwargs, "transport": transport})
-
-    monkeypatch.setattr(rb, "RayBackend", backend)
     g = torch.Generator().manual_seed(3)
     data = [(torch.randn(8, 1, 2, 3, generator=g), torch.randint(0, 3, (8,), generator=g))
             for _ in range(2)]
-    try:
-        with Pipeline(_net(), stages=[1, 2], schedule="1f1b", microbatches=4,
-                      backend="ray", optimizer=lambda p: torch.optim.SGD(p, lr=0.1)) as pipe:
-            losses = [pipe.step(x, y)["loss"] for x, y in data]
-            return pipe.state_dict(), losses, pipe._backend.transport
-    finally:
-        monkeypatch.undo()
+    with Pipeline(_net(), stages=[1, 2], schedule="1f1b", microbatches=4, backend="ray",
+                  transport=transport, optimizer=lambda p: torch.optim.SGD(p, lr=0.1)) as pipe:
+        losses = [pipe.step(x, y)["loss"] for x, y in data]
+        return pipe.state_dict(), losses, pipe._backend.transport
 
 
-def test_engine_trains_the_same_over_either_transport(ray_cluster, monkeypatch):
-    p2p, p2p_losses, used = _train("p2p", monkeypatch)
+def test_engine_trains_the_same_over_either_transport(ray_cluster):
+    p2p, p2p_losses, used = _train("p2p")
     assert used == "p2p"
-    ray_, ray_losses, used = _train("ray", monkeypatch)
+    ray_, ray_losses, used = _train("ray")
     assert used == "ray"
     assert p2p_losses == ray_losses
     for k in p2p:

@@ -28,6 +28,15 @@ class UsageError(ValueError):
     """A bad command-line value; the message names the value and what would work."""
 
 
+def int_list(flag: str, text: str, example: str, what: str = "comma-separated integers"
+             ) -> list[int]:
+    """``"2,3"`` -> ``[2, 3]``; anything else is a UsageError naming ``flag`` and the value."""
+    try:
+        return [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} must be {what}, e.g. {example}") from None
+
+
 def _usage_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean 'the user asked for something invalid' (exit 2)."""
     kinds: list[type[BaseException]] = [UsageError]

@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from . import UsageError, output
+from . import UsageError, int_list, output
 
 __all__ = ["NAME", "HELP", "add_arguments", "run"]
 
@@ -64,30 +64,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _blocks(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UsageError(f"--blocks {text!r} must be comma-separated integers, e.g. 4,1,1") from None
+    return None if text is None else tuple(int_list("--blocks", text, "4,1,1"))
 
 
-def _projections(text: str, num_blocks: int | None = None) -> int | tuple[int, ...]:
-    if str(text).strip().lower() == "auto":  # as fwdgrad.auto_projections
-        if not num_blocks or num_blocks < 2:
-            return 1 if not num_blocks else 256
-        return (1,) * (num_blocks - 1) + (256,)
-    try:
-        ns = tuple(int(v) for v in str(text).split(",") if v.strip())
-    except ValueError:
-        raise UsageError(f"--projections {text!r} must be an integer or comma-separated integers, e.g. 1,1,256") from None
+def _projections(text: str, model=None, blocks=None) -> int | tuple[int, ...]:
+    """``--projections``: a count, one per block, or auto (``fwdgrad.auto_projections`` of
+    ``model``; 1 while the model is not built yet, for an early check of the flags)."""
+    if str(text).strip().lower() == "auto":
+        from brigade.stages.fwdgrad import auto_projections
+
+        ns = (1,) if model is None else auto_projections(model, blocks)
+    else:
+        ns = tuple(int_list("--projections", text, "1,1,256",
+                            "an integer or comma-separated integers"))
     if not ns:
         raise UsageError("--projections needs at least one number")
     return ns[0] if len(ns) == 1 else ns
 
 
-def config_from_args(args: argparse.Namespace, num_blocks: int | None = None):
-    """The system's settings; ``num_blocks`` (the model's) resolves ``--projections auto``."""
+def config_from_args(args: argparse.Namespace, model=None):
+    """The system's settings; ``model`` (once built) resolves ``--projections auto``."""
     from brigade.engine.fgdp import FGDPConfig
 
     okw = {
@@ -97,7 +93,8 @@ def config_from_args(args: argparse.Namespace, num_blocks: int | None = None):
         if v is not None
     }
     auto = str(args.projections).strip().lower() == "auto"
-    projections = 1 if args.guess == "local" else _projections(args.projections, num_blocks)
+    projections = 1 if args.guess == "local" else _projections(args.projections, model,
+                                                                _blocks(args.blocks))
     scope = args.scope or ("block" if auto or isinstance(projections, tuple) or args.guess == "local" else "global")
     if auto and scope == "global":
         projections = 1
@@ -144,12 +141,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1; got {args.epochs}")
-    from brigade.stages.fwdgrad import param_blocks
-
     config_from_args(args)  # bad settings fail before any data is read
     train, test = _data(args)
     model = _model(args, train)
-    cfg = config_from_args(args, len(param_blocks(model, _blocks(args.blocks))))
+    cfg = config_from_args(args, model)
     torch.set_num_threads(1)
     console = Console(stderr=True)
     started = time.perf_counter()

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import output
-from . import UsageError
+from . import UsageError, int_list
 
 NAME = "train"
 HELP = "Train a built-in model on a data set with a pipeline; print accuracy and idle time."
@@ -93,12 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _balance(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--balance {text!r} must be comma-separated integers, e.g. 2,3") from None
+    return None if text is None else int_list("--balance", text, "2,3")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -182,8 +177,12 @@ def run_here(args: argparse.Namespace) -> int:
     print_report(report, Console())
     if args.save:
         output.save_state_dict(report["state_dict"], args.save)
-    if args.trace and report.get("timeline") is not None:
-        output.write_json(args.trace, report["timeline"].to_json())
+    if args.trace:
+        if report["timeline"] is None:  # the single-process estimator runs no pipeline
+            console.print("[yellow]--trace: a single-process run has no pipeline timeline; "
+                          "nothing written[/]")
+        else:
+            output.write_json(args.trace, report["timeline"].to_json())
     if args.json:
         output.write_json(args.json, output.json_figures(report))
     return 0
