@@ -9,15 +9,23 @@ warm-up steps, then the timed steps two ways, alternating: as one pipelined run
 (``Pipeline.run``: the steps' programs back to back, one driver round trip; this is what
 the simulator models) and step by step (``Pipeline.step``: one driver round trip per step,
 the difference is the driver's overhead). Measured samples/s (wall clock, driver included)
-and bubble fraction beside two predictions of the same schedule:
-  profile     costs from profiling each stage in this process before the run, the way
+and bubble fraction beside three predictions of the same schedule:
+  in place    costs from ``Pipeline.profile`` before the timed runs: every action of the
+              schedule timed on the actors themselves, all at once, in the schedule's order,
+              with recorded stand-ins for the messages it takes (nobody waits); its sends go
+              out and are dropped on arrival, so both ends pay for them and each action is
+              charged its sends as calibrate charges a run's; the latency (the receiver's
+              wake-up beyond the send) is the run's, as calibrated below
+  isolated    costs from profiling each stage alone in this process, the way
               bench/resnet_splits.py does: brigade's Stage class on the time-balanced split
-              (F, B, zb1p's split I and W, the loss, the update), plus the lower quartile
-              of the run's send spans as latency
+              (F, B, zb1p's split I and W, the loss, the update), one microbatch at a
+              time, the other core idle, sends not charged; the lower quartile of the
+              run's send spans as latency
   calibrated  costs from the run's own per-action spans (brigade.schedulers.predict)
 Then the hand-off of a 4 MB activation by the engine's route beside torch.distributed gloo
 send/recv in the same run (bench/transport.py). Targets (issue 4): measured >= 0.9 x
-predicted throughput; hand-off <= 1.5 x gloo.
+predicted throughput (from the in-place profile; the isolated one is printed beside it);
+hand-off <= 1.5 x gloo.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import resnet_splits  # noqa: E402  (bench/resnet_splits.py: the stage-class pro
 import transport  # noqa: E402  (bench/transport.py)
 
 from brigade.engine import Pipeline  # noqa: E402
-from brigade.schedulers import predict  # noqa: E402
+from brigade.schedulers import costs_from_timeline, predict  # noqa: E402
 from brigade.schedulers.calibrate import send_cost  # noqa: E402
 from brigade.stages.data import load_dataset  # noqa: E402
 
@@ -57,14 +65,16 @@ def bench_config(args) -> "resnet_splits.BenchConfig":
 
 
 def run_schedule(model, data, schedule, virtual, balance, args) -> dict:
-    """Warm up, then time ``args.steps`` steps as one run and step by step, ``args.repeat``
-    times each, alternating; medians of the wall times and the last run's timeline."""
+    """Warm up and profile in place, then time ``args.steps`` steps as one run and step by
+    step, ``args.repeat`` times each, alternating; medians of the wall times, the last
+    run's timeline and the profile's."""
     with Pipeline(model, stages=balance, schedule=schedule, virtual=virtual,
                   microbatches=args.microbatches, cpus_per_stage=1,
                   optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
                   loss_fn=nn.CrossEntropyLoss(), backend="ray") as pipe:
         batches = [data[i % len(data)] for i in range(args.steps)]
         pipe.run([data[i % len(data)] for i in range(args.warmup)])
+        profiled = pipe.profile(*data[0], steps=args.steps)
         window, stepwise = [], []
         for _ in range(args.repeat):
             t0 = time.perf_counter()
@@ -77,7 +87,8 @@ def run_schedule(model, data, schedule, virtual, balance, args) -> dict:
             window.append(time.perf_counter() - t0)
         tl = pipe.timeline()
     samples = args.batch_size * args.steps
-    return {"timeline": tl, "samples_per_s": samples / statistics.median(window),
+    return {"timeline": tl, "profiled": profiled,
+            "samples_per_s": samples / statistics.median(window),
             "stepwise_samples_per_s": samples / statistics.median(stepwise)}
 
 
@@ -116,21 +127,28 @@ def main(argv: list[str] | None = None) -> int:
             sc = replace(resnet_splits.split_costs(cfg, blocks, model, 2, name, cache))
             res = run_schedule(model, data, name, virtual, sc.balance, args)
             tl = res["timeline"]
-            sc.costs = replace(sc.costs, latency=_latency_for(tl, hand), bandwidth=0.0)
+            latency = _latency_for(tl, hand)
+            sc.costs = replace(sc.costs, latency=latency, bandwidth=0.0)
             prof = resnet_splits.simulate_costs(cfg, name, 2, sc, steps=args.steps)
-            cal = predict(tl)
+            calibrated = costs_from_timeline(tl)
+            in_place = predict(tl, replace(costs_from_timeline(res["profiled"]),
+                                           latency=calibrated.latency))
+            cal = predict(tl, calibrated)
             rows.append({
                 "schedule": name, "virtual": virtual, "balance": sc.balance,
                 "measured_samples_per_s": res["samples_per_s"],
                 "measured_bubble": tl.bubble_fraction,
                 "stepwise_samples_per_s": res["stepwise_samples_per_s"],
+                "in_place_samples_per_s": in_place.throughput,
+                "in_place_bubble": in_place.bubble_fraction,
                 "profile_samples_per_s": prof.throughput, "profile_bubble": prof.bubble_fraction,
                 "calibrated_samples_per_s": cal.throughput,
                 "calibrated_bubble": cal.bubble_fraction,
             })
             r = rows[-1]
             print(f"{name}: measured {r['measured_samples_per_s']:.1f} samples/s (step by step "
-                  f"{r['stepwise_samples_per_s']:.1f}), profile "
+                  f"{r['stepwise_samples_per_s']:.1f}), in place "
+                  f"{r['in_place_samples_per_s']:.1f}, isolated "
                   f"{r['profile_samples_per_s']:.1f}, calibrated "
                   f"{r['calibrated_samples_per_s']:.1f}", file=sys.stderr)
     finally:
@@ -158,20 +176,22 @@ def print_tables(rows: list[dict], hand: dict, args) -> None:
     t = Table(title=f"{args.model} width {args.width}, 2 stages x 1 thread, "
                     f"m={args.microbatches}, batch {args.batch_size}, {args.steps} steps per run, "
                     f"medians of {args.repeat} runs")
-    for col in ("schedule", "measured samples/s", "step by step", "predicted (profile)",
-                "measured / predicted",
+    for col in ("schedule", "measured samples/s", "step by step", "predicted (in place)",
+                "measured / predicted", "predicted (isolated)", "measured / isolated",
                 "predicted (calibrated)", "bubble measured", "bubble predicted"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(
             r["schedule"] + (f" v={r['virtual']}" if r["virtual"] > 1 else ""),
             f"{r['measured_samples_per_s']:.1f}", f"{r['stepwise_samples_per_s']:.1f}",
+            f"{r['in_place_samples_per_s']:.1f}",
+            f"{r['measured_samples_per_s'] / r['in_place_samples_per_s']:.2f}",
             f"{r['profile_samples_per_s']:.1f}",
             f"{r['measured_samples_per_s'] / r['profile_samples_per_s']:.2f}",
             f"{r['calibrated_samples_per_s']:.1f}",
-            f"{r['measured_bubble']:.3f}", f"{r['profile_bubble']:.3f}",
+            f"{r['measured_bubble']:.3f}", f"{r['in_place_bubble']:.3f}",
         )
-    console = Console()
+    console = Console(width=max(Console().width, 150))
     console.print(t)
     console.print(
         f"4 MB hand-off, one way (median): brigade engine route (p2p) "

@@ -10,9 +10,11 @@ Routes (one way, median over ping-pong rounds, each round trip halved):
   ray-numpy  brigade's engine route: actor -> actor fire-and-forget call with a numpy array
              (zero-copy read from shared memory), copied into a torch tensor on arrival
   brigade-p2p  brigade's p2p route (engine/transport.py): two Ray actors, each with a
-             P2PTransport; header + payload over gloo, a receiver thread per peer files the
-             tensor in a Mailbox (the pong is sent from the receiver thread, as a deliver
-             callback would)
+             P2PTransport; on one host, the header over a Unix socket and the payload
+             through a shared-memory ring; a receiver thread per peer files the tensor in a
+             Mailbox (the pong is sent from the receiver thread, as a deliver callback would)
+  brigade-gloo the same with shared_memory=False (transport="gloo"): header + payload over
+             gloo, the route between hosts
   gloo       torch.distributed send/recv with the gloo backend between two processes
 
 All routes run in this one invocation, so their ratios are comparable on a noisy machine.
@@ -119,11 +121,12 @@ class _P2PPeer:
 
         return free_port()
 
-    def setup(self, rank: int, port: int) -> None:
+    def setup(self, rank: int, port: int, shared_memory: bool) -> None:
         from brigade.engine.transport import P2PTransport
 
         torch.set_num_threads(1)
-        self.transport = P2PTransport(rank, 2, "127.0.0.1", port, self._deliver, timeout_s=60)
+        self.transport = P2PTransport(rank, 2, "127.0.0.1", port, self._deliver, timeout_s=60,
+                                      shared_memory=shared_memory)
 
     def _deliver(self, key, tensor) -> None:
         if key[0] == "x":  # ping: bounce it from the receiver thread
@@ -148,14 +151,14 @@ class _P2PPeer:
         return self.transport.close(5.0)
 
 
-def p2p_route(nbytes: int, rounds: int) -> list[float]:
+def p2p_route(nbytes: int, rounds: int, shared_memory: bool = True) -> list[float]:
     import ray
 
     cls = ray.remote(num_cpus=0, max_concurrency=4)(_P2PPeer)
     a, b = cls.remote(), cls.remote()
     try:
         port = ray.get(a.port.remote())
-        ray.get([a.setup.remote(0, port), b.setup.remote(1, port)])
+        ray.get([a.setup.remote(0, port, shared_memory), b.setup.remote(1, port, shared_memory)])
         times = ray.get(a.run.remote(nbytes, rounds))
         ray.get([a.close.remote(), b.close.remote()])
         return times
@@ -209,6 +212,7 @@ ROUTES = {
     "ray-torch": lambda nbytes, n: ray_route(nbytes, n, as_numpy=False),
     "ray-numpy": lambda nbytes, n: ray_route(nbytes, n, as_numpy=True),
     "brigade-p2p": p2p_route,
+    "brigade-gloo": lambda nbytes, n: p2p_route(nbytes, n, shared_memory=False),
     "gloo": gloo_route,
 }
 
@@ -245,7 +249,7 @@ def print_table(rows: list[dict]) -> None:
 
     table = Table(title="one-way hand-off, median ms (brigade's engine uses brigade-p2p; "
                         "ray-numpy with transport='ray')")
-    routes = ("copy", "ray-torch", "ray-numpy", "brigade-p2p", "gloo")
+    routes = ("copy", "ray-torch", "ray-numpy", "brigade-p2p", "brigade-gloo", "gloo")
     for col in ("size", *routes, "ray-numpy / gloo", "brigade-p2p / gloo"):
         table.add_column(col, justify="right")
     for r in rows:

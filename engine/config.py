@@ -50,7 +50,7 @@ class PipelineConfig:
     gpus_per_stage: float | None = None
     placement: str = "pack"
     placement_timeout_s: float = 30.0
-    transport: str = "p2p"  # Ray backend: "p2p" (a gloo group among the actors) or "ray" calls
+    transport: str = "p2p"  # "p2p" (same host: shared memory; else gloo), "gloo", or "ray" calls
     timeout_s: float = 300.0
     options: dict = field(default_factory=dict)  # options of the method's stage class
     schedule_options: dict = field(default_factory=dict)  # e.g. {"k": 4} for stale

@@ -33,11 +33,12 @@ class LocalBackend:
         self.workers[dest].mailbox.put(key, tensor)
 
     def run_step(
-        self, training: bool, programs: list[list[Action]], messages: list[list[tuple]]
+        self, training: bool, programs: list[list[Action]], messages: list[list[tuple]],
+        mode: str = "run",
     ) -> list[StepResult]:
         """Execute one step's action lists; returns each worker's result."""
         for worker, msgs, program in zip(self.workers, messages, programs):
-            worker.begin(training, msgs, program)
+            worker.begin(training, msgs, program, mode)
         queues = [deque(p) for p in programs]
         while any(queues):
             progressed = False

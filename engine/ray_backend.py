@@ -4,9 +4,10 @@ Data path, chosen by measurement (``bench/transport.py``, 4 MB one way on this k
 machine): a torch tensor argument of a Ray call goes through the object store pickled
 (~18 ms); a numpy array argument is read zero-copy from shared memory (~4-6 ms); a gloo
 send/recv between the two processes costs ~2 ms. So by default (``transport="p2p"``) the
-actors open a torch.distributed gloo group among themselves once, at start, and a message
-crosses as a header and the tensor bytes (:class:`~brigade.engine.transport.P2PTransport`);
-a receiver thread per peer files it in the worker's mailbox. ``transport="ray"`` keeps the
+actors connect to each other once, at start (:class:`~brigade.engine.transport.P2PTransport`):
+actors on one host through a Unix socket and a shared-memory ring, others over a
+torch.distributed gloo group (``transport="gloo"``: gloo for all); a message crosses as a
+header and the tensor bytes, and a receiver thread per peer files it in the worker's mailbox. ``transport="ray"`` keeps the
 Ray-call route: a fire-and-forget call ``peer.deliver.remote(key, array)`` with numpy arrays,
 copied into torch tensors on arrival. Either way the driver's own messages (inputs, targets,
 labels) travel as ``run_step`` arguments, and actors are threaded, so deliveries land while
@@ -67,7 +68,7 @@ def from_wire(value: Any, device: torch.device | str = "cpu") -> Any:
     return value
 
 
-TRANSPORTS = ("p2p", "ray")
+TRANSPORTS = ("p2p", "gloo", "ray")
 
 
 class _StageActor:
@@ -94,7 +95,8 @@ class _StageActor:
         return ray.util.get_node_ip_address(), free_port("")
 
     def setup_transport(
-        self, rank: int, world_size: int, addr: str, port: int, timeout_s: float = 60.0
+        self, rank: int, world_size: int, addr: str, port: int, timeout_s: float = 60.0,
+        shared_memory: bool = True,
     ) -> None:
         """Join the p2p group (every actor calls this at once); from then on messages to
         peers go over it instead of Ray calls."""
@@ -105,7 +107,7 @@ class _StageActor:
         host = None if addr in _LOOPBACK else ray.util.get_node_ip_address()
         self.transport = P2PTransport(
             rank, world_size, addr, port, self.worker.mailbox.put, self.device,
-            timeout_s=timeout_s, host=host,
+            timeout_s=timeout_s, host=host, shared_memory=shared_memory,
         )
 
     def close_transport(self, timeout_s: float = 2.0) -> bool:
@@ -129,13 +131,14 @@ class _StageActor:
             self._in_flight.append(self.peers[dest].deliver.remote(key, to_wire(payload)))
 
     def run_step(
-        self, training: bool, actions: list[Action], messages: list[tuple], timeout: float
+        self, training: bool, actions: list[Action], messages: list[tuple], timeout: float,
+        mode: str = "run",
     ) -> StepResult:
         """Run one step's program; returns losses, eval outputs and the timeline events."""
         import ray
 
         self.worker.begin(
-            training, [(k, from_wire(v, self.device)) for k, v in messages], actions
+            training, [(k, from_wire(v, self.device)) for k, v in messages], actions, mode
         )
         self.worker.run(actions, timeout, self.transport and self.transport.check)
         if self._in_flight:  # surface delivery failures and release the object refs
@@ -168,8 +171,10 @@ class _StageActor:
 class RayBackend:
     """Starts one actor per worker on a Ray cluster and drives them step by step.
 
-    ``transport``: "p2p" (default) sends activations and gradients over a torch.distributed
-    gloo group among the actors; "ray" sends them as Ray actor calls carrying numpy arrays.
+    ``transport``: "p2p" (default) sends activations and gradients actor to actor, through
+    shared memory between actors on one host and over a torch.distributed gloo group
+    between hosts; "gloo" sends everything over the gloo group; "ray" sends them as Ray
+    actor calls carrying numpy arrays.
     """
 
     def __init__(
@@ -195,8 +200,8 @@ class RayBackend:
             self._start_actors(specs, cpus, gpus)
             self.pids = self._get([a.connect.remote(self.actors) for a in self.actors])
             self.transport = "ray"
-            if transport == "p2p" and len(self.actors) > 1:
-                self._setup_p2p()
+            if transport != "ray" and len(self.actors) > 1:
+                self._setup_p2p(shared_memory=transport == "p2p")
             self.offsets = self._clock_offsets()
         except BaseException:
             self._kill()  # also removes the placement group: nothing outlives a failed start
@@ -219,7 +224,7 @@ class RayBackend:
                     self.placement_group, placement_group_bundle_index=i)
             self.actors.append(remote_cls.options(**options).remote(spec))
 
-    def _setup_p2p(self) -> None:
+    def _setup_p2p(self, shared_memory: bool) -> None:
         """Open the gloo group: rank i = worker i, the store on worker 0's node (loopback
         when every actor shares one node). Falls back to Ray calls where torch has no gloo."""
         import torch.distributed as dist
@@ -235,7 +240,8 @@ class RayBackend:
         rendezvous_s = min(60.0, self.timeout_s)
         try:
             self._get([
-                a.setup_transport.remote(rank, len(self.actors), addr, port, rendezvous_s)
+                a.setup_transport.remote(rank, len(self.actors), addr, port, rendezvous_s,
+                                         shared_memory)
                 for rank, a in enumerate(self.actors)
             ])
         except PipelineError as err:
@@ -244,7 +250,7 @@ class RayBackend:
                 f"{addr}:{port} ({err}); pass transport='ray' to send tensors through Ray "
                 "calls instead"
             ) from err
-        self.transport = "p2p"
+        self.transport = "p2p" if shared_memory else "gloo"
 
     def _clock_offsets(self) -> list[float]:
         """Each actor's clock minus the driver's, from one ping round trip each."""
@@ -262,12 +268,13 @@ class RayBackend:
         return self.offsets
 
     def run_step(
-        self, training: bool, programs: list[list[Action]], messages: list[list[tuple]]
+        self, training: bool, programs: list[list[Action]], messages: list[list[tuple]],
+        mode: str = "run",
     ) -> list[StepResult]:
         """Start every actor's program and wait, failing fast if any actor fails."""
         refs = [
             actor.run_step.remote(
-                training, prog, [(k, to_wire(v)) for k, v in msgs], self.timeout_s
+                training, prog, [(k, to_wire(v)) for k, v in msgs], self.timeout_s, mode
             )
             for actor, prog, msgs in zip(self.actors, programs, messages)
         ]
@@ -328,7 +335,7 @@ class RayBackend:
         """Close the p2p group (bounded by ``close_timeout_s``), then kill every actor."""
         import ray
 
-        if self.actors and self.transport == "p2p":
+        if self.actors and self.transport != "ray":
             try:
                 refs = [a.close_transport.remote(close_timeout_s) for a in self.actors]
                 ray.wait(refs, num_returns=len(refs), timeout=close_timeout_s + 1.0)

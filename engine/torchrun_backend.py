@@ -63,9 +63,14 @@ def broadcast_object(obj: Any) -> Any:
 class TorchrunBackend:
     """Runs this rank's worker; gathers every rank's results."""
 
-    def __init__(self, specs: list[WorkerSpec], timeout_s: float) -> None:
+    def __init__(self, specs: list[WorkerSpec], timeout_s: float, transport: str = "p2p") -> None:
         from .transport import P2PTransport, free_port
 
+        if transport not in ("p2p", "gloo"):
+            raise PipelineConfigError(
+                f"transport {transport!r} does not run under torchrun; use 'p2p' (shared "
+                "memory between ranks on one host, gloo between hosts) or 'gloo'"
+            )
         self.rank, self.world = init_torchrun()
         if self.world != len(specs):
             raise PipelineConfigError(
@@ -85,7 +90,7 @@ class TorchrunBackend:
         self.transport = P2PTransport(
             self.rank, self.world, os.environ.get("MASTER_ADDR", "127.0.0.1"), port,
             deliver=self.worker.mailbox.put, device=spec.device,
-            timeout_s=min(60.0, timeout_s),
+            timeout_s=min(60.0, timeout_s), shared_memory=transport == "p2p",
         )
         self.pids = self._gather(os.getpid())
 
@@ -98,12 +103,13 @@ class TorchrunBackend:
         return out
 
     def run_step(
-        self, training: bool, programs: list[list[Action]], messages: list[list[tuple]]
+        self, training: bool, programs: list[list[Action]], messages: list[list[tuple]],
+        mode: str = "run",
     ) -> list[StepResult]:
         """Run this rank's program; a failure anywhere fails every rank, naming the stage."""
         error = None
         try:
-            self.worker.begin(training, messages[self.rank], programs[self.rank])
+            self.worker.begin(training, messages[self.rank], programs[self.rank], mode)
             self.worker.run(programs[self.rank], self.timeout_s, self.transport.check)
             result: Any = self.worker.end()
         except Exception as err:  # noqa: BLE001 - reported to every rank below

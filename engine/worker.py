@@ -22,6 +22,7 @@ last stage it also sends d to every stage) and D folds d into the stage's gradie
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
@@ -33,7 +34,16 @@ from brigade.schedulers import Action
 from .errors import PipelineError
 from .mailbox import Mailbox
 
-__all__ = ["Worker", "StepResult", "Send"]
+__all__ = ["Worker", "StepResult", "Send", "MODES"]
+
+# How a step runs (``Worker.begin``): "run" trains or evaluates; "record" is a run that also
+# keeps the messages it took (after a snapshot of the training state); "replay" runs a
+# program without waiting for any message, each one it needs stood in for by the recorded
+# one of the same kind, stage and microbatch (modulo the recorded step's count); what it
+# sends goes out for microbatch -1 - j, which the receiving mailbox drops; the snapshot is
+# restored at its end. Record then replay is an in-place profile: every action timed where
+# and as it runs, sends and receives paid as in a run, without waiting on anyone.
+MODES = ("run", "record", "replay")
 
 # send(dest_worker, key, payload): hand a message (a tensor, or a tuple of tensors) on.
 Send = Callable[[int, Hashable, Any], None]
@@ -74,6 +84,9 @@ class Worker:
         self._training = True
         self._forward_only: set[tuple[int, int]] = set()
         self._result = StepResult(index)
+        self._mode = "run"
+        self._snapshot: dict[int, dict[str, Any]] | None = None
+        self._recorded: dict[Hashable, Any] = {}
         self._handlers: dict[str, Callable[[Action], None]] = {
             "F": self._forward,
             "B": self._backward,
@@ -94,9 +107,19 @@ class Worker:
         training: bool,
         messages: list[tuple[Hashable, Any]] = (),
         program: list[Action] = (),
+        mode: str = "run",
     ) -> None:
         """Start a run: set train/eval mode, deliver its inputs and targets, and note which
-        forwards have no backward in ``program`` (they keep no activations)."""
+        forwards have no backward in ``program`` (they keep no activations). ``mode``: see
+        ``MODES``."""
+        if mode not in MODES:
+            raise PipelineError(f"unknown step mode {mode!r}; modes are {', '.join(MODES)}")
+        if mode == "record":
+            self._snapshot = copy.deepcopy(self.checkpoint_state())
+            self._recorded = {}
+        elif mode == "replay":
+            messages = list(messages) + self._stand_ins(messages, program)
+        self._mode = mode
         self._training = training
         self._result = StepResult(self.index)
         backward = {(a.stage, a.microbatch) for a in program if a.kind in ("B", "I", "R")}
@@ -110,7 +133,13 @@ class Worker:
             self.mailbox.put(key, value)
 
     def end(self) -> StepResult:
-        """Finish a step and hand back what it produced."""
+        """Finish a step and hand back what it produced (after a replay, the training state
+        is put back as the record step found it)."""
+        if self._mode == "replay":
+            self.mailbox.clear()
+            self.load_checkpoint_state(self._snapshot)
+            self._snapshot, self._recorded = None, {}
+        self._mode = "run"
         result = self._result
         for s, stage in self.stages.items():
             result.peak_stored_bytes[s] = getattr(stage, "peak_stored_bytes", 0)
@@ -201,6 +230,36 @@ class Worker:
                 stage.load_state_dict_extra(state["extra"])
             torch.set_rng_state(state["rng"])
 
+    def _stand_ins(self, given: list[tuple[Hashable, Any]], program: list[Action]
+                   ) -> list[tuple[Hashable, Any]]:
+        """For a replay: every message ``program`` needs and ``given`` lacks, taken from the
+        record step (microbatch j stands in for j + k * m, m the recorded microbatches)."""
+        if self._snapshot is None:
+            raise PipelineError(f"worker {self.index}: a replay needs a record step first")
+        m = 1 + max((k[-1] for k in self._recorded), default=0)
+        have = {k for k, _ in given}
+        out = []
+        for a in program:
+            for key in self.needs(a):
+                if key in have:
+                    continue
+                stand_in = (*key[:-1], key[-1] % m)
+                if stand_in not in self._recorded:
+                    raise PipelineError(
+                        f"worker {self.index}: nothing recorded to stand in for {key} "
+                        f"(recorded {sorted(self._recorded)[:6]}...); record a step of the "
+                        "same schedule first")
+                out.append((key, self._recorded[stand_in]))
+                have.add(key)
+        return out
+
+    def _take(self, key: Hashable) -> Any:
+        """Take a message from the mailbox (keeping it when recording)."""
+        value = self.mailbox.take(key)
+        if self._mode == "record":
+            self._recorded[key] = value
+        return value
+
     # -- which messages an action consumes ------------------------------------------------
     def needs(self, action: Action) -> list[Hashable]:
         """Message keys that must be present before ``action`` can run."""
@@ -229,19 +288,19 @@ class Worker:
     # -- handlers ---------------------------------------------------------------------------
     def _forward(self, a: Action) -> None:
         stage = self.stages[a.stage]
-        x = self.mailbox.take(("x", a.stage, a.microbatch))
+        x = self._take(("x", a.stage, a.microbatch))
         last = a.stage == self.num_stages - 1
         if not self._training:
             out = stage.infer(x)
             if last:
-                self.mailbox.take(("y", a.microbatch))
+                self._take(("y", a.microbatch))
                 self._result.outputs[a.microbatch] = out
             else:
                 self._route(a, ("x", a.stage + 1, a.microbatch), out)
             return
         target = weight = None
         if last:
-            target, weight = self.mailbox.take(("y", a.microbatch))
+            target, weight = self._take(("y", a.microbatch))
         if (a.stage, a.microbatch) in self._forward_only:
             out = stage.forward_only(a.microbatch, x, target, weight if last else 1.0)
         else:
@@ -277,12 +336,12 @@ class Worker:
         """
         s, j = a.stage, a.microbatch
         last = s == self.num_stages - 1
-        x = self.mailbox.take(("x", s, j))
+        x = self._take(("x", s, j))
         target, weight, label = None, 1.0, None
         if last:
-            target, weight = self.mailbox.take(("y", j))
+            target, weight = self._take(("y", j))
         elif self.conditioned:
-            label = self.mailbox.take(("l", j))
+            label = self._take(("l", j))
         out, grad_in = self.stages[s].forward(j, x, target, 1.0, label=label)
         if last:
             self._result.losses.append((j, float(out) * weight))
@@ -293,7 +352,7 @@ class Worker:
 
     def _dni_train(self, a: Action) -> None:
         """DNI: regress the synthetic gradient onto the gradient that came back."""
-        target = self.mailbox.take(("g", a.stage, a.microbatch))
+        target = self._take(("g", a.stage, a.microbatch))
         self.stages[a.stage].train_sg(a.microbatch, target)
 
     def _reverse(self, a: Action) -> None:
@@ -302,7 +361,7 @@ class Worker:
         if s == self.num_stages - 1:
             x, dx = self.stages[s].reverse(j)
         else:
-            y, dy = self.mailbox.take(("g", s, j))
+            y, dy = self._take(("g", s, j))
             x, dx = self.stages[s].reverse(j, y, dy)
         if s > 0:
             self._route(a, ("g", s - 1, j), (x, dx))
@@ -317,11 +376,11 @@ class Worker:
             self._forward(a)
             return
         s, j = a.stage, a.microbatch
-        x = self.mailbox.take(("x", s, j))
+        x = self._take(("x", s, j))
         if s < self.num_stages - 1:
             self._route(a, ("x", s + 1, j), self.stages[s].forward(j, x))
             return
-        target, weight = self.mailbox.take(("y", j))
+        target, weight = self._take(("y", j))
         loss, d = self.stages[s].forward(j, x, target, weight)
         self._result.losses.append((j, float(loss)))
         for dest in range(self.num_stages):
@@ -329,17 +388,19 @@ class Worker:
 
     def _fg_accumulate(self, a: Action) -> None:
         """Forward gradients: add the scalars d of this microbatch to the step's sum."""
-        d = self.mailbox.take(("d", a.stage, a.microbatch))
+        d = self._take(("d", a.stage, a.microbatch))
         self.stages[a.stage].accumulate(a.microbatch, d)
 
     def _take_grad(self, a: Action) -> torch.Tensor | None:
         if a.stage == self.num_stages - 1:
             return None
-        return self.mailbox.take(("g", a.stage, a.microbatch))
+        return self._take(("g", a.stage, a.microbatch))
 
     # -- routing and recording ----------------------------------------------------------------
     def _route(self, a: Action, key: tuple, tensor: Any) -> None:
         """Deliver to the worker holding the destination stage (this one: no copy)."""
+        if self._mode == "replay":  # sent, so both ends pay for it, but dropped on arrival
+            key = (*key[:-1], -1 - key[-1])
         dest = self.worker_of[key[1]]
         if dest == self.index or self._send is None:
             self.mailbox.put(key, tensor)

@@ -1,11 +1,14 @@
-"""The p2p transport: keyed tensors between real Ray actors over a gloo group.
+"""The p2p transport: keyed tensors between real Ray actors, over the same-host route
+(a socket and a shared-memory ring) or a gloo group.
 
 Three actors send to each other at once, every pair in both directions, messages of several
 dtypes and shapes (0-d, empty, 4-D, non-contiguous, bool, bfloat16), tuples with None
-entries and None payloads, small ones (inline in the header's frame) and large ones (into
-receives posted ahead, or not). Each arrives bit-exact and, per source, in send order. Closing
-all together ends every receiver thread; a killed peer makes the survivor's transport
-report the error instead of hanging; the engine trains the same with either transport.
+entries and None payloads, small ones (inline) and large ones (through the ring; over gloo
+into receives posted ahead, or not), with every rank on the same-host route, none, or two of
+three. Each arrives bit-exact and, per source, in send order. Closing all together ends every
+receiver thread and leaves nothing in /dev/shm; a killed peer makes the survivor's transport
+report the error instead of hanging (either route); the engine trains the same with every
+transport.
 """
 
 from __future__ import annotations
@@ -83,10 +86,15 @@ class _Peer:
 
         return free_port()
 
-    def setup(self, rank: int, world: int, port: int) -> int:
+    def setup(self, rank: int, world: int, port: int, shared_memory: bool = True) -> int:
         self.transport = P2PTransport(rank, world, "127.0.0.1", port, self._deliver,
-                                      timeout_s=30)
+                                      timeout_s=30, shared_memory=shared_memory)
         return os.getpid()
+
+    def routes(self) -> tuple[list[int], list[int]]:
+        """The peers on the same-host route, and those this rank made a ring for."""
+        t = self.transport
+        return sorted(t.local_peers), sorted(t._rings_out)
 
     def _deliver(self, key, payload) -> None:
         self.arrived.append((key, payload))
@@ -146,12 +154,19 @@ class _Peer:
 
 
 
-def _start(ray, world: int):
+def _start(ray, world: int, shared: tuple[bool, ...] | None = None):
     cls = ray.remote(num_cpus=0, max_concurrency=4)(_Peer)
     actors = [cls.remote() for _ in range(world)]
     port = ray.get(actors[0].endpoint.remote())
-    pids = ray.get([a.setup.remote(r, world, port) for r, a in enumerate(actors)], timeout=60)
+    shared = shared or (True,) * world
+    pids = ray.get([a.setup.remote(r, world, port, shared[r]) for r, a in enumerate(actors)],
+                   timeout=60)
     return actors, pids
+
+
+def _shm_files() -> set[str]:
+    return {f for f in os.listdir("/dev/shm") if f.startswith("brigade-")} \
+        if os.path.isdir("/dev/shm") else set()
 
 
 def test_header_round_trip_without_processes():
@@ -185,24 +200,42 @@ def test_receive_buffers_are_reused_only_when_nothing_references_them():
     assert pool.kept == 2 * 4096 and big.numel() == 2 << 20  # the 2nd freed buffer served the 3rd
 
 
-def test_three_actors_exchange_exactly_and_in_order_then_close_cleanly(ray_cluster):
+# which ranks offer the same-host route; the peers each rank then reaches through it
+ROUTES = {
+    "same-host": ((True, True, True), [[1, 2], [0, 2], [0, 1]]),
+    "gloo": ((False, False, False), [[], [], []]),
+    "mixed": ((True, True, False), [[1], [0], []]),  # rank 2 keeps to gloo with both
+}
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_three_actors_exchange_exactly_and_in_order_then_close_cleanly(ray_cluster, route):
     ray = ray_cluster
-    actors, pids = _start(ray, 3)
+    shared, local = ROUTES[route]
+    if any(shared) and not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm here")
+    before = _shm_files()
+    actors, pids = _start(ray, 3, shared)
     try:
         ray.get([a.send_all.remote() for a in actors], timeout=120)
+        # every local peer got a 1 MB payload, so each has a ring made for it
+        assert ray.get([a.routes.remote() for a in actors]) == [(p, p) for p in local]
         problems = ray.get([a.check_arrivals.remote(30) for a in actors], timeout=60)
         assert problems == [[], [], []]
         closed = ray.get([a.close.remote() for a in actors], timeout=30)
         assert closed == [(True, [], [])] * 3
+        assert _shm_files() == before  # probes, sockets and rings all unlinked
     finally:
         for a in actors:
             ray.kill(a)
     assert wait_gone(pids), pids
 
 
-def test_a_killed_peer_is_reported_not_waited_for(ray_cluster):
+@pytest.mark.parametrize("shared", [True, False], ids=["same-host", "gloo"])
+def test_a_killed_peer_is_reported_not_waited_for(ray_cluster, shared):
     ray = ray_cluster
-    actors, pids = _start(ray, 2)
+    before = _shm_files()
+    actors, pids = _start(ray, 2, (shared, shared))
     try:
         ray.kill(actors[1])
         assert wait_gone(pids[1:])
@@ -213,6 +246,7 @@ def test_a_killed_peer_is_reported_not_waited_for(ray_cluster):
         t0 = time.monotonic()
         ok, alive, _ = ray.get(actors[0].close.remote(), timeout=30)
         assert ok and alive == [] and time.monotonic() - t0 < 12
+        assert _shm_files() == before  # the ring made for the dead peer is gone too
     finally:
         for a in actors:
             ray.kill(a)
@@ -237,11 +271,13 @@ def _train(transport: str) -> tuple[dict, list, str]:
         return pipe.state_dict(), losses, pipe._backend.transport
 
 
-def test_engine_trains_the_same_over_either_transport(ray_cluster):
-    p2p, p2p_losses, used = _train("p2p")
-    assert used == "p2p"
-    ray_, ray_losses, used = _train("ray")
-    assert used == "ray"
-    assert p2p_losses == ray_losses
-    for k in p2p:
-        assert torch.equal(p2p[k], ray_[k]), k
+def test_engine_trains_the_same_over_every_transport(ray_cluster):
+    runs = {name: _train(name) for name in ("p2p", "gloo", "ray")}
+    assert {name: used for name, (_, _, used) in runs.items()} == {
+        "p2p": "p2p", "gloo": "gloo", "ray": "ray"}
+    p2p, p2p_losses, _ = runs["p2p"]
+    for name in ("gloo", "ray"):
+        state, losses, _ = runs[name]
+        assert losses == p2p_losses, name
+        for k in p2p:
+            assert torch.equal(p2p[k], state[k]), (name, k)
