@@ -60,8 +60,7 @@ def bench_config(args) -> "resnet_splits.BenchConfig":
         models=(args.model,), shapes=("cifar",), stages=(2,),
         schedules=tuple(name for name, _ in SCHEDULES), microbatches=args.microbatches,
         batch_size=args.batch_size, width=args.width,
-        virtual=max(v for _, v in SCHEDULES), measure=False, measure_models=(args.model,),
-        repeats=args.profile_repeats)
+        virtual=max(v for _, v in SCHEDULES), measure=False, repeats=args.profile_repeats)
 
 
 def run_schedule(model, data, schedule, virtual, balance, args) -> dict:
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     torch.set_num_threads(1)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         hand = transport.measure(["4MB"], rounds=20)[0]
         torch.manual_seed(0)
@@ -118,18 +117,17 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(0, len(ds), args.batch_size)]
         # the time-balanced split and each stage's action seconds for one microbatch, timed
         # on brigade's own Stage class; one profile per split and rule (gpipe and 1f1b
-        # share theirs, so each gets a copy before its latency is set)
+        # share theirs; each run's latency goes into a copy of the costs)
         cfg, cache = bench_config(args), {}
         blocks = resnet_splits.profile_model(cfg, args.model, "cifar")
         rows = []
         for name, virtual in SCHEDULES:
             model = resnet_splits.make_model(cfg, args.model, "cifar")
-            sc = replace(resnet_splits.split_costs(cfg, blocks, model, 2, name, cache))
+            sc = resnet_splits.split_costs(cfg, blocks, model, 2, name, cache)
             res = run_schedule(model, data, name, virtual, sc.balance, args)
             tl = res["timeline"]
-            latency = _latency_for(tl, hand)
-            sc.costs = replace(sc.costs, latency=latency, bandwidth=0.0)
-            prof = resnet_splits.simulate_costs(cfg, name, 2, sc, steps=args.steps)
+            isolated = replace(sc.costs, latency=_latency_for(tl, hand), bandwidth=0.0)
+            prof = resnet_splits.simulate_costs(cfg, name, 2, isolated, steps=args.steps)
             calibrated = costs_from_timeline(tl)
             in_place = predict(tl, replace(costs_from_timeline(res["profiled"]),
                                            latency=calibrated.latency))

@@ -20,13 +20,14 @@ ImageNet 3x224x224, synthetic data) and stage count (2, 4, 8):
    F and B, zb1p F, I and W, DNI S and T, PETRA F and R; an SGD step for U), so they include
    what the engine runs beyond the blocks (loss, saved-bytes hooks, the split backward,
    synthetic gradients, reconstruction). Sends are charged to the sender
-   (``--latency-ms``, ``--bandwidth-gbs``, defaults from bench/transport.py on this kind of
-   machine). Figures: step time, samples/s, bubble, idle fraction per worker, peak stored
+   (``--latency-ms``, ``--bandwidth-gbs``; the defaults, 0.2 ms and 1.7 GB/s, put a 4 MB
+   hand-off at 2.7 ms, about what bench/transport.py measures for gloo on this kind of
+   machine, 1.7-2.5 ms). Figures: step time, samples/s, bubble, idle fraction per worker, peak stored
    activation bytes per worker.
 4. Measures the splits that fit the machine (default: 2 stages, CIFAR shape, resnet18 and
    revnet18 at width 16) on brigade's engine, on each of ``--backends`` (default both): Ray
-   (2 actors x 1 CPU thread, p2p gloo transport) and torchrun (2 ranks, the same transport
-   and worker code); and, side by side in the same run, the same split (same seed, same
+   (2 actors x 1 CPU thread, the p2p transport: on one host a Unix socket and a
+   shared-memory ring) and torchrun (2 ranks, the same transport and worker code); and, side by side in the same run, the same split (same seed, same
    weights, same batch) on torch.distributed.pipelining (PipelineStage with ScheduleGPipe,
    Schedule1F1B, ScheduleInterleaved1F1B) under ``torchrun --standalone --nproc-per-node 2``
    with gloo, one thread per rank. The torchrun ranks stay up for the whole run and take
@@ -201,7 +202,8 @@ class BenchConfig:
             fit = max(self.microbatches, round(self.batch_size / self.microbatches) * self.microbatches)
             raise BenchError(f"--batch-size {self.batch_size} is not a multiple of --microbatches "
                              f"{self.microbatches}; use --batch-size {fit}")
-        if self.width % 2 and any(m.startswith("revnet") for m in self.models + self.measure_models):
+        models = self.models + (self.measure_models if self.measure else ())
+        if self.width % 2 and any(m.startswith("revnet") for m in models):
             raise BenchError(f"--width {self.width} must be even for revnets (reversible blocks "
                              f"split channels in two); use --width {self.width + 1}")
 
@@ -474,15 +476,14 @@ def stage_costs(cfg: BenchConfig, mp: ModelProfile, model: nn.Sequential, parts:
 
 
 def _make_stage(rule: str, module: nn.Module, spec, last: bool):
-    """The stage class the engine builds for ``rule`` (PETRA never steps inside R here)."""
-    from brigade.stages.dni import DNIStage
-    from brigade.stages.petra import PetraStage
-    from brigade.stages.stage import Stage
+    """The stage class the engine builds for ``rule``, with its fixed options (zb1p's is
+    backprop's; PETRA never steps inside R here)."""
+    from brigade.engine.spec import STAGE_CLASSES
 
-    cls = {"dni": DNIStage, "petra": PetraStage}.get(rule, Stage)
+    cls, fixed = STAGE_CLASSES.get(rule, STAGE_CLASSES["backprop"])
     extra = {"accumulate": 10**9} if rule == "petra" else {}
     return cls(module, spec, lambda p: torch.optim.SGD(p, lr=LR),
-               nn.CrossEntropyLoss() if last else None, **extra)
+               nn.CrossEntropyLoss() if last else None, **fixed, **extra)
 
 
 def _time_actions(rule: str, st, x: torch.Tensor, y: torch.Tensor | None,
@@ -574,13 +575,13 @@ def _steps_of(cfg: BenchConfig, schedule: str) -> int:
     return cfg.window if schedule in schedulers.DECOUPLED else 1
 
 
-def simulate_costs(cfg: BenchConfig, schedule: str, stages: int, sc: SplitCosts,
+def simulate_costs(cfg: BenchConfig, schedule: str, stages: int, costs: Costs,
                    steps: int | None = None) -> Timeline:
     """Simulate ``schedule`` with sends charged to the sender (brigade's sends block)."""
     v = cfg.virtual if schedule == "interleaved" else 1
     sched = schedulers.build(schedule, stages=stages, microbatches=cfg.microbatches, virtual=v,
                              steps=steps or _steps_of(cfg, schedule))
-    tl = schedulers.simulate(schedulers.lower(sched), sc.costs)
+    tl = schedulers.simulate(schedulers.lower(sched), costs)
     tl.meta["time_unit"] = "s"
     return tl
 
@@ -618,7 +619,7 @@ def simulate_split(cfg: BenchConfig, mp: ModelProfile, model: nn.Sequential, sta
             continue
         sc = split_costs(cfg, mp, model, stages, schedule, cache)
         steps = _steps_of(cfg, schedule)
-        tl = simulate_costs(cfg, schedule, stages, sc, steps)
+        tl = simulate_costs(cfg, schedule, stages, sc.costs, steps)
         peaks = _peak_bytes(tl, sc.stored_bytes, stages)
         rows.append({**base, **_timeline_row(cfg, tl, steps), "simulated_steps": steps,
                      "balance": sc.balance, "costs": sc.source,
@@ -730,7 +731,8 @@ class TorchPeer:
                 self.proc.wait(timeout=5)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
-        # Ranks are in the same session: make sure none outlives torchrun itself.
+        # torchrun starts each rank in a session of its own, so this reaches torchrun's
+        # group only; a rank whose torchrun is gone exits by itself (see _next_command).
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -881,11 +883,12 @@ class _BrigadeSide:
 _SIDES = {"torch": _TorchSide, "brigade": _BrigadeSide}
 
 
-def _next_command(workdir: Path, n: int, parent: int | None) -> dict:
-    """Rank 0 waits for command ``n``; a vanished parent means exit."""
+def _next_command(workdir: Path, n: int, parent: int | None, agent: int) -> dict:
+    """Rank 0 waits for command ``n``; a vanished parent (the driver) or torchrun (``agent``,
+    this rank's parent process: killed, it leaves the rank to init) means exit."""
     path = workdir / f"cmd-{n}.json"
     while not path.exists():
-        if parent is not None and not _alive(parent):
+        if (parent is not None and not _alive(parent)) or os.getppid() != agent:
             return {"op": "exit"}
         time.sleep(0.005)
     return json.loads(path.read_text())
@@ -909,11 +912,12 @@ def torch_worker(workdir: Path, parent: int | None = None) -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(minutes=30))
     rank, world = dist.get_rank(), dist.get_world_size()
+    agent = os.getppid()  # torchrun's agent
     sides: dict[str, Any] = {}  # runner ("torch" | "brigade") -> its side of the current split
     n = 0
     try:
         while True:
-            box = [_next_command(workdir, n, parent) if rank == 0 else None]
+            box = [_next_command(workdir, n, parent, agent) if rank == 0 else None]
             dist.broadcast_object_list(box, src=0)
             cmd = box[0]
             runner = cmd.get("runner", "torch")
@@ -1193,7 +1197,9 @@ def _ray_cluster(num_cpus: int = 2, env: dict[str, str] | None = None) -> Iterat
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR",
+        # address="local": private even where `ray start --head` runs (see ensure_ray)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 logging_level="ERROR",
                  log_to_driver=False, runtime_env={"env_vars": env} if env else None)
     try:
         yield
@@ -1445,7 +1451,7 @@ def _profile_and_simulate(cfg: BenchConfig, name: str, shape: str, out: Results,
                 out.measured_costs.setdefault(name, {})[schedule] = sc
             if keep:  # the Gantt picture: the measured window, or one step
                 out.simulated[(name, schedule)] = simulate_costs(
-                    cfg, schedule, p, sc, steps=cfg.window if measured else None)
+                    cfg, schedule, p, sc.costs, steps=cfg.window if measured else None)
 
         if len(mp.blocks) >= p and (stage_tables or measured):
             part = stage_table(mp, _balance(mp, p), model)

@@ -6,9 +6,14 @@ from dataclasses import dataclass, field
 
 from .errors import PipelineConfigError
 
-__all__ = ["PipelineConfig", "BACKENDS", "METHOD_SCHEDULES", "PLACEMENTS", "check_placement"]
+__all__ = ["PipelineConfig", "BACKENDS", "METHOD_SCHEDULES", "PLACEMENTS", "TRANSPORTS",
+           "check_placement"]
 
 BACKENDS = ("ray", "local", "torchrun")
+
+# How stage messages travel: "p2p" (same host: a Unix socket and a shared-memory ring;
+# between hosts: gloo), "gloo" (gloo for all), "ray" (Ray actor calls; Ray backend only).
+TRANSPORTS = ("p2p", "gloo", "ray")
 
 # How the Ray backend lays the stage actors' bundles over the nodes (placement strategies).
 PLACEMENTS = ("pack", "spread", "strict_pack", "strict_spread")
@@ -50,7 +55,7 @@ class PipelineConfig:
     gpus_per_stage: float | None = None
     placement: str = "pack"
     placement_timeout_s: float = 30.0
-    transport: str = "p2p"  # "p2p" (same host: shared memory; else gloo), "gloo", or "ray" calls
+    transport: str = "p2p"  # one of TRANSPORTS
     timeout_s: float = 300.0
     options: dict = field(default_factory=dict)  # options of the method's stage class
     schedule_options: dict = field(default_factory=dict)  # e.g. {"k": 4} for stale
@@ -72,6 +77,16 @@ class PipelineConfig:
         if self.backend not in BACKENDS:
             raise PipelineConfigError(
                 f"unknown backend {self.backend!r}; valid backends: {', '.join(BACKENDS)}"
+            )
+        self.transport = self.transport.lower()
+        if self.transport not in TRANSPORTS:
+            raise PipelineConfigError(
+                f"unknown transport {self.transport!r}; valid transports: {', '.join(TRANSPORTS)}"
+            )
+        if self.backend == "torchrun" and self.transport == "ray":
+            raise PipelineConfigError(
+                "transport 'ray' does not run under torchrun; use 'p2p' (shared memory "
+                "between ranks on one host, gloo between hosts) or 'gloo'"
             )
         _positive("microbatches", self.microbatches)
         _positive("virtual", self.virtual)

@@ -25,7 +25,7 @@ class Mailbox:
         """Deliver one message; a duplicate key means a schedule bug, so it is an error.
         A key whose last entry (the microbatch) is negative is a profile replay's message
         (see ``Worker``): dropped, whenever it arrives."""
-        if isinstance(key[-1], int) and key[-1] < 0:
+        if key[-1] < 0:
             return
         with self._cond:
             if key in self._items:

@@ -277,14 +277,15 @@ class Pipeline:
 
     def profile(self, x: torch.Tensor, y: torch.Tensor, steps: int = 2) -> Timeline:
         """Time every action of ``steps`` steps on this batch where it runs, without
-        messages; the model is left as it was. Returns a timeline (``meta["source"]`` is
+        waiting for messages; the model is left as it was. Returns a timeline (``meta["source"]`` is
         "profiled") whose per-action means are the costs to simulate this pipeline with
         (``brigade.schedulers.costs_from_timeline``; its latency is then 0).
 
         How: one step of the batch is run and every message a worker takes is kept (after
         a snapshot of its weights, optimizer and RNG); then each worker runs the program
         of ``steps`` steps back to back, all workers at once, every message it needs stood
-        in for by the kept one, nothing sent; then the snapshot is restored. Why not time
+        in for by the kept one, its own sends going out and dropped on arrival (so both
+        ends pay for them); then the snapshot is restored. Why not time
         each stage alone in one process: the stages then compute with the machine to
         themselves and one microbatch in flight; on 2 CPU stages (resnet18 width 16, m=8,
         ``bench/pipeline_schedules.py``) the simulation from that came out 4-30% above the

@@ -35,12 +35,11 @@ import torch
 
 from brigade.schedulers import Action
 
-from .config import check_placement
 from .errors import PipelineConfigError, PipelineError, StageFailedError
 from .spec import WorkerSpec, build_worker
 from .worker import StepResult
 
-__all__ = ["RayBackend", "TRANSPORTS", "actor_env", "to_wire", "from_wire"]
+__all__ = ["RayBackend", "actor_env", "to_wire", "from_wire"]
 
 
 def to_wire(value: Any) -> Any:
@@ -66,9 +65,6 @@ def from_wire(value: Any, device: torch.device | str = "cpu") -> Any:
     if isinstance(value, tuple):
         return tuple(from_wire(v, device) for v in value)
     return value
-
-
-TRANSPORTS = ("p2p", "gloo", "ray")
 
 
 class _StageActor:
@@ -187,10 +183,6 @@ class RayBackend:
         placement: str = "pack",
         placement_timeout_s: float = 30.0,
     ) -> None:
-        if transport not in TRANSPORTS:
-            raise PipelineConfigError(
-                f"unknown transport {transport!r}; valid transports: {', '.join(TRANSPORTS)}"
-            )
         self.timeout_s = timeout_s
         self.worker_stages = [sorted(s.modules) for s in specs]
         self.actors: list[Any] = []
@@ -225,8 +217,10 @@ class RayBackend:
             self.actors.append(remote_cls.options(**options).remote(spec))
 
     def _setup_p2p(self, shared_memory: bool) -> None:
-        """Open the gloo group: rank i = worker i, the store on worker 0's node (loopback
-        when every actor shares one node). Falls back to Ray calls where torch has no gloo."""
+        """Connect the actors' transports (same host: socket and shared memory, unless
+        ``shared_memory`` is False; between hosts: gloo): rank i = worker i, the store on
+        worker 0's node (loopback when every actor shares one node). Falls back to Ray calls
+        where torch has no gloo."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_gloo_available()):
@@ -354,7 +348,7 @@ class RayBackend:
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self.actors = []
-        pg, self.placement_group = getattr(self, "placement_group", None), None
+        pg, self.placement_group = self.placement_group, None
         if pg is not None:
             try:
                 ray.util.remove_placement_group(pg)
@@ -411,14 +405,14 @@ def actor_env() -> dict[str, str]:
     Why: a step frees its activations and the next one allocates them again. With glibc's
     defaults each thread gets an arena (a threaded actor runs steps on whichever of Ray's
     threads is free; receiver threads allocate incoming buffers), freed memory goes back to
-    the OS and every step page-faults it in again. One arena (measured, bench/resnet_splits.py, resnet18 width 16,
-    2 stages, m=8): 7.5k faults per step under 1F1B and 19k under GPipe fell to 150-2,300;
-    GPipe's step went from 1.7-2.1 s to 0.97 s for six steps. The first stage still faulted
+    the OS and every step page-faults it in again. One arena (measured, bench/resnet_splits.py,
+    resnet18 width 16, 2 stages, m=8): 7.5k faults per step under 1F1B and 19k under GPipe
+    fell to 150-2,300; six GPipe steps took 0.97 s instead of 1.7-2.1 s. The first stage still faulted
     ~2,000 pages (8 MB) per step in again: blocks above the dynamic mmap threshold were
     mmapped fresh, and the heap top was trimmed after each backward. No trimming and a fixed
     32 MB threshold bring that to ~50 per step; the first stage's compute per step fell 2-6%
-    in four side-by-side runs (1F1B and GPipe, two pipelines alternating in one Ray cluster). The cost: a
-    process keeps its peak heap (which every step reaches again) instead of returning it.
+    in four side-by-side runs (1F1B and GPipe, two pipelines alternating in one Ray
+    cluster). The cost: a process keeps its peak heap (which every step reaches again) instead of returning it.
     """
     return {k: os.environ.get(k, v) for k, v in _MALLOC_ENV.items()}
 
@@ -461,7 +455,6 @@ def _place(workers: int, cpus: float, gpus: float, placement: str, timeout_s: fl
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    placement = check_placement(placement)
     bundle = _bundle(cpus, gpus)
     if not bundle:
         return None

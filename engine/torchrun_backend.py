@@ -64,13 +64,9 @@ class TorchrunBackend:
     """Runs this rank's worker; gathers every rank's results."""
 
     def __init__(self, specs: list[WorkerSpec], timeout_s: float, transport: str = "p2p") -> None:
+        """``transport``: "p2p" or "gloo" (``PipelineConfig`` has checked it)."""
         from .transport import P2PTransport, free_port
 
-        if transport not in ("p2p", "gloo"):
-            raise PipelineConfigError(
-                f"transport {transport!r} does not run under torchrun; use 'p2p' (shared "
-                "memory between ranks on one host, gloo between hosts) or 'gloo'"
-            )
         self.rank, self.world = init_torchrun()
         if self.world != len(specs):
             raise PipelineConfigError(

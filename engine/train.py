@@ -68,7 +68,7 @@ class TrainConfig:
     resume: bool = False
     max_restarts: int = 0
     guess: str = "random"  # fwdgrad: random | local
-    projections: str = "auto"  # fwdgrad: directions per step (an integer, or auto)
+    projections: int | str = "auto"  # fwdgrad: directions per step (an integer, or auto)
     options: dict = field(default_factory=dict)  # the method's stage options (sg_lr, ...)
     schedule_options: dict = field(default_factory=dict)  # e.g. {"k": 4} for stale
 
@@ -97,9 +97,15 @@ class TrainConfig:
         if self.steps is not None and self.steps < 1:
             raise PipelineConfigError(f"--steps {self.steps} must be >= 1")
         methods = list(METHOD_SCHEDULES)
-        if self.method.lower() not in methods:
+        method = self.method.lower()
+        if method not in methods:
             raise PipelineConfigError(
                 f"unknown method {self.method!r}; valid methods: {', '.join(methods)}")
+        valid = METHOD_SCHEDULES[method]  # checked here, before any data or process
+        if self.schedule is not None and self.schedule.lower() not in valid:
+            raise PipelineConfigError(
+                f"schedule {self.schedule!r} cannot run method {method!r}; valid schedules "
+                f"for {method}: {', '.join(valid)}")
         fwdgrad = self.method.lower() == "fwdgrad"
         if self.lr is None and not fwdgrad:
             self.lr = 0.05
@@ -121,8 +127,7 @@ class TrainConfig:
             if self.single_process:
                 return
         if self.schedule is None:
-            valid = METHOD_SCHEDULES.get(self.method.lower())
-            self.schedule = valid[0] if valid else "1f1b"
+            self.schedule = valid[0]
 
 
     @property
@@ -140,12 +145,7 @@ class TrainConfig:
             raise PipelineConfigError(
                 f"--optimizer {self.optimizer} is not a forward-gradient optimizer; valid for "
                 f"fwdgrad: {', '.join(FG_OPTIMIZERS)}")
-        _projections(self.projections)  # fails here, before any process starts
-        valid = METHOD_SCHEDULES["fwdgrad"]
-        if self.schedule is not None and self.schedule.lower() not in valid:
-            raise PipelineConfigError(
-                f"schedule {self.schedule!r} cannot run method 'fwdgrad'; valid schedules for "
-                f"fwdgrad: {', '.join(valid)}")
+        self.projections = _projections(self.projections)  # fails before any process starts
         if self.guess.lower() == "local" and not self.single_process:
             raise PipelineConfigError(
                 "--guess local is not pipelined (its directions depend on each microbatch's "
@@ -207,7 +207,7 @@ def _stage_options(cfg: TrainConfig) -> dict[str, Any]:
     """The method's stage options; fwdgrad's estimator options come from its flags."""
     if cfg.method.lower() != "fwdgrad":
         return dict(cfg.options)
-    return {"projections": _projections(cfg.projections), "seed": cfg.seed, "guess": cfg.guess,
+    return {"projections": cfg.projections, "seed": cfg.seed, "guess": cfg.guess,
             **cfg.options}
 
 
@@ -417,7 +417,7 @@ def _train_forward_gradient(cfg, train, test, model_kwargs, progress) -> dict[st
 
     model = build_model(cfg.model, **model_kwargs)
     fg = ForwardGradient(model, nn.CrossEntropyLoss(), guess=cfg.guess,
-                         projections=_projections(cfg.projections), seed=cfg.seed)
+                         projections=cfg.projections, seed=cfg.seed)
     opt = _optimizer_factory(cfg)(model.parameters())
     loader = Batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed)
     total = cfg.steps if cfg.steps is not None else len(loader) * cfg.epochs

@@ -388,11 +388,10 @@ class P2PTransport:
         """The header over the peer's socket; the bytes into the ring when over
         ``SHM_MIN_BYTES`` and it fits, else right behind the header on the socket."""
         ring = self._ring_to(dest, sizes) if sum(sizes) > SHM_MIN_BYTES else None
+        header[_H_SLOT] = -1  # the receiver reads only this: ring, or bytes on the socket
         if ring is not None:
-            wires = self._to_ring(ring, header, wires, sizes, key, dest)
-            header[_H_SLOT] = SLOT_SHM
-        else:
-            header[_H_INLINE], header[_H_SLOT] = 1, -1
+            self._to_ring(ring, header, wires, sizes, key, dest)
+            header[_H_SLOT], wires = SLOT_SHM, []
         send_buffers(self._links_out[dest],
                      [np.asarray(header, dtype=np.int64), *(w.numpy() for w in wires)])
 
@@ -420,9 +419,9 @@ class P2PTransport:
         return ring if ring.fits(sizes) else None
 
     def _to_ring(self, ring: ShmRing, header: list[int], wires: list[torch.Tensor],
-                 sizes: tuple[int, ...], key: Hashable, dest: int) -> list[torch.Tensor]:
-        """Copy the payload into ``ring`` and note where in ``header``; nothing is left to
-        send but the header. Waits (up to ``timeout_s``) while the receiver lags."""
+                 sizes: tuple[int, ...], key: Hashable, dest: int) -> None:
+        """Copy the payload into ``ring`` and note where in ``header``. Waits (up to
+        ``timeout_s``) while the receiver lags."""
         try:
             offset, end = ring.reserve(sizes, self.timeout_s)
         except ShmRingFull as err:
@@ -430,7 +429,6 @@ class P2PTransport:
                                  f"failed: {err}; is rank {dest} still receiving?") from err
         ring.write(offset, wires)
         header[_H_SHM_OFF], header[_H_SHM_END] = offset, end
-        return []
 
     def _connect_local(self, enabled: bool) -> set[int]:
         """Find the peers on this host and connect to them: the local route's sockets.

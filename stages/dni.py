@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, choose
-from .stage import OptimizerFactory, StageSpec
+from .stage import OptimizerFactory, StageSpec, place_stage
 from .synthetic import make_synthesizer, param_groups
 
 __all__ = ["DNIStage", "SG_OPTIMIZERS"]
@@ -118,12 +118,8 @@ class DNIStage:
     ) -> None:
         self.module = module
         self.spec = spec
-        self.device = torch.device(device)
-        self.module.to(self.device)
-        self.optimizer = optimizer_factory(self.module.parameters()) if optimizer_factory else None
+        self.device, self.optimizer = place_stage(module, spec, optimizer_factory, loss_fn, device)
         self.loss_fn = loss_fn
-        if spec.is_last and loss_fn is None:
-            raise ConfigError(f"stage {spec.index} is the last stage and needs a loss_fn")
         if conditioned and not (isinstance(num_classes, int) and num_classes > 0):
             raise ConfigError(f"cDNI (conditioned=True) needs num_classes, a positive integer; got {num_classes!r}")
         if not 0.0 <= update_prob <= 1.0:

@@ -61,7 +61,7 @@ from .fwdgrad import (
     jvp_forward,
     param_blocks,
 )
-from .stage import OptimizerFactory, StageSpec
+from .stage import OptimizerFactory, StageSpec, place_stage
 
 __all__ = ["ForwardGradientStage", "stage_options", "PIPELINE_OPTIONS"]
 
@@ -151,12 +151,8 @@ class ForwardGradientStage:
         seed: int = 0,
         dist: str = "rademacher",
     ) -> None:
-        if spec.is_last and loss_fn is None:
-            raise ConfigError(f"stage {spec.index} is the last stage and needs a loss_fn")
         self.module, self.spec, self.loss_fn = module, spec, loss_fn
-        self.device = torch.device(device)
-        self.module.to(self.device)
-        self.optimizer = optimizer_factory(self.module.parameters()) if optimizer_factory else None
+        self.device, self.optimizer = place_stage(module, spec, optimizer_factory, loss_fn, device)
         self.counts = tuple(int(c) for c in counts)
         self.row_start = [sum(self.counts[:u]) for u in range(len(self.counts))]
         self.rows = sum(self.counts)  # numbers in d: one per projection of every unit

@@ -48,7 +48,7 @@ from torch import nn
 from .dni import tensor_bytes
 from .errors import ConfigError
 from .revnet import frozen_bn_stats, is_reversible
-from .stage import OptimizerFactory, StageSpec
+from .stage import OptimizerFactory, StageSpec, place_stage
 
 __all__ = ["PetraStage"]
 
@@ -68,13 +68,9 @@ class PetraStage:
     ) -> None:
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ConfigError(f"accumulate must be a positive integer; got {accumulate!r}")
-        if spec.is_last and loss_fn is None:
-            raise ConfigError(f"stage {spec.index} is the last stage and needs a loss_fn")
         self.module = module
         self.spec = spec
-        self.device = torch.device(device)
-        self.module.to(self.device)
-        self.optimizer = optimizer_factory(self.module.parameters()) if optimizer_factory else None
+        self.device, self.optimizer = place_stage(module, spec, optimizer_factory, loss_fn, device)
         self.loss_fn = loss_fn
         self.accumulate = accumulate
         self.blocks: list[nn.Module] = list(module.children()) if isinstance(module, nn.Sequential) else [module]

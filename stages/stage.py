@@ -20,9 +20,10 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .split_backward import SplitBackward, backward_input, backward_weight
 
-__all__ = ["Stage", "StageSpec", "make_stage_module"]
+__all__ = ["Stage", "StageSpec", "make_stage_module", "place_stage"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -34,6 +35,19 @@ def make_stage_module(blocks: list[nn.Module], first_block: int) -> nn.Sequentia
     ``state_dict()`` ("3.conv.weight"), so merging the stages' dicts needs no renaming.
     """
     return nn.Sequential(OrderedDict((str(first_block + i), b) for i, b in enumerate(blocks)))
+
+
+def place_stage(module: nn.Module, spec: "StageSpec", optimizer_factory: OptimizerFactory | None,
+                loss_fn: nn.Module | None,
+                device: torch.device | str) -> tuple[torch.device, torch.optim.Optimizer | None]:
+    """What every stage class does first: the last stage must have a loss; the module
+    moves to ``device``; the optimizer is built over its parameters (None without a
+    factory). Returns the device and the optimizer."""
+    if spec.is_last and loss_fn is None:
+        raise ConfigError(f"stage {spec.index} is the last stage and needs a loss_fn")
+    device = torch.device(device)
+    module.to(device)
+    return device, optimizer_factory(module.parameters()) if optimizer_factory else None
 
 
 @dataclass
@@ -96,19 +110,20 @@ class _SavedBytes:
         last stage, 8k page faults per step. ``detach`` shares storage and version counter,
         and autograd re-attaches the graph edge on unpack.
         """
-        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
-        if key not in self._seen:
-            self._seen.add(key)
-            self.nbytes += t.untyped_storage().nbytes()
+        self._count(t, t.untyped_storage().nbytes())
         return t.detach() if t.grad_fn is not None else t
 
     def own(self, t: torch.Tensor) -> None:
         """Count ``t`` by its own bytes, not its storage's: a microbatch is a view of the
         whole batch, whose storage the stage does not hold m times over."""
+        self._count(t, t.numel() * t.element_size())
+
+    def _count(self, t: torch.Tensor, nbytes: int) -> None:
+        """Add ``nbytes`` unless ``t``'s storage was counted already."""
         key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
         if key not in self._seen:
             self._seen.add(key)
-            self.nbytes += t.numel() * t.element_size()
+            self.nbytes += nbytes
 
     @staticmethod
     def unpack(t: torch.Tensor) -> torch.Tensor:
@@ -130,13 +145,8 @@ class Stage:
     peak_stored_bytes: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        self.device = torch.device(self.device)
-        self.module.to(self.device)
-        self.optimizer = (
-            self.optimizer_factory(self.module.parameters()) if self.optimizer_factory else None
-        )
-        if self.spec.is_last and self.loss_fn is None:
-            raise ValueError(f"stage {self.spec.index} is the last stage and needs a loss_fn")
+        self.device, self.optimizer = place_stage(
+            self.module, self.spec, self.optimizer_factory, self.loss_fn, self.device)
 
     # -- forward ------------------------------------------------------------------------
     def forward(
@@ -199,10 +209,9 @@ class Stage:
 
         It records the gradients where parameter branches leave the input's path, so that
         :meth:`backward_weight` computes weight gradients without walking the graph again
-        (see ``split_backward``). Measured on resnet18 width 16 (one thread, batch 16): a
-        middle stage's I + W took 31.6 ms against 32.1 ms for one backward (35.5 ms when W
-        walked again); a small last stage (batch 8) 12.1 against 8.6 ms, where each op's
-        fixed cost, now paid twice, dominates.
+        (see ``split_backward``, whose docstring has the timings: I + W about one backward
+        on a resnet18 middle stage; more on a small last stage, where each op's fixed cost,
+        now paid twice, dominates: 12.1 against 8.6 ms at batch 8).
         """
         saved = self._saved[mb]
         grad = self._grad_for(saved, grad_out)

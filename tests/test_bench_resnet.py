@@ -192,6 +192,9 @@ def test_tiny_measured_run_compares_both_runners_and_stops_everything(tmp_path):
             b = by[("brigade", backend, s)]
             assert b["torch_schedule"] == "1f1b" and b["torch_step_time_s"] > 0
             assert b["ratio_vs_torch"] == pytest.approx(b["step_time_s"] / b["torch_step_time_s"])
+            if s == "1f1b":  # measured beside the torch row of the same split and schedule
+                assert b["torch_step_time_s"] == pytest.approx(
+                    by[("torch", None, "1f1b")]["step_time_s"])
             assert b["predicted_samples_per_s"] == pytest.approx(
                 by[("simulated", None, s)]["samples_per_s"])
             assert b["steps_timed"] == 2

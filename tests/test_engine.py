@@ -197,6 +197,8 @@ def test_failing_stage_surfaces_naming_the_stage_and_actors_die(ray_cluster):
         (dict(schedule="gpipe", virtual=2), "needs schedule='interleaved'"),
         (dict(method="hebbian"), "unknown method 'hebbian'; valid methods: backprop"),
         (dict(backend="mpi"), "unknown backend 'mpi'; valid backends: ray, local, torchrun"),
+        (dict(transport="nccl"), "unknown transport 'nccl'; valid transports: p2p, gloo, ray"),
+        (dict(backend="torchrun", transport="ray"), "transport 'ray' does not run under torchrun"),
         (dict(stages=[2, 2, 1], virtual=2, schedule="interleaved"), "not a multiple of"),
     ],
 )
