@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown rows {bad}; valid: {', '.join(ROWS)}")
     started_ray = False
     if args.backend == "ray" and any(r.startswith("dfg") for r in rows) and not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
         started_ray = True
     print(f"MNIST: {len(train.y)} train, {len(test.y)} test images; batch {args.batch_size}; torch threads 1")
     results = []

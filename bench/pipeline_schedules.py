@@ -5,17 +5,23 @@
 
 On 2 Ray actors (one CPU thread each) it trains resnet18 (width 16, CIFAR-shaped synthetic
 data, balanced by measured time) with gpipe, 1f1b, zb1p and interleaved (v = 2). For each:
-warm-up steps, then the timed steps two ways, alternating: as one pipelined run
+warm-up steps, then rounds of: an in-place profile, the timed steps step by step, and the
+same steps as one pipelined run
 (``Pipeline.run``: the steps' programs back to back, one driver round trip; this is what
 the simulator models) and step by step (``Pipeline.step``: one driver round trip per step,
 the difference is the driver's overhead). Measured samples/s (wall clock, driver included)
-and bubble fraction beside three predictions of the same schedule:
-  in place    costs from ``Pipeline.profile`` before the timed runs: every action of the
+and bubble fraction beside three predictions of the same schedule, each round's from its
+own profile and compared with its own run (the medians over rounds are printed; on a host
+shared with other jobs this machine's speed drifts by 10-30% within minutes):
+  in place    costs from ``Pipeline.profile`` before the round's runs: every action of the
               schedule timed on the actors themselves, all at once, in the schedule's order,
               with recorded stand-ins for the messages it takes (nobody waits); its sends go
-              out and are dropped on arrival, so both ends pay for them and each action is
-              charged its sends as calibrate charges a run's; the latency (the receiver's
-              wake-up beyond the send) is the run's, as calibrated below
+              out and are dropped on arrival, so both ends pay for them; the simulator
+              replays each action's own profiled time (compute and sends), not its stage's
+              mean (trace-driven: when the times vary, workers that wait on each other lose
+              more than means say); the latency (the receiver's wake-up beyond the send,
+              which a profile that never waits cannot see) is the run's mean, as calibrated
+              below
   isolated    costs from profiling each stage alone in this process, the way
               bench/resnet_splits.py does: brigade's Stage class on the time-balanced split
               (F, B, zb1p's split I and W, the loss, the update), one microbatch at a
@@ -23,7 +29,8 @@ and bubble fraction beside three predictions of the same schedule:
               run's send spans as latency
   calibrated  costs from the run's own per-action spans (brigade.schedulers.predict)
 Then the hand-off of a 4 MB activation by the engine's route beside torch.distributed gloo
-send/recv in the same run (bench/transport.py). Targets (issue 4): measured >= 0.9 x
+send/recv in the same run (bench/transport.py; each route timed three times in rotating
+order, the lowest median kept). Targets (issue 4): measured >= 0.9 x
 predicted throughput (from the in-place profile; the isolated one is printed beside it);
 hand-off <= 1.5 x gloo.
 """
@@ -48,7 +55,7 @@ import transport  # noqa: E402  (bench/transport.py)
 
 from brigade.engine import Pipeline  # noqa: E402
 from brigade.schedulers import costs_from_timeline, predict  # noqa: E402
-from brigade.schedulers.calibrate import send_cost  # noqa: E402
+from brigade.schedulers.calibrate import action_seconds, send_cost  # noqa: E402
 from brigade.stages.data import load_dataset  # noqa: E402
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb1p", 1), ("interleaved", 2)]
@@ -64,31 +71,51 @@ def bench_config(args) -> "resnet_splits.BenchConfig":
 
 
 def run_schedule(model, data, schedule, virtual, balance, args) -> dict:
-    """Warm up and profile in place, then time ``args.steps`` steps as one run and step by
-    step, ``args.repeat`` times each, alternating; medians of the wall times, the last
-    run's timeline and the profile's."""
+    """Warm up, then ``args.repeat`` rounds of: profile in place, ``args.steps`` steps
+    step by step, the same steps as one run. Each round's prediction comes from its own
+    profile and is compared with its own run (side by side: this machine's speed drifts by
+    10-30% over minutes when other jobs share its host); medians over the rounds, and the
+    last round's timeline and profile."""
     with Pipeline(model, stages=balance, schedule=schedule, virtual=virtual,
                   microbatches=args.microbatches, cpus_per_stage=1,
                   optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
                   loss_fn=nn.CrossEntropyLoss(), backend="ray") as pipe:
         batches = [data[i % len(data)] for i in range(args.steps)]
         pipe.run([data[i % len(data)] for i in range(args.warmup)])
-        profiled = pipe.profile(*data[0], steps=args.steps)
-        window, stepwise = [], []
+        rounds = []
         for _ in range(args.repeat):
+            profiled = pipe.profile(*data[0], steps=args.steps)
             t0 = time.perf_counter()
             for x, y in batches:
                 pipe.step(x, y)
-            stepwise.append(time.perf_counter() - t0)
+            stepwise = time.perf_counter() - t0
             pipe.reset_timeline()
             t0 = time.perf_counter()
             pipe.run(batches)
-            window.append(time.perf_counter() - t0)
-        tl = pipe.timeline()
-    samples = args.batch_size * args.steps
-    return {"timeline": tl, "profiled": profiled,
-            "samples_per_s": samples / statistics.median(window),
-            "stepwise_samples_per_s": samples / statistics.median(stepwise)}
+            rounds.append(_round(pipe.timeline(), profiled, time.perf_counter() - t0,
+                                 stepwise, args.batch_size * args.steps))
+    out = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]
+           if k not in ("timeline", "profiled")}
+    out.update(timeline=rounds[-1]["timeline"], profiled=rounds[-1]["profiled"],
+               rounds_measured_over_in_place=[r["measured_over_in_place"] for r in rounds])
+    return out
+
+
+def _round(tl, profiled, window_s: float, stepwise_s: float, samples: int) -> dict:
+    """One round's figures: measured throughput (one run, and step by step) and the
+    in-place and calibrated predictions with this run's message latency."""
+    calibrated = costs_from_timeline(tl)
+    in_place = predict(tl, replace(costs_from_timeline(profiled), latency=calibrated.latency),
+                       action_seconds(profiled))
+    cal = predict(tl, calibrated)
+    measured = samples / window_s
+    return {"timeline": tl, "profiled": profiled, "samples_per_s": measured,
+            "stepwise_samples_per_s": samples / stepwise_s,
+            "in_place_samples_per_s": in_place.throughput,
+            "in_place_bubble": in_place.bubble_fraction,
+            "measured_over_in_place": measured / in_place.throughput,
+            "calibrated_samples_per_s": cal.throughput,
+            "calibrated_bubble": cal.bubble_fraction, "measured_bubble": tl.bubble_fraction}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
-        hand = transport.measure(["4MB"], rounds=20)[0]
+        hand = transport.measure(["4MB"], rounds=20, repeat=3)[0]
         torch.manual_seed(0)
         ds = load_dataset("synthetic", like="cifar10", size=args.batch_size * 4, seed=0)
         data = [(ds.x[i:i + args.batch_size], ds.y[i:i + args.batch_size])
@@ -128,20 +155,18 @@ def main(argv: list[str] | None = None) -> int:
             tl = res["timeline"]
             isolated = replace(sc.costs, latency=_latency_for(tl, hand), bandwidth=0.0)
             prof = resnet_splits.simulate_costs(cfg, name, 2, isolated, steps=args.steps)
-            calibrated = costs_from_timeline(tl)
-            in_place = predict(tl, replace(costs_from_timeline(res["profiled"]),
-                                           latency=calibrated.latency))
-            cal = predict(tl, calibrated)
             rows.append({
                 "schedule": name, "virtual": virtual, "balance": sc.balance,
                 "measured_samples_per_s": res["samples_per_s"],
-                "measured_bubble": tl.bubble_fraction,
+                "measured_bubble": res["measured_bubble"],
                 "stepwise_samples_per_s": res["stepwise_samples_per_s"],
-                "in_place_samples_per_s": in_place.throughput,
-                "in_place_bubble": in_place.bubble_fraction,
+                "in_place_samples_per_s": res["in_place_samples_per_s"],
+                "in_place_bubble": res["in_place_bubble"],
+                "measured_over_in_place": res["measured_over_in_place"],
+                "rounds_measured_over_in_place": res["rounds_measured_over_in_place"],
                 "profile_samples_per_s": prof.throughput, "profile_bubble": prof.bubble_fraction,
-                "calibrated_samples_per_s": cal.throughput,
-                "calibrated_bubble": cal.bubble_fraction,
+                "calibrated_samples_per_s": res["calibrated_samples_per_s"],
+                "calibrated_bubble": res["calibrated_bubble"],
             })
             r = rows[-1]
             print(f"{name}: measured {r['measured_samples_per_s']:.1f} samples/s (step by step "
@@ -183,7 +208,7 @@ def print_tables(rows: list[dict], hand: dict, args) -> None:
             r["schedule"] + (f" v={r['virtual']}" if r["virtual"] > 1 else ""),
             f"{r['measured_samples_per_s']:.1f}", f"{r['stepwise_samples_per_s']:.1f}",
             f"{r['in_place_samples_per_s']:.1f}",
-            f"{r['measured_samples_per_s'] / r['in_place_samples_per_s']:.2f}",
+            f"{r['measured_over_in_place']:.2f}",
             f"{r['profile_samples_per_s']:.1f}",
             f"{r['measured_samples_per_s'] / r['profile_samples_per_s']:.2f}",
             f"{r['calibrated_samples_per_s']:.1f}",
@@ -192,7 +217,7 @@ def print_tables(rows: list[dict], hand: dict, args) -> None:
     console = Console(width=max(Console().width, 150))
     console.print(t)
     console.print(
-        f"4 MB hand-off, one way (median): brigade engine route (p2p) "
+        f"4 MB hand-off, one way (lowest of 3 medians): brigade engine route (p2p) "
         f"{hand['brigade-p2p'] * 1e3:.2f} ms, gloo send/recv {hand['gloo'] * 1e3:.2f} ms, "
         f"ratio {hand['brigade-p2p'] / hand['gloo']:.2f}x (target <= 1.5x); numpy via Ray "
         f"call {hand['ray-numpy'] * 1e3:.2f} ms; pickled torch tensor via Ray "

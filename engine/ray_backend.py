@@ -35,6 +35,7 @@ import torch
 
 from brigade.schedulers import Action
 
+from .clock import measure_offset, stamp
 from .errors import PipelineConfigError, PipelineError, StageFailedError
 from .spec import WorkerSpec, build_worker
 from .worker import StepResult
@@ -112,9 +113,10 @@ class _StageActor:
             return True
         return self.transport.close(timeout_s)
 
-    def ping(self) -> float:
-        """This process's clock, to align timelines across processes."""
-        return time.perf_counter()
+    def ping(self) -> tuple[float, str]:
+        """This process's clock and which clock it is, to align timelines across processes
+        (:mod:`brigade.engine.clock`)."""
+        return stamp()
 
     def deliver(self, key: Any, value: Any) -> None:
         """Called by a neighbour: file one message in the mailbox."""
@@ -247,16 +249,11 @@ class RayBackend:
         self.transport = "p2p" if shared_memory else "gloo"
 
     def _clock_offsets(self) -> list[float]:
-        """Each actor's clock minus the driver's, from one ping round trip each."""
+        """Each actor's clock minus the driver's: 0 on the driver's host (one clock), else
+        from the quickest of a few ping round trips (:mod:`brigade.engine.clock`)."""
         import ray
 
-        offsets = []
-        for actor in self.actors:
-            t0 = time.perf_counter()
-            remote = ray.get(actor.ping.remote())
-            t1 = time.perf_counter()
-            offsets.append(remote - (t0 + t1) / 2)
-        return offsets
+        return [measure_offset(lambda a=actor: ray.get(a.ping.remote())) for actor in self.actors]
 
     def clock_offsets(self) -> list[float]:
         return self.offsets

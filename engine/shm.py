@@ -70,7 +70,7 @@ class ShmRing:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, _HEADER + size)
-            mm = mmap.mmap(fd, _HEADER + size)
+            mm = _map(fd, _HEADER + size)
         except BaseException:
             os.close(fd)
             _unlink(path)
@@ -84,7 +84,7 @@ class ShmRing:
         fd = os.open(path, os.O_RDWR)
         try:
             total = os.fstat(fd).st_size
-            mm = mmap.mmap(fd, total)
+            mm = _map(fd, total)
         finally:
             os.close(fd)
         _unlink(path)
@@ -151,6 +151,14 @@ class ShmRing:
         except BufferError:  # a view is still alive somewhere: unmapped when it goes
             pass
         _unlink(self.path)
+
+
+def _map(fd: int, size: int) -> mmap.mmap:
+    """Map ``size`` bytes of ``fd`` shared, with every page table entry made now
+    (MAP_POPULATE, where the platform has it): otherwise each end takes a page fault on its
+    first touch of every 4 KB page, which on 2 busy cores made the first pass through a
+    32 MB ring cost 20-45 ms per 4 MB message, against 2-6 ms once the pages were mapped."""
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
 
 
 def _unlink(path: str) -> None:

@@ -1,12 +1,16 @@
 """From a measured run to the costs that explain it, and the simulation they predict.
 
 A measured :class:`Timeline` (from the engine) holds every action's span. Its per-stage
-means of each kind are the profiled costs; the message latency is the median gap between
-a producer finishing its send and the waiting consumer starting, and a send costs the
-lower quartile of its spans (the rest is waiting for the receiver). Simulating the same
-schedule with those costs gives the prediction a measured run is compared with
-(``brigade report``): where they differ, the difference is the engine's overhead beyond
-compute and messages (driver round trips between steps, contention).
+means of each kind are the profiled costs; the message latency is the mean gap between
+a producer finishing its send and the waiting consumer starting (mean, as for the costs:
+the latencies on a run's critical path add up), and a send costs the lower quartile of its
+spans (the rest is waiting for the receiver). Simulating the same schedule with those costs
+gives the prediction a measured run is compared with (``brigade report``): where they
+differ, the difference is the engine's overhead beyond compute and messages (driver round
+trips between steps, contention) and the spread of the costs around their means, which a
+schedule whose workers wait on each other pays and a simulation of means does not.
+:func:`action_seconds` keeps each action's own time, for a trace-driven simulation of a
+profile (``Pipeline.profile``) that keeps that spread.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from .schedule import Schedule
 from .simulate import simulate
 from .timeline import Event, Timeline
 
-__all__ = ["costs_from_spans", "costs_from_timeline", "schedule_of", "predict", "send_cost"]
+__all__ = ["costs_from_spans", "costs_from_timeline", "schedule_of", "predict", "send_cost",
+           "action_seconds"]
 
 # Cost field of each compute kind (S folds forward, backward and update: charged as f).
 _FIELD = {"F": "f", "B": "b", "I": "i", "W": "w", "U": "u", "T": "sg", "S": "f", "R": "b"}
@@ -67,7 +72,7 @@ def send_cost(spans: list[float]) -> float:
 
 
 def _latency(timeline: Timeline, schedule: Schedule) -> float:
-    """Median delay from a producer's last byte sent to the blocked consumer's start."""
+    """Mean delay from a producer's last byte sent to the blocked consumer's start."""
     deps = Dependencies(schedule)
     m = schedule.microbatches
     released: dict[tuple[int, str, int], list[float]] = defaultdict(list)
@@ -85,7 +90,7 @@ def _latency(timeline: Timeline, schedule: Schedule) -> float:
                       if e.start <= t <= e.end]
             if inside:
                 samples.append(e.end - max(inside))
-    return statistics.median(samples) if samples else 0.0
+    return statistics.fmean(samples) if samples else 0.0
 
 
 def _folded(med: dict[tuple[int, str], float], n: int) -> dict[str, list[float]]:
@@ -132,9 +137,22 @@ def costs_from_timeline(timeline: Timeline) -> Costs:
     )
 
 
-def predict(timeline: Timeline, costs: Costs | None = None) -> Timeline:
+def action_seconds(timeline: Timeline) -> dict[Action, float]:
+    """Each action's own seconds in ``timeline``: its compute span plus its sends' spans.
+    Made for a profile (``Pipeline.profile``), where nobody waits, so a span is a cost; in a
+    measured run a blocking send's span also holds its wait for the receiver."""
+    out: dict[Action, float] = defaultdict(float)
+    for e in timeline.events:
+        if e.category in ("compute", "send") and e.microbatch >= 0:
+            out[Action(e.stage, e.kind, e.microbatch)] += e.duration
+    return dict(out)
+
+
+def predict(timeline: Timeline, costs: Costs | None = None,
+            durations: dict[Action, float] | None = None) -> Timeline:
     """Simulate the schedule a measured run executed, with the costs it measured
-    (``costs``: ``costs_from_timeline(timeline)`` when the caller has it already)."""
-    tl = simulate(schedule_of(timeline), costs or costs_from_timeline(timeline))
+    (``costs``: ``costs_from_timeline(timeline)`` when the caller has it already), and
+    ``durations`` of individual actions where given (see :func:`action_seconds`)."""
+    tl = simulate(schedule_of(timeline), costs or costs_from_timeline(timeline), durations)
     tl.meta["source"] = "simulated"
     return tl

@@ -3,11 +3,15 @@
 Discrete-event, in the engine's own terms: each worker executes its list in order; an
 action starts when its worker is free and what it waits for (:mod:`.deps`) has finished,
 plus ``latency + bytes / bandwidth`` when the edge crosses workers. Waits are recorded as
-``"wait"`` events, so a simulated timeline reads like a measured one.
+``"wait"`` events, so a simulated timeline reads like a measured one. An action's time is
+its stage's cost of that kind, or, given ``durations``, what that very action took in a
+profile (trace-driven: a schedule whose workers wait on each other runs slower than its
+mean costs say when the costs vary, and replaying the profiled times keeps that).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from .actions import Action
@@ -77,15 +81,19 @@ def _delay(dep: Action, action: Action, deps: Dependencies, c: Costs) -> float:
     return c.message_time(_grad_bytes(action.stage, dep.kind, c))
 
 
-def simulate(schedule: "Schedule", costs: Costs | None = None) -> Timeline:
+def simulate(schedule: "Schedule", costs: Costs | None = None,
+             durations: Mapping[Action, float] | None = None) -> Timeline:
     """Validate ``schedule``, run it under ``costs`` (default :class:`Costs`), and return the
-    timeline; a deadlock raises :class:`ScheduleError` with the stuck actions marked."""
+    timeline; a deadlock raises :class:`ScheduleError` with the stuck actions marked.
+    ``durations``: seconds of individual actions (``calibrate.action_seconds`` of a profile),
+    used instead of their stage's cost where given."""
     validate(schedule)
     c = (costs or Costs()).resolve(schedule.num_stages, schedule.name)
     deps = Dependencies(schedule)
+    given = durations or {}
     run = run_in_order(
         schedule,
-        duration=lambda a: duration(a, c, deps),
+        duration=lambda a: given[a] if a in given else duration(a, c, deps),
         delay=lambda d, a: _delay(d, a, deps, c),
         deps=deps,
     )

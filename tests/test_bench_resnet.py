@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -162,12 +163,35 @@ def test_torch_worker_runs_splits_from_the_same_weights_and_leaves_no_process(tm
             assert tl.meta["backend"] == "torchrun" and tl.meta["steps"] == 2
             assert {(e.worker, e.kind) for e in tl.compute_events()} >= {
                 (0, "F"), (0, "B"), (1, "F"), (1, "B")}
+            # the split profiled in place: every compute action of 2 steps, timed on both
+            # ranks, and nothing waited for
+            prof = rs.Timeline.from_json(peer.call("profile", runner="brigade", steps=2)["profile"])
+            assert prof.meta["source"] == "profiled" and prof.meta["steps"] == 2
+            assert sorted((e.stage, e.kind) for e in prof.compute_events()) == \
+                sorted((e.stage, e.kind) for e in tl.compute_events())
+            assert not [e for e in prof.events if e.category == "wait"]
         with pytest.raises(rs.TorchPeerError, match="unknown command 'run' for runner 'nobody'"):
             peer.call("run", runner="nobody", steps=1)
         pids = [peer.pid, *descendants(peer.pid)]
         assert len(pids) >= 3  # torchrun and its two ranks
     assert wait_gone(pids, 15)
     assert with_cmdline(str(tmp_path / "peer")) == []
+
+
+def test_in_place_prediction_uses_the_profiles_costs_and_the_rounds_latency():
+    """A profile whose actions cost what the round's did predicts what the round's own
+    spans predict (the calibrated figure); a profile twice as slow, a slower round; and the
+    profile's latency (0: it never waits) is replaced by the round's."""
+    from brigade import schedulers
+
+    costs = schedulers.Costs(f=[2e-3, 3e-3], b=[4e-3, 6e-3], u=[1e-3, 1e-3], latency=5e-4)
+    sched = schedulers.build("1f1b", stages=2, microbatches=4, steps=2)
+    run = schedulers.simulate(sched, costs)
+    quiet = schedulers.simulate(sched, replace(costs, latency=0.0))
+    assert rs._in_place_step(run, quiet, 2) == pytest.approx(rs._predicted_step(run, 2))
+    slow = schedulers.simulate(sched, replace(costs, f=[4e-3, 6e-3], b=[8e-3, 12e-3],
+                                              u=[2e-3, 2e-3], latency=0.0))
+    assert rs._in_place_step(run, slow, 2) > 1.8 * rs._predicted_step(run, 2)
 
 
 @pytest.mark.slow
@@ -199,6 +223,13 @@ def test_tiny_measured_run_compares_both_runners_and_stops_everything(tmp_path):
                 by[("simulated", None, s)]["samples_per_s"])
             assert b["steps_timed"] == 2
             assert b["calibrated_samples_per_s"] > 0  # the round re-simulated with its own costs
+            # and from the in-place profile taken just before it, round beside round
+            assert len(b["in_place_over_measured_rounds"]) == 1  # --quick: one round
+            assert b["in_place_over_measured"] == pytest.approx(
+                b["in_place_over_measured_rounds"][0])
+            assert b["in_place_samples_per_s"] > 0
+        checks = [c["check"] for c in rs.target_checks(rows) if backend in c["check"]]
+        assert sum("simulated (in-place profile) / measured" in c for c in checks) == 2, checks
         # same weights, same batch: every runner starts from the same loss
         assert by[("brigade", backend, "1f1b")]["first_loss"] == pytest.approx(
             by[("torch", None, "1f1b")]["first_loss"], rel=1e-4)

@@ -169,3 +169,23 @@ def test_bad_costs_say_what_works(text, expected):
 def test_cost_list_must_match_stages():
     with pytest.raises(ScheduleError, match="give 3 values"):
         simulate(build("gpipe", 3, 3), Costs(f=[1, 2]))
+
+
+def test_given_durations_replace_their_actions_cost_and_keep_the_spread():
+    """Trace-driven: each given action takes its own time. Durations equal to the costs
+    change nothing; costs that vary around the same mean (one F of stage 0 slow, one fast)
+    cost a 1F1B pipeline more than their mean does, which is why a profile is replayed
+    action by action rather than averaged: p=2, m=4, f=1, b=2, stage 0's F of microbatch 1
+    has 2 of slack (stage 0 waits for B of 0 until t=4), its F of 2 is on the critical path
+    (stage 1 is free for it at t=7, when it ends)."""
+    from brigade.schedulers import Action
+    from brigade.schedulers.calibrate import action_seconds
+
+    sched, costs = build("1f1b", 2, 4), Costs(f=1, b=2)
+    base = simulate(sched, costs)
+    same = simulate(sched, costs, durations=action_seconds(base))
+    assert same.makespan == base.makespan and same.events == base.events
+    spread = {Action(0, "F", 1): 0.5, Action(0, "F", 2): 1.5}  # mean still 1
+    varied = simulate(sched, costs, durations=spread)
+    assert varied.makespan > base.makespan
+    assert varied.makespan == pytest.approx(base.makespan + 0.5)
