@@ -70,9 +70,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     from brigade.stages.trainer import evaluate
 
     was = model.training
-    correct = evaluate(model, x, y, batch_size=500)
+    acc = evaluate(model, x, y, batch_size=500)
     model.train(was)
-    return correct
+    return acc
 
 
 def centralized(row: str, model_name: str, train, test, epochs: int, args) -> dict:

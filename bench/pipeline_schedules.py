@@ -5,14 +5,14 @@
 
 On 2 Ray actors (one CPU thread each) it trains resnet18 (width 16, CIFAR-shaped synthetic
 data, balanced by measured time) with gpipe, 1f1b, zb1p and interleaved (v = 2). For each:
-warm-up steps, then rounds of: an in-place profile, the timed steps step by step, and the
-same steps as one pipelined run
-(``Pipeline.run``: the steps' programs back to back, one driver round trip; this is what
-the simulator models) and step by step (``Pipeline.step``: one driver round trip per step,
-the difference is the driver's overhead). Measured samples/s (wall clock, driver included)
-and bubble fraction beside three predictions of the same schedule, each round's from its
-own profile and compared with its own run (the medians over rounds are printed; on a host
-shared with other jobs this machine's speed drifts by 10-30% within minutes):
+warm-up steps, then rounds of: an in-place profile, the timed steps step by step
+(``Pipeline.step``: one driver round trip per step), and the same steps as one pipelined
+run (``Pipeline.run``: the steps' programs back to back, one driver round trip; this is what
+the simulator models; the difference is the driver's overhead). Measured samples/s (wall
+clock, driver included) and bubble fraction beside three predictions of the same schedule;
+the in-place and calibrated ones are made per round and compared with that round's run (the
+medians over rounds are printed; on a host shared with other jobs this machine's speed
+drifts by 10-30% within minutes), the isolated one once per schedule:
   in place    costs from ``Pipeline.profile`` before the round's runs: every action of the
               schedule timed on the actors themselves, all at once, in the schedule's order,
               with recorded stand-ins for the messages it takes (nobody waits); its sends go
@@ -26,7 +26,7 @@ shared with other jobs this machine's speed drifts by 10-30% within minutes):
               bench/resnet_splits.py does: brigade's Stage class on the time-balanced split
               (F, B, zb1p's split I and W, the loss, the update), one microbatch at a
               time, the other core idle, sends not charged; the lower quartile of the
-              run's send spans as latency
+              last run's send spans as latency
   calibrated  costs from the run's own per-action spans (brigade.schedulers.predict)
 Then the hand-off of a 4 MB activation by the engine's route beside torch.distributed gloo
 send/recv in the same run (bench/transport.py; each route timed three times in rotating
@@ -54,8 +54,8 @@ import resnet_splits  # noqa: E402  (bench/resnet_splits.py: the stage-class pro
 import transport  # noqa: E402  (bench/transport.py)
 
 from brigade.engine import Pipeline  # noqa: E402
-from brigade.schedulers import costs_from_timeline, predict  # noqa: E402
-from brigade.schedulers.calibrate import action_seconds, send_cost  # noqa: E402
+from brigade.schedulers import costs_from_timeline, predict, predict_from_profile  # noqa: E402
+from brigade.schedulers.calibrate import send_cost  # noqa: E402
 from brigade.stages.data import load_dataset  # noqa: E402
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb1p", 1), ("interleaved", 2)]
@@ -75,7 +75,7 @@ def run_schedule(model, data, schedule, virtual, balance, args) -> dict:
     step by step, the same steps as one run. Each round's prediction comes from its own
     profile and is compared with its own run (side by side: this machine's speed drifts by
     10-30% over minutes when other jobs share its host); medians over the rounds, and the
-    last round's timeline and profile."""
+    last round's timeline."""
     with Pipeline(model, stages=balance, schedule=schedule, virtual=virtual,
                   microbatches=args.microbatches, cpus_per_stage=1,
                   optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
@@ -94,9 +94,8 @@ def run_schedule(model, data, schedule, virtual, balance, args) -> dict:
             pipe.run(batches)
             rounds.append(_round(pipe.timeline(), profiled, time.perf_counter() - t0,
                                  stepwise, args.batch_size * args.steps))
-    out = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]
-           if k not in ("timeline", "profiled")}
-    out.update(timeline=rounds[-1]["timeline"], profiled=rounds[-1]["profiled"],
+    out = {k: statistics.median(r[k] for r in rounds) for k in rounds[0] if k != "timeline"}
+    out.update(timeline=rounds[-1]["timeline"],
                rounds_measured_over_in_place=[r["measured_over_in_place"] for r in rounds])
     return out
 
@@ -105,11 +104,10 @@ def _round(tl, profiled, window_s: float, stepwise_s: float, samples: int) -> di
     """One round's figures: measured throughput (one run, and step by step) and the
     in-place and calibrated predictions with this run's message latency."""
     calibrated = costs_from_timeline(tl)
-    in_place = predict(tl, replace(costs_from_timeline(profiled), latency=calibrated.latency),
-                       action_seconds(profiled))
+    in_place = predict_from_profile(tl, profiled, calibrated.latency)
     cal = predict(tl, calibrated)
     measured = samples / window_s
-    return {"timeline": tl, "profiled": profiled, "samples_per_s": measured,
+    return {"timeline": tl, "samples_per_s": measured,
             "stepwise_samples_per_s": samples / stepwise_s,
             "in_place_samples_per_s": in_place.throughput,
             "in_place_bubble": in_place.bubble_fraction,
@@ -128,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per schedule")
     parser.add_argument("--profile-repeats", type=int, default=5,
-                        help="microbatches timed per stage action in the profile (median)")
+                        help="microbatches timed per stage action in the isolated profile "
+                             "(median)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 

@@ -22,7 +22,7 @@ ImageNet 3x224x224, synthetic data) and stage count (2, 4, 8):
    synthetic gradients, reconstruction). Sends are charged to the sender
    (``--latency-ms``, ``--bandwidth-gbs``; the defaults, 0.2 ms and 1.7 GB/s, put a 4 MB
    hand-off at 2.7 ms, about what bench/transport.py measures for gloo on this kind of
-   machine, 1.7-2.5 ms). Figures: step time, samples/s, bubble, idle fraction per worker, peak stored
+   machine, 1.7-3.1 ms). Figures: step time, samples/s, bubble, idle fraction per worker, peak stored
    activation bytes per worker.
 4. Measures the splits that fit the machine (default: 2 stages, CIFAR shape, resnet18 and
    revnet18 at width 16) on brigade's engine, on each of ``--backends`` (default both): Ray
@@ -34,7 +34,7 @@ ImageNet 3x224x224, synthetic data) and stage count (2, 4, 8):
    commands from this process (a hidden ``--torch-worker DIR`` mode of this script); they
    hold both torch's side and brigade's torchrun side of a split, so those two differ by
    their pipelines alone (same launcher, processes and allocator settings). The runners
-   take turns round by round: each round runs ``--window`` steps of one runner, the order
+   take turns round by round: each round runs ``--window`` steps of each runner, in an order
    rotating every round, after warm-up steps that are not counted. Step time is the median
    over timed steps (torchrun runners: each step between barriers); for the decoupled
    schedules, which do not flush between steps, a round is one ``Pipeline.run`` of
@@ -89,7 +89,7 @@ from brigade import schedulers
 from brigade.engine.cli.output import atomic_write_bytes
 from brigade.engine.ray_backend import actor_env
 from brigade.schedulers import Costs, ScheduleError, Timeline
-from brigade.schedulers.calibrate import action_seconds, costs_from_spans
+from brigade.schedulers.calibrate import costs_from_spans
 from brigade.stages.errors import ConfigError, choose
 from brigade.stages.models import build_model, shape_kwargs
 from brigade.stages.partition import (
@@ -443,7 +443,6 @@ def _stage_inputs(model: nn.Sequential, balance: list[int], x: torch.Tensor) -> 
     return inputs
 
 
-# How each profiled rule's action times become Costs fields (U is an SGD step, timed apart).
 def stage_costs(cfg: BenchConfig, mp: ModelProfile, model: nn.Sequential, parts: int,
                 rule: str) -> SplitCosts:
     """Per-stage action seconds of brigade's own stage classes on the time-balanced split.
@@ -661,7 +660,7 @@ class TorchPeerError(RuntimeError):
 class TorchPeer:
     """``torchrun --standalone --nproc-per-node N`` on this script in ``--torch-worker`` mode.
 
-    Why a long-lived peer: the machine is noisy, so torch and brigade rounds alternate in one
+    Why a long-lived peer: the machine is noisy, so torch and brigade rounds rotate in one
     run; starting torchrun per round would cost seconds each. Commands are JSON files
     ``cmd-<n>.json`` in ``workdir`` that rank 0 picks up and broadcasts; rank 0 answers in
     ``res-<n>.json``. ``close()`` (also the context manager's exit) ends the ranks: an
@@ -914,7 +913,8 @@ def _alive(pid: int) -> bool:
 
 
 def torch_worker(workdir: Path, parent: int | None = None) -> int:
-    """The ``--torch-worker`` mode: one torchrun rank serving build/run commands until exit."""
+    """The ``--torch-worker`` mode: one torchrun rank serving build/run/profile commands (torch's side and brigade's torchrun
+    side of a split) until exit."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -1033,16 +1033,12 @@ def _tally_brigade(cfg: BenchConfig, tl: Timeline, walls: list[float], tally: _T
     return tl
 
 
-def _predicted_step(tl: Timeline, steps: int, costs: Costs | None = None,
-                    durations: dict | None = None) -> float | None:
-    """Seconds per step the simulator predicts for the round ``tl`` with ``costs`` (default:
-    the costs this round measured, its mean action spans and message latency: what is left
-    between that and the measured step time is engine overhead outside compute, driver round
-    trips and waits) and ``durations`` of single actions where given."""
-    try:
-        return schedulers.predict(tl, costs, durations).makespan / steps
-    except (ScheduleError, KeyError, ValueError):
-        return None
+def _predicted_step(tl: Timeline, steps: int) -> float | None:
+    """Seconds per step the simulator predicts for the round ``tl`` with the costs this round
+    measured (its mean action spans and message latency): what is left between that and the
+    measured step time is engine overhead outside compute (driver round trips, waits) and the
+    spread of the action times."""
+    return _per_step(lambda: schedulers.predict(tl), steps)
 
 
 def _in_place_step(tl: Timeline, profiled: Timeline, steps: int) -> float | None:
@@ -1051,13 +1047,16 @@ def _in_place_step(tl: Timeline, profiled: Timeline, steps: int) -> float | None
     where it runs, all workers at once, its sends charged to it; the simulator replays each
     action's own time), with the mean message latency (the receiver's wake-up) this round
     measured, which a profile that never waits cannot see. One profile per split, not per
-    round: per round it made the default run take 13 minutes instead of 5-6."""
+    round: per round the default run took 779 s (over its 10 minutes), once per split 441 s."""
+    return _per_step(lambda: schedulers.predict_from_profile(tl, profiled), steps)
+
+
+def _per_step(simulation: Callable[[], Timeline], steps: int) -> float | None:
+    """The simulated makespan per step, or None where the timeline cannot be simulated."""
     try:
-        latency = schedulers.costs_from_timeline(tl).latency
-        costs = replace(schedulers.costs_from_timeline(profiled), latency=latency)
+        return simulation().makespan / steps
     except (ScheduleError, KeyError, ValueError):
         return None
-    return _predicted_step(tl, steps, costs, action_seconds(profiled))
 
 
 def _brigade_warmup(cfg: BenchConfig, pipe, batch, schedule: str) -> float:
@@ -1185,7 +1184,7 @@ def _on_torch(peer: TorchPeer | None, progress: Callable[[str], None],
         return action()
     except TorchPeerError as err:
         peer.error = str(err)
-        progress(f"torch side failed; brigade goes on alone: {err}")
+        progress(f"torchrun peer failed; brigade on Ray goes on alone: {err}")
         return None
 
 

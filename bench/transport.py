@@ -247,9 +247,9 @@ def print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="one-way hand-off, median ms (brigade's engine uses brigade-p2p; "
-                        "ray-numpy with transport='ray')")
-    routes = ("copy", "ray-torch", "ray-numpy", "brigade-p2p", "brigade-gloo", "gloo")
+    table = Table(title="one-way hand-off, median ms (with --repeat, the lowest median; "
+                        "brigade's engine uses brigade-p2p, ray-numpy with transport='ray')")
+    routes = tuple(ROUTES)
     for col in ("size", *routes, "ray-numpy / gloo", "brigade-p2p / gloo"):
         table.add_column(col, justify="right")
     for r in rows:

@@ -15,6 +15,7 @@ that round trip).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -24,10 +25,12 @@ __all__ = ["clock_id", "stamp", "offset_from_pings", "measure_offset", "PINGS"]
 PINGS = 5  # round trips per process whose clock differs from the driver's
 
 
+@functools.cache
 def clock_id() -> str:
     """Names this process's ``perf_counter`` clock: equal ids read one clock. Linux: the
     kernel's boot id and the time namespace; elsewhere (no shared guarantee) the pid, so
-    only this process matches itself."""
+    only this process matches itself. Read once per process: a ping's answer then costs no
+    file reads after its clock reading."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()

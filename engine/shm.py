@@ -5,17 +5,18 @@ receiving process's gloo thread has read the bytes out of the socket, and on a m
 cores are all computing that thread waits for the scheduler: measured on 2 CPU stages
 (resnet18 width 16, 256 KB gradients, 1F1B), the last stage's sends took 0.42 ms median and
 1.0 ms mean, ~8 ms per step on the critical path. Through a ring the sender copies the bytes
-into shared memory and sends only the header over gloo, which the socket buffer always
-takes at once; the receiver thread copies them out when it runs.
+into shared memory and sends only the header over a Unix socket, whose buffer takes it at
+once unless full; the receiver thread copies them out when it runs.
 
     writer (sender's step thread)               reader (receiver thread of that source)
     offset, end = reserve(total)                bufs = read(offset, sizes, pool)
       (waits while the ring is full)            release(end)
     write(offset, tensors)
-    header {offset, end} ──── gloo ──────────▶  (the header names where the bytes are)
+    header {offset, end} ── Unix socket ─────▶  (the header names where the bytes are)
 
 The file lives in ``/dev/shm`` (tmpfs): the writer creates it with ``posix_fallocate``, so a
-full ``/dev/shm`` is an error at creation (the transport then keeps using gloo for that peer),
+full ``/dev/shm`` is an error at creation (the transport then sends that peer's payloads
+behind their headers on the socket),
 never a SIGBUS at a later write. The reader unlinks it as soon as it has mapped it; the
 writer unlinks it again at close (for a reader that never attached), so nothing is left
 behind once both ends are up. Bytes before offset 64 hold one int64: how many bytes the
@@ -113,7 +114,7 @@ class ShmRing:
                 raise ShmRingFull(
                     f"shared ring {self.path}: the reader released {int(self._released[0])} "
                     f"of {self._produced} bytes and has not freed {total} more in "
-                    f"{timeout_s:.0f} s"
+                    f"{timeout_s:.0f} s; is the reader still receiving?"
                 )
             time.sleep(pause)
             pause = min(2 * pause + 20e-6, 1e-3)
@@ -155,9 +156,11 @@ class ShmRing:
 
 def _map(fd: int, size: int) -> mmap.mmap:
     """Map ``size`` bytes of ``fd`` shared, with every page table entry made now
-    (MAP_POPULATE, where the platform has it): otherwise each end takes a page fault on its
-    first touch of every 4 KB page, which on 2 busy cores made the first pass through a
-    32 MB ring cost 20-45 ms per 4 MB message, against 2-6 ms once the pages were mapped."""
+    (MAP_POPULATE, where the platform has it): otherwise the writer takes a page fault on
+    its first touch of every 4 KB page and the reader about one per 64 KB (the kernel maps
+    read faults 16 pages at a time): on 2 busy cores the first six 4 MB ping-pongs through a
+    fresh 32 MB ring took 21-48 ms one way, the later ones 4-6 ms; mapped up front, the
+    first ones took 5-7 ms (``bench/transport.py``'s brigade-p2p route, 40 rounds)."""
     return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
 
 

@@ -106,7 +106,7 @@ class TrainConfig:
             raise PipelineConfigError(
                 f"schedule {self.schedule!r} cannot run method {method!r}; valid schedules "
                 f"for {method}: {', '.join(valid)}")
-        fwdgrad = self.method.lower() == "fwdgrad"
+        fwdgrad = method == "fwdgrad"
         if self.lr is None and not fwdgrad:
             self.lr = 0.05
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
@@ -138,7 +138,8 @@ class TrainConfig:
                 and self.backend == "local")
 
     def _check_forward_gradient(self) -> None:
-        """fwdgrad's own flags: its optimizers, projections, schedule and guess."""
+        """fwdgrad's own flags: its optimizer, projections and guess; the single-process
+        estimator does not checkpoint."""
         from brigade.stages.fg_optim import OPTIMIZERS as FG_OPTIMIZERS
 
         if self.optimizer.lower() not in FG_OPTIMIZERS:
@@ -151,7 +152,7 @@ class TrainConfig:
                 "--guess local is not pipelined (its directions depend on each microbatch's "
                 "data); run it in one process with --stages 1 --backend local, or use "
                 "--guess random")
-        if self.single_process and (self.checkpoint or self.resume or self.max_restarts):
+        if self.single_process and self.checkpoint:  # --resume/--max-restarts need one
             raise PipelineConfigError(
                 "the single-process forward-gradient estimator (--stages 1 --backend local) "
                 "does not checkpoint; drop --checkpoint/--resume/--max-restarts, or run the "
@@ -318,6 +319,8 @@ class _Run:
             except BaseException:
                 pipe.shutdown()
                 raise
+            if self.restarts:  # the step it went on from (0: no checkpoint yet), so a report
+                self.restarts[-1]["resumed_from"] = self.done  # tells the two apart
         return pipe
 
     def identity(self, pipe: Pipeline) -> dict[str, Any]:
@@ -334,7 +337,6 @@ class _Run:
                                       "without --resume to start")
             self.done, self.train_s, self.epoch_losses = 0, 0.0, {}
             self.loader.load_state_dict({"epoch": 0, "index": 0})
-            self._note_resumed(0)
             return
         ckpt = load_checkpoint(root, identity=_jsonable(self.identity(pipe)))
         pipe.load_checkpoint_state(ckpt.stages, step=ckpt.step)
@@ -344,13 +346,6 @@ class _Run:
         self.epoch_losses = {int(k): list(v) for k, v in d["epoch_losses"].items()}
         torch.set_rng_state(d["rng"])
         self.last_saved = str(ckpt.path)
-        self._note_resumed(ckpt.step)
-
-    def _note_resumed(self, step: int) -> None:
-        """Record in the latest restart the step it went on from (0: no checkpoint yet),
-        so a report tells a restart from a checkpoint from one from the beginning."""
-        if self.restarts:
-            self.restarts[-1]["resumed_from"] = step
 
     def save(self, pipe: Pipeline) -> None:
         driver = {"loader": self.loader.state_dict(), "train_s": self.train_s,

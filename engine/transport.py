@@ -76,7 +76,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .shm import ShmRing, ShmRingFull, recv_exact, send_buffers
+from .shm import ShmRing, recv_exact, send_buffers
 from .shm import can_read as shm_can_read
 from .shm import listen as shm_listen
 from .shm import probe as shm_probe
@@ -137,10 +137,11 @@ PREPOSTED_SLOTS = 2
 PREPOSTED_MAX_BYTES = 32 * 1024**2
 
 # Between ranks that share a host's /dev/shm, a payload of more than SHM_MIN_BYTES is copied
-# into a ring in shared memory and only its header goes over gloo (see engine/shm.py: a
-# gloo send of that size waits for the receiving process to be scheduled). Each direction's
-# ring is made at its first such message: SHM_RING_FACTOR times that message, within
-# SHM_RING_BYTES; a message over half the ring takes the gloo route instead.
+# into a ring in shared memory and only its header goes over the Unix socket (see
+# engine/shm.py: a gloo send of that size waits for the receiving process to be scheduled).
+# Each direction's ring is made at its first such message: SHM_RING_FACTOR times that
+# message, within SHM_RING_BYTES; a message over half the ring follows its header on the
+# socket instead.
 SHM_MIN_BYTES = 16 * 1024
 SHM_RING_FACTOR = 8
 SHM_RING_BYTES = (4 * 1024**2, 256 * 1024**2)
@@ -311,7 +312,7 @@ class P2PTransport:
             dist.PrefixStore("brigade/gloo", self._store), rank, world_size, options
         )
         self._shm_store = dist.PrefixStore("brigade/shm", self._store)
-        self.local_peers = self._connect_local(shared_memory)
+        self._connect_local(shared_memory)
         self._threads = [
             threading.Thread(
                 target=self._receive_local if src in self.local_peers else self._receive_gloo,
@@ -354,11 +355,9 @@ class P2PTransport:
         with self._send_lock:
             try:
                 if dest in self._links_out:
-                    self._send_local(dest, header, wires, sizes, key)
+                    self._send_local(dest, header, wires, sizes)
                 else:
                     self._send_gloo(dest, header, wires, sizes)
-            except TransportError:
-                raise
             except Exception as err:  # noqa: BLE001 - e.g. the peer's connection is gone
                 raise TransportError(
                     f"rank {self.rank}: sending {key!r} to rank {dest} failed: {err}"
@@ -384,13 +383,15 @@ class P2PTransport:
             w.wait(self._timeout)
 
     def _send_local(self, dest: int, header: list[int], wires: list[torch.Tensor],
-                    sizes: tuple[int, ...], key: Hashable) -> None:
+                    sizes: tuple[int, ...]) -> None:
         """The header over the peer's socket; the bytes into the ring when over
         ``SHM_MIN_BYTES`` and it fits, else right behind the header on the socket."""
         ring = self._ring_to(dest, sizes) if sum(sizes) > SHM_MIN_BYTES else None
         header[_H_SLOT] = -1  # the receiver reads only this: ring, or bytes on the socket
         if ring is not None:
-            self._to_ring(ring, header, wires, sizes, key, dest)
+            offset, end = ring.reserve(sizes, self.timeout_s)  # waits while the reader lags
+            ring.write(offset, wires)
+            header[_H_SHM_OFF], header[_H_SHM_END] = offset, end
             header[_H_SLOT], wires = SLOT_SHM, []
         send_buffers(self._links_out[dest],
                      [np.asarray(header, dtype=np.int64), *(w.numpy() for w in wires)])
@@ -418,19 +419,12 @@ class P2PTransport:
             self._shm_store.set(f"ring/{self.rank}/{dest}", ring.path)
         return ring if ring.fits(sizes) else None
 
-    def _to_ring(self, ring: ShmRing, header: list[int], wires: list[torch.Tensor],
-                 sizes: tuple[int, ...], key: Hashable, dest: int) -> None:
-        """Copy the payload into ``ring`` and note where in ``header``. Waits (up to
-        ``timeout_s``) while the receiver lags."""
-        try:
-            offset, end = ring.reserve(sizes, self.timeout_s)
-        except ShmRingFull as err:
-            raise TransportError(f"rank {self.rank}: sending {key!r} to rank {dest} "
-                                 f"failed: {err}; is rank {dest} still receiving?") from err
-        ring.write(offset, wires)
-        header[_H_SHM_OFF], header[_H_SHM_END] = offset, end
+    @property
+    def local_peers(self) -> set[int]:
+        """The peers reached by the same-host route (a socket each way, rings as needed)."""
+        return set(self._links_out)
 
-    def _connect_local(self, enabled: bool) -> set[int]:
+    def _connect_local(self, enabled: bool) -> None:
         """Find the peers on this host and connect to them: the local route's sockets.
 
         Each rank leaves a probe file and a listening socket in /dev/shm and says, through
@@ -472,7 +466,6 @@ class P2PTransport:
                 src = np.zeros(1, dtype=np.int64)
                 recv_exact(conn, src)
                 self._links_in[int(src[0])] = conn
-            return local
         except OSError as err:
             raise TransportError(f"rank {self.rank}: connecting to the peers on this host "
                                  f"failed: {err}") from err

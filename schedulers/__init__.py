@@ -21,7 +21,7 @@ from .actions import (
     Action,
     parse_actions,
 )
-from .calibrate import costs_from_timeline, predict, schedule_of
+from .calibrate import costs_from_timeline, predict, predict_from_profile, schedule_of
 from .costs import Costs
 from .deps import Dependencies
 from .errors import ScheduleError
@@ -45,7 +45,7 @@ __all__ = [
     "validate", "Dependencies", "lower", "unlower",
     # simulation
     "Costs", "simulate", "Timeline", "Event", "CATEGORIES",
-    "costs_from_timeline", "predict", "schedule_of",
+    "costs_from_timeline", "predict", "predict_from_profile", "schedule_of",
     # reports
     "compare_table", "side_by_side", "summary_table", "grid_text", "plot_gantt",
     "write_chrome_trace", "chrome_trace",

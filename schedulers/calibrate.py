@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from dataclasses import replace
 
 from .actions import Action
 from .costs import Costs
@@ -27,7 +28,7 @@ from .simulate import simulate
 from .timeline import Event, Timeline
 
 __all__ = ["costs_from_spans", "costs_from_timeline", "schedule_of", "predict", "send_cost",
-           "action_seconds"]
+           "action_seconds", "predict_from_profile"]
 
 # Cost field of each compute kind (S folds forward, backward and update: charged as f).
 _FIELD = {"F": "f", "B": "b", "I": "i", "W": "w", "U": "u", "T": "sg", "S": "f", "R": "b"}
@@ -93,14 +94,14 @@ def _latency(timeline: Timeline, schedule: Schedule) -> float:
     return statistics.fmean(samples) if samples else 0.0
 
 
-def _folded(med: dict[tuple[int, str], float], n: int) -> dict[str, list[float]]:
+def _folded(seconds: dict[tuple[int, str], float], n: int) -> dict[str, list[float]]:
     """Zero the parts an action that folds several phases already paid for.
 
     The simulator charges DNI's S as f + b + u and PETRA's R as r + b. A measured S span is
     the whole of it (charged as f), so a run without B leaves b (and its halves) at 0 rather
     than the 2f default; a measured R span is the whole reverse (charged as b), so r is 0.
     """
-    kinds = {k for _, k in med}
+    kinds = {k for _, k in seconds}
     out: dict[str, list[float]] = {}
     if "S" in kinds and not kinds & {"B", "I", "W"}:
         out.update(b=[0.0] * n, i=[0.0] * n, w=[0.0] * n)
@@ -156,3 +157,13 @@ def predict(timeline: Timeline, costs: Costs | None = None,
     tl = simulate(schedule_of(timeline), costs or costs_from_timeline(timeline), durations)
     tl.meta["source"] = "simulated"
     return tl
+
+
+def predict_from_profile(run: Timeline, profile: Timeline, latency: float | None = None) -> Timeline:
+    """Simulate the schedule ``run`` executed from ``profile`` (``Pipeline.profile`` of as
+    many steps): each action's own profiled time, the profile's means where one is missing,
+    and ``latency`` (default: ``run``'s own, which a profile that never waits cannot see)."""
+    if latency is None:
+        latency = _latency(run, schedule_of(run))
+    costs = replace(costs_from_timeline(profile), latency=latency)
+    return predict(run, costs, action_seconds(profile))

@@ -144,9 +144,11 @@ _BITS = torch.arange(8, dtype=torch.uint8)
 def sample(shape: Sequence[int], dist: str, generator: torch.Generator) -> torch.Tensor:
     """A float32 CPU tensor of ``shape`` with i.i.d. entries, ``E[v vᵀ] = I``.
 
-    ``rademacher`` (±1) unpacks 8 signs from each random byte: 1.4-3.4x faster than
-    ``torch.randn`` on CPU (one thread, 0.8M-8M entries, medians; two runs on a 2-core
-    machine), which matters because drawing ``v`` costs more than a forward pass of an MLP. It also has the smaller variance (its fourth moment is 1, not 3).
+    ``rademacher`` (±1) unpacks 8 signs from each random byte: 1.0-3.4x faster than
+    ``torch.randn`` on CPU (one thread, 0.8M-8M entries, medians after a warm-up; four runs
+    on a 2-core machine, the least gain while other jobs loaded it), which matters because
+    drawing ``v`` costs more than a forward pass of an MLP. It also has the smaller variance
+    (its fourth moment is 1, not 3).
     """
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)
@@ -591,7 +593,7 @@ def forward_gradient(
         grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         for (idx, vs), du in zip(drawn, d):  # what combine(d / n) gives, without redrawing
             if vs:
-                _weigh(grads, idx, du.detach().float() / max(du.numel(), 1), vs)
+                _weigh(grads, idx, du.detach().float() / du.numel(), vs)
         grads = [g.to(p.dtype) for g, p in zip(grads, params)]
         return Estimate(loss=loss, grads=grads, d=d)
     stats = contextlib.nullcontext() if update_stats else _frozen_stats(model)

@@ -3,8 +3,8 @@
 The figures themselves depend on the machine; these tests check what can fail regardless:
 a row for every requested model x stages x schedule (petra on revnets only), fractions in
 [0, 1], samples/s = batch / step time, skips that say why, bad flags exiting 2 with one
-line, and the torchrun ranks of the torch.distributed.pipelining side running a split and
-leaving no process behind.
+line, and the torchrun ranks (torch.distributed.pipelining's side and brigade's torchrun
+side) running and profiling a split and leaving no process behind.
 """
 
 from __future__ import annotations
@@ -223,7 +223,8 @@ def test_tiny_measured_run_compares_both_runners_and_stops_everything(tmp_path):
                 by[("simulated", None, s)]["samples_per_s"])
             assert b["steps_timed"] == 2
             assert b["calibrated_samples_per_s"] > 0  # the round re-simulated with its own costs
-            # and from the in-place profile taken just before it, round beside round
+            # and from the split's in-place profile (taken once after the warm-up), with
+            # each round's latency
             assert len(b["in_place_over_measured_rounds"]) == 1  # --quick: one round
             assert b["in_place_over_measured"] == pytest.approx(
                 b["in_place_over_measured_rounds"][0])

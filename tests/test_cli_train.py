@@ -99,3 +99,23 @@ def test_each_method_gets_its_measured_default_optimizer(method, expected):
 
     assert TrainConfig(method=method, backend="local").optimizer == expected
     assert TrainConfig(method=method, backend="local", optimizer="adam").optimizer == "adam"
+
+
+def test_report_counts_workers_not_virtual_stages(tmp_path, capsys):
+    """An interleaved run of 4 stages on 2 workers reports 2 workers (its meta's "stages"
+    is 4: the report read that once)."""
+    from torch import nn
+
+    from brigade.engine import Pipeline
+
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)])
+    with Pipeline(model, stages=2, schedule="interleaved", virtual=2, microbatches=2,
+                  backend="local", loss_fn=nn.MSELoss(),
+                  optimizer=lambda p: torch.optim.SGD(p, lr=0.1)) as pipe:
+        pipe.step(torch.randn(4, 4), torch.randn(4, 4))
+        trace = tmp_path / "t.json"
+        pipe.timeline().to_json(trace)
+    capsys.readouterr()
+    assert main(["report", str(trace)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 workers" in printed and "4 workers" not in printed

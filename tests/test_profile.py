@@ -89,6 +89,8 @@ def test_profile_on_ray_actors_changes_nothing_and_sends_for_real(ray_cluster):
     assert {e.worker for e in tl.events if e.category == "compute"} == {0, 1}
     sends = Counter((e.worker, e.kind) for e in tl.events if e.category == "send")
     assert sends == {(0, "F"): 8, (1, "B"): 8}  # 2 steps x 4 microbatches each way
+    assert not [e for e in tl.events if e.category == "wait"]  # nobody waited (the actors
+    # record waits; the local backend never does)
 
 
 def test_profile_arguments_and_a_replay_without_a_record_are_refused():

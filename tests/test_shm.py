@@ -106,8 +106,8 @@ def test_socket_helpers_carry_several_buffers_and_report_a_closed_peer():
 
 def test_both_ends_map_every_page_up_front():
     """The first pass through a fresh ring takes no page faults on either end (MAP_POPULATE):
-    without it, each end faults once per 4 KB page (1024 for this 4 MB ring), which on busy
-    cores made the first messages through a ring ~10x slower than later ones."""
+    without it, the writer faults once per 4 KB page (1024 for this 4 MB ring) and the reader
+    about once per 64 KB; 1114 in all, measured, with the flag removed."""
     import resource
 
     def faults() -> int:

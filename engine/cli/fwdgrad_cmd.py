@@ -93,14 +93,14 @@ def config_from_args(args: argparse.Namespace, model=None):
         if v is not None
     }
     auto = str(args.projections).strip().lower() == "auto"
-    projections = 1 if args.guess == "local" else _projections(args.projections, model,
-                                                                _blocks(args.blocks))
+    blocks = _blocks(args.blocks)
+    projections = 1 if args.guess == "local" else _projections(args.projections, model, blocks)
     scope = args.scope or ("block" if auto or isinstance(projections, tuple) or args.guess == "local" else "global")
     if auto and scope == "global":
         projections = 1
     return FGDPConfig(
         workers=args.workers, merge=args.merge, directions=args.directions, guess=args.guess,
-        projections=projections, dist=args.dist, scope=scope, blocks=_blocks(args.blocks), optimizer=args.optimizer,
+        projections=projections, dist=args.dist, scope=scope, blocks=blocks, optimizer=args.optimizer,
         lr=args.lr, optimizer_kw=okw, batch_size=args.batch_size, shards=args.shards,
         seed=args.seed, timeout_s=args.timeout,
     )

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     meta = measured.meta
     console.print(
         f"[bold]{meta['schedule']}[/] ({meta.get('method', 'backprop')}), "
-        f"{meta['stages']} workers, m={meta['microbatches']}, v={meta.get('virtual', 1)}, "
+        f"{measured.num_workers} workers, m={meta['microbatches']}, v={meta.get('virtual', 1)}, "
         f"{meta.get('steps')} steps, backend {meta.get('backend', '?')}"
     )
     console.print(side_by_side(measured, simulated, title="measured vs simulated"))
