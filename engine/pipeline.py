@@ -291,7 +291,7 @@ class Pipeline:
         each stage alone in one process: the stages then compute with the machine to
         themselves and one microbatch in flight; on 2 CPU stages (resnet18 width 16, m=8,
         ``bench/pipeline_schedules.py``, two runs) measured / predicted throughput of the four
-        backprop schedules came out 0.65-1.36 from that, 0.86-1.06 from this.
+        backprop schedules came out 0.75-1.01 from that, 0.94-0.99 from this.
         """
         self._check_open()
         if steps < 1:

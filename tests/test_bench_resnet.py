@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -194,6 +195,19 @@ def test_in_place_prediction_uses_the_profiles_costs_and_the_rounds_latency():
     assert rs._in_place_step(run, slow, 2) > 1.8 * rs._predicted_step(run, 2)
 
 
+def test_in_place_error_is_the_rounds_time_together():
+    """Rounds measured at 1, 2 and 6 s per step against 2 s predicted for each: the rounds'
+    time together (9 s against 6 s: 1.5), not the median round's ratio (1.0), so a round
+    whose profile caught the host fast or slow counts by its time."""
+    cfg = rs.BenchConfig(**rs.QUICK)
+    tally = rs._Tally(step_times=[1.0, 2.0, 6.0], rounds=[1.0, 2.0, 6.0],
+                      in_place=[2.0, 2.0, 2.0], steps=3)
+    row = rs._measured_row(cfg, "resnet18", "1f1b", "brigade", tally, [5, 5])
+    assert row["in_place_over_measured_rounds"] == [0.5, 1.0, 3.0]
+    assert row["in_place_over_measured"] == pytest.approx(1.5)
+    assert row["in_place_samples_per_s"] == pytest.approx(cfg.batch_size / 2.0)
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_tiny_measured_run_compares_both_runners_and_stops_everything(tmp_path):
@@ -222,12 +236,19 @@ def test_tiny_measured_run_compares_both_runners_and_stops_everything(tmp_path):
             assert b["predicted_samples_per_s"] == pytest.approx(
                 by[("simulated", None, s)]["samples_per_s"])
             assert b["steps_timed"] == 2
+            # on Ray a round is one run of its 2 steps (one figure); on the ranks a flush
+            # schedule's steps are timed one by one between barriers, as torch's are
+            one_run = backend == "ray" or s == "dni"
+            assert len(b["step_times_s"]) == (1 if one_run else 2)
             assert b["calibrated_samples_per_s"] > 0  # the round re-simulated with its own costs
-            # and from the split's in-place profile (taken once after the warm-up), with
-            # each round's latency
+            # and from an in-place profile taken right before each round, with the
+            # round's latency
             assert len(b["in_place_over_measured_rounds"]) == 1  # --quick: one round
             assert b["in_place_over_measured"] == pytest.approx(
                 b["in_place_over_measured_rounds"][0])
+            assert b["in_place_over_measured"] == pytest.approx(  # predicted / measured
+                statistics.fmean(b["step_times_s"]) * b["in_place_samples_per_s"]
+                / b["batch_size"])
             assert b["in_place_samples_per_s"] > 0
         checks = [c["check"] for c in rs.target_checks(rows) if backend in c["check"]]
         assert sum("simulated (in-place profile) / measured" in c for c in checks) == 2, checks
@@ -236,3 +257,15 @@ def test_tiny_measured_run_compares_both_runners_and_stops_everything(tmp_path):
             by[("torch", None, "1f1b")]["first_loss"], rel=1e-4)
     assert with_cmdline("--torch-worker") == [] or wait_gone(with_cmdline("--torch-worker"), 10)
     assert ray.is_initialized() == had_ray
+
+
+def test_decoupled_target_names_what_removing_the_flush_can_gain():
+    """The 1.3x target beside its ceiling: a decoupled schedule's gain over a flushed one is
+    the flush, (m+p-1)/m of the work on balanced stages (1.125x at p=2, m=8)."""
+    row = {"runner": "brigade", "model": "resnet18", "schedule": "dni", "backend": "ray",
+           "microbatches": 8, "stages": 2, "torch_step_time_s": 1.0, "step_time_s": 0.9}
+    (check,) = rs.target_checks([row])
+    assert check["value"] == pytest.approx(1 / 0.9) and not check["met"]
+    assert "(m+p-1)/m = 1.125x at p=2, m=8" in check["note"]
+    row.update(microbatches=2, stages=4)
+    assert "= 2.500x at p=4, m=2" in rs.target_checks([row])[0]["note"]
