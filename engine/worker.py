@@ -115,7 +115,9 @@ class Worker:
         if mode not in MODES:
             raise PipelineError(f"unknown step mode {mode!r}; modes are {', '.join(MODES)}")
         if mode == "record":
-            self._snapshot = copy.deepcopy(self.checkpoint_state())
+            # Not checkpoint_state(): a neighbour that began this step first may already
+            # have delivered its messages for it; they are this step's, not state.
+            self._snapshot = copy.deepcopy(self._training_state())
             self._recorded = {}
         elif mode == "replay":
             messages = list(messages) + self._stand_ins(messages, program)
@@ -206,6 +208,10 @@ class Worker:
         if pending:
             raise PipelineError(f"worker {self.index}: cannot checkpoint with messages "
                                 f"still queued ({pending[:4]}...)")
+        return self._training_state()
+
+    def _training_state(self) -> dict[int, dict[str, Any]]:
+        """Each stage's weights, optimizer state and extras, and the RNG state."""
         rng = torch.get_rng_state()
         out = {}
         for s, stage in self.stages.items():

@@ -105,6 +105,19 @@ def test_profile_arguments_and_a_replay_without_a_record_are_refused():
         worker.begin(True, [], [], mode="profile")
 
 
+def test_a_record_step_begins_after_a_neighbours_message_for_it_arrived():
+    """On actors the driver starts every worker's record step at once: a neighbour that
+    begins first can deliver this step's activation before this worker has begun. Its
+    snapshot is of the training state, so that is no error (it was, as a checkpoint's
+    "messages still queued": a CI run on 2 cores hit it); a checkpoint still refuses."""
+    worker = Worker(1, {}, [0, 1])
+    worker.mailbox.put(("x", 1, 0), torch.ones(2))  # stage 0's F for microbatch 0, early
+    with pytest.raises(PipelineError, match="cannot checkpoint with messages still queued"):
+        worker.checkpoint_state()
+    worker.begin(True, [], [], mode="record")
+    assert worker.mailbox.pending() == [("x", 1, 0)]  # kept for the step to take
+
+
 def test_a_replays_messages_are_dropped_on_arrival():
     box = Mailbox()
     box.put(("x", 1, -1), torch.ones(1))  # microbatch 0 of a replay
