@@ -1051,9 +1051,10 @@ def _in_place_step(tl: Timeline, profiled: Timeline, steps: int) -> float | None
     mean message latency (the receiver's wake-up) this round measured, which a profile that
     never waits cannot see. Why a profile per round, taken right before it: on this shared
     host the speed drifts by 10% within seconds (resnet18 gpipe on torchrun, three profile
-    and run pairs of 3 steps: profile / run 1.14, 0.93, 0.87), so one profile per split
-    put its moment's speed into every round's prediction (one such run: 1.10-1.28 on all
-    four rounds); profiles spread over the rounds sample the speed the runs had."""
+    and run pairs of 3 steps: predicted from the profile / run 1.14, 0.93, 0.87), so one
+    profile per split put its moment's speed into every round's prediction (one such run:
+    1.10-1.28 on all four rounds); profiles spread over the rounds sample the speed the
+    runs had."""
     return _per_step(lambda: schedulers.predict_from_profile(tl, profiled), steps)
 
 

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from .errors import PipelineConfigError
 
 __all__ = ["PipelineConfig", "BACKENDS", "METHOD_SCHEDULES", "PLACEMENTS", "TRANSPORTS",
-           "check_placement"]
+           "check_method_schedule", "check_placement"]
 
 BACKENDS = ("ray", "local", "torchrun")
 
 # How stage messages travel: "p2p" (same host: a Unix socket and a shared-memory ring;
 # between hosts: gloo), "gloo" (gloo for all), "ray" (Ray actor calls; Ray backend only).
+# The local backend hands messages over in process and ignores the choice.
 TRANSPORTS = ("p2p", "gloo", "ray")
 
 # How the Ray backend lays the stage actors' bundles over the nodes (placement strategies).
@@ -37,6 +38,21 @@ METHOD_SCHEDULES: dict[str, tuple[str, ...]] = {
     "petra": ("petra",),
     "fwdgrad": ("fwdgrad",),
 }
+
+
+def check_method_schedule(method: str, schedule: str | None) -> str:
+    """``method`` in canonical (lower-case) spelling, after checking that it exists and can
+    run ``schedule`` (None: the method's default); an error lists what would work."""
+    name = str(method).lower()
+    if name not in METHOD_SCHEDULES:
+        raise PipelineConfigError(
+            f"unknown method {method!r}; valid methods: {', '.join(METHOD_SCHEDULES)}")
+    valid = METHOD_SCHEDULES[name]
+    if schedule is not None and schedule.lower() not in valid:
+        raise PipelineConfigError(
+            f"schedule {schedule!r} cannot run method {name!r}; valid schedules for {name}: "
+            f"{', '.join(valid)}")
+    return name
 
 
 @dataclass
@@ -64,16 +80,7 @@ class PipelineConfig:
         self.schedule = self.schedule.lower()
         self.method = self.method.lower()
         self.backend = self.backend.lower()
-        if self.method not in METHOD_SCHEDULES:
-            raise PipelineConfigError(
-                f"unknown method {self.method!r}; valid methods: {', '.join(METHOD_SCHEDULES)}"
-            )
-        valid = METHOD_SCHEDULES[self.method]
-        if self.schedule not in valid:
-            raise PipelineConfigError(
-                f"schedule {self.schedule!r} cannot run method {self.method!r}; "
-                f"valid schedules for {self.method}: {', '.join(valid)}"
-            )
+        check_method_schedule(self.method, self.schedule)
         if self.backend not in BACKENDS:
             raise PipelineConfigError(
                 f"unknown backend {self.backend!r}; valid backends: {', '.join(BACKENDS)}"

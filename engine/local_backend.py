@@ -30,7 +30,7 @@ class LocalBackend:
             self.workers.append(build_worker(spec, send=self._deliver))
 
     def _deliver(self, dest: int, key, tensor) -> None:
-        self.workers[dest].mailbox.put(key, tensor)
+        self.workers[dest].deliver(key, tensor)
 
     def run_step(
         self, training: bool, programs: list[list[Action]], messages: list[list[tuple]],

@@ -22,11 +22,7 @@ class Mailbox:
         self._cond = threading.Condition()
 
     def put(self, key: Hashable, value: Any) -> None:
-        """Deliver one message; a duplicate key means a schedule bug, so it is an error.
-        A key whose last entry (the microbatch) is negative is a profile replay's message
-        (see ``Worker``): dropped, whenever it arrives."""
-        if key[-1] < 0:
-            return
+        """Deliver one message; a duplicate key means a schedule bug, so it is an error."""
         with self._cond:
             if key in self._items:
                 raise KeyError(f"message {key!r} delivered twice")

@@ -227,11 +227,7 @@ class Pipeline:
         if not batches:
             return []
         m = self.config.microbatches
-        xs, ys = [], []
-        for x, y in batches:
-            x_chunks = split_batch(x, m)
-            xs += x_chunks
-            ys += list(zip(split_batch(y, m), loss_weights(x_chunks)))
+        xs, ys = self._inputs(batches)
         results = self._run(True, self._program(len(batches)), xs, ys)
         per_mb = dict(pair for r in results for pair in r.losses)
         out = []
@@ -242,6 +238,18 @@ class Pipeline:
             loss = sum(per_mb[t * m + j] for j in range(m))
             out.append({"loss": float(loss), "step": self._steps})
         return out
+
+    def _inputs(self, batches: list[tuple[torch.Tensor, torch.Tensor]]
+                ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, float]]]:
+        """Each batch cut into the microbatches the stages take: the inputs, and the
+        targets with each microbatch's share of its batch's loss."""
+        m = self.config.microbatches
+        xs, ys = [], []
+        for x, y in batches:
+            x_chunks = split_batch(x, m)
+            xs += x_chunks
+            ys += list(zip(split_batch(y, m), loss_weights(x_chunks)))
+        return xs, ys
 
     def _program(self, steps: int) -> list[list[Action]]:
         """Per-worker action lists for the next ``steps`` steps (cached by shape)."""
@@ -296,9 +304,7 @@ class Pipeline:
         self._check_open()
         if steps < 1:
             raise PipelineConfigError(f"steps must be >= 1 to profile (got {steps})")
-        m = self.config.microbatches
-        xs = split_batch(x, m)
-        ys = list(zip(split_batch(y, m), loss_weights(xs)))
+        xs, ys = self._inputs([(x, y)])
         self._run(True, self._program(1), xs, ys, mode="record")
         results = self._run(True, self._program(steps), xs * steps, ys * steps, mode="replay")
         return Timeline(events=self._events_of(results), num_workers=self.config.num_workers,
@@ -405,16 +411,10 @@ class Pipeline:
     def _meta(self, source: str, steps: int) -> dict[str, Any]:
         """What a timeline of this pipeline says about itself (``schedule_of`` reads it)."""
         return {
+            **self.identity(),
             "source": source,
-            "schedule": self.config.schedule,
-            "method": self.config.method,
             "stages": len(self.balance),
-            "workers": self.config.num_workers,
-            "microbatches": self.config.microbatches,
-            "virtual": self.config.virtual,
             "steps": steps,
-            "balance": self.balance,
-            "schedule_options": self.config.schedule_options,
             "backend": self.config.backend,
             "peak_stored_activation_bytes": [
                 self._peak_bytes.get(s, 0) for s in range(len(self.balance))

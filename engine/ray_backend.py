@@ -103,7 +103,7 @@ class _StageActor:
 
         host = None if addr in _LOOPBACK else ray.util.get_node_ip_address()
         self.transport = P2PTransport(
-            rank, world_size, addr, port, self.worker.mailbox.put, self.device,
+            rank, world_size, addr, port, self.worker.deliver, self.device,
             timeout_s=timeout_s, host=host, shared_memory=shared_memory,
         )
 
@@ -120,7 +120,7 @@ class _StageActor:
 
     def deliver(self, key: Any, value: Any) -> None:
         """Called by a neighbour: file one message in the mailbox."""
-        self.worker.mailbox.put(key, from_wire(value, self.device))
+        self.worker.deliver(key, from_wire(value, self.device))
 
     def _send(self, dest: int, key: Any, payload: Any) -> None:
         if self.transport is not None:
@@ -195,7 +195,7 @@ class RayBackend:
             self.pids = self._get([a.connect.remote(self.actors) for a in self.actors])
             self.transport = "ray"
             if transport != "ray" and len(self.actors) > 1:
-                self._setup_p2p(shared_memory=transport == "p2p")
+                self._setup_p2p(transport)
             self.offsets = self._clock_offsets()
         except BaseException:
             self._kill()  # also removes the placement group: nothing outlives a failed start
@@ -218,9 +218,9 @@ class RayBackend:
                     self.placement_group, placement_group_bundle_index=i)
             self.actors.append(remote_cls.options(**options).remote(spec))
 
-    def _setup_p2p(self, shared_memory: bool) -> None:
-        """Connect the actors' transports (same host: socket and shared memory, unless
-        ``shared_memory`` is False; between hosts: gloo): rank i = worker i, the store on
+    def _setup_p2p(self, transport: str) -> None:
+        """Connect the actors' transports ("p2p": same host, socket and shared memory,
+        between hosts gloo; "gloo": gloo for all): rank i = worker i, the store on
         worker 0's node (loopback when every actor shares one node). Falls back to Ray calls
         where torch has no gloo."""
         import torch.distributed as dist
@@ -237,7 +237,7 @@ class RayBackend:
         try:
             self._get([
                 a.setup_transport.remote(rank, len(self.actors), addr, port, rendezvous_s,
-                                         shared_memory)
+                                         transport == "p2p")
                 for rank, a in enumerate(self.actors)
             ])
         except PipelineError as err:
@@ -246,7 +246,7 @@ class RayBackend:
                 f"{addr}:{port} ({err}); pass transport='ray' to send tensors through Ray "
                 "calls instead"
             ) from err
-        self.transport = "p2p" if shared_memory else "gloo"
+        self.transport = transport
 
     def _clock_offsets(self) -> list[float]:
         """Each actor's clock minus the driver's: 0 on the driver's host (one clock), else

@@ -9,7 +9,7 @@ into shared memory and sends only the header over a Unix socket, whose buffer ta
 once unless full; the receiver thread copies them out when it runs.
 
     writer (sender's step thread)               reader (receiver thread of that source)
-    offset, end = reserve(total)                bufs = read(offset, sizes, pool)
+    offset, end = reserve(sizes, timeout_s)     bufs = read(offset, sizes, alloc)
       (waits while the ring is full)            release(end)
     write(offset, tensors)
     header {offset, end} ── Unix socket ─────▶  (the header names where the bytes are)

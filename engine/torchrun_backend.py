@@ -85,7 +85,7 @@ class TorchrunBackend:
         port = broadcast_object(free_port("") if self.rank == 0 else None)
         self.transport = P2PTransport(
             self.rank, self.world, os.environ.get("MASTER_ADDR", "127.0.0.1"), port,
-            deliver=self.worker.mailbox.put, device=spec.device,
+            deliver=self.worker.deliver, device=spec.device,
             timeout_s=min(60.0, timeout_s), shared_memory=transport == "p2p",
         )
         self.pids = self._gather(os.getpid())
@@ -139,7 +139,9 @@ class TorchrunBackend:
         self.worker.load_checkpoint_state({s: states[s] for s in self.worker.stages})
 
     def clock_offsets(self) -> list[float]:
-        """Ranks on one host share CLOCK_MONOTONIC; across hosts offsets are not corrected."""
+        """Ranks on one host share CLOCK_MONOTONIC; across hosts offsets are not corrected
+        (``engine/clock.measure_offset`` over the process group would do it; not built:
+        nothing here has two hosts to test it on)."""
         return [0.0] * self.world
 
     def shutdown(self) -> None:

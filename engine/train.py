@@ -23,7 +23,7 @@ from brigade.stages.data import Batches, load_dataset
 from brigade.stages.models import build_model, shape_kwargs
 
 from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import METHOD_SCHEDULES, check_placement
+from .config import METHOD_SCHEDULES, check_method_schedule, check_placement
 from .errors import PipelineConfigError, StageFailedError
 from .pipeline import Pipeline
 from .torchrun_backend import broadcast_object, is_rank0
@@ -96,16 +96,7 @@ class TrainConfig:
             raise PipelineConfigError(f"--window {self.window} must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise PipelineConfigError(f"--steps {self.steps} must be >= 1")
-        methods = list(METHOD_SCHEDULES)
-        method = self.method.lower()
-        if method not in methods:
-            raise PipelineConfigError(
-                f"unknown method {self.method!r}; valid methods: {', '.join(methods)}")
-        valid = METHOD_SCHEDULES[method]  # checked here, before any data or process
-        if self.schedule is not None and self.schedule.lower() not in valid:
-            raise PipelineConfigError(
-                f"schedule {self.schedule!r} cannot run method {method!r}; valid schedules "
-                f"for {method}: {', '.join(valid)}")
+        method = check_method_schedule(self.method, self.schedule)  # before data, processes
         fwdgrad = method == "fwdgrad"
         if self.lr is None and not fwdgrad:
             self.lr = 0.05
@@ -127,7 +118,7 @@ class TrainConfig:
             if self.single_process:
                 return
         if self.schedule is None:
-            self.schedule = valid[0]
+            self.schedule = METHOD_SCHEDULES[method][0]
 
 
     @property

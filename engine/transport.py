@@ -28,14 +28,17 @@ one over half the ring, follows its header on the socket instead. Over gloo:
 The header names the key (kind code, up to three integers), whether the payload is one tensor,
 a tuple (PETRA sends (x, dx) pairs; entries may be None) or None, and per tensor its dtype
 code and shape. Payload bytes travel as a flat uint8 view, so any dtype crosses unchanged
-(bool, bfloat16, complex). A payload of at most ``INLINE_BYTES`` rides in the header's frame
-(one message, one wake-up; copied in and out, which costs less than a round trip); a larger
+(bool, bfloat16, complex). Over gloo, a payload of at most ``INLINE_BYTES`` rides in the
+header's frame (one message, one wake-up; copied in and out, which costs less than a round
+trip); a larger
 one follows as one message per tensor, received straight into the tensor that is delivered
 (a pooled buffer, reused once nothing references it). Empty tensors send no bytes.
 
 Ordering: gloo matches sends and receives between one pair of ranks FIFO per tag; frames use
 one tag and separate payloads another, and one receiver thread per source consumes a frame
-and then exactly its payloads, so messages from one rank to another arrive in send order.
+and then exactly its payloads, so messages from one rank to another arrive in send order. On
+the same-host route the stream socket keeps the headers in order and the ring is read in
+the order it was written.
 
 Sends block until gloo (or the socket, or the ring) has the bytes (see
 :meth:`P2PTransport.send`). No deadlock when two ranks send to each other at once: a send
@@ -105,8 +108,9 @@ FORM_TENSOR, FORM_TUPLE, FORM_NONE = 0, 1, 2
 _NO_TENSOR = -1  # dtype code of a None entry in a tuple
 
 # header slots: op, kind, number of key ints, key ints, form, number of tensors, whether
-# the bytes follow inline in the same frame, then per tensor (dtype code, ndim, shape padded
-# to MAX_NDIM)
+# the bytes follow inline in the same frame (gloo), where the payload is (a gloo slot, or
+# SLOT_SHM: in the ring, at the offset and with the produced count after it), then per
+# tensor (dtype code, ndim, shape padded to MAX_NDIM)
 _H_OP, _H_KIND, _H_NINTS, _H_INTS = 0, 1, 2, 3
 _H_FORM = _H_INTS + MAX_KEY_INTS
 _H_COUNT = _H_FORM + 1
@@ -235,8 +239,6 @@ def _sizes(metas: list) -> tuple[int, ...]:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now (bind port 0, read it, close): for rank 0's store."""
-    import socket
-
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

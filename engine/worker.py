@@ -40,8 +40,8 @@ __all__ = ["Worker", "StepResult", "Send", "MODES"]
 # keeps the messages it took (after a snapshot of the training state); "replay" runs a
 # program without waiting for any message, each one it needs stood in for by the recorded
 # one of the same kind, stage and microbatch (modulo the recorded step's count); what it
-# sends goes out for microbatch -1 - j, which the receiving mailbox drops; the snapshot is
-# restored at its end. Record then replay is an in-place profile: every action timed where
+# sends goes out for microbatch -1 - j, which the receiving worker drops (``deliver``); the
+# snapshot is restored at its end. Record then replay is an in-place profile: every action timed where
 # and as it runs, sends and receives paid as in a run, without waiting on anyone.
 MODES = ("run", "record", "replay")
 
@@ -132,6 +132,13 @@ class Worker:
         for stage in self.stages.values():
             stage.module.train(training)
         for key, value in messages:
+            self.mailbox.put(key, value)
+
+    def deliver(self, key: tuple, value: Any) -> None:
+        """A neighbour's message for this worker (what backends and transports call): into
+        the mailbox, unless its microbatch is negative, a profile replay's (see ``MODES``),
+        dropped whenever it arrives (a replay's message may outlive the replay)."""
+        if key[-1] >= 0:
             self.mailbox.put(key, value)
 
     def end(self) -> StepResult:
@@ -405,9 +412,11 @@ class Worker:
     # -- routing and recording ----------------------------------------------------------------
     def _route(self, a: Action, key: tuple, tensor: Any) -> None:
         """Deliver to the worker holding the destination stage (this one: no copy)."""
-        if self._mode == "replay":  # sent, so both ends pay for it, but dropped on arrival
-            key = (*key[:-1], -1 - key[-1])
         dest = self.worker_of[key[1]]
+        if self._mode == "replay":  # sent, so both ends pay for it, but dropped on arrival
+            if dest == self.index:
+                return
+            key = (*key[:-1], -1 - key[-1])
         if dest == self.index or self._send is None:
             self.mailbox.put(key, tensor)
             return

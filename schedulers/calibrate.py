@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from dataclasses import replace
 
 from .actions import Action
 from .costs import Costs
@@ -127,13 +126,14 @@ def costs_from_spans(seconds: dict[tuple[int, str], float], stages: int, **other
     return Costs(**fields, **others)
 
 
-def costs_from_timeline(timeline: Timeline) -> Costs:
-    """Per-stage mean costs and the message latency of a measured run."""
+def costs_from_timeline(timeline: Timeline, latency: float | None = None) -> Costs:
+    """Per-stage mean costs and the message latency of a measured run (``latency``, where
+    given, instead: a profile never waits, so it has none of its own)."""
     schedule = schedule_of(timeline)
     total_mb = schedule.microbatches * max(1, int(timeline.meta.get("steps", 1)))
     return costs_from_spans(
         _means(timeline.events), schedule.num_stages,
-        latency=_latency(timeline, schedule),
+        latency=_latency(timeline, schedule) if latency is None else latency,
         microbatch_size=timeline.samples / total_mb if total_mb else 1,
     )
 
@@ -165,5 +165,4 @@ def predict_from_profile(run: Timeline, profile: Timeline, latency: float | None
     and ``latency`` (default: ``run``'s own, which a profile that never waits cannot see)."""
     if latency is None:
         latency = _latency(run, schedule_of(run))
-    costs = replace(costs_from_timeline(profile), latency=latency)
-    return predict(run, costs, action_seconds(profile))
+    return predict(run, costs_from_timeline(profile, latency), action_seconds(profile))

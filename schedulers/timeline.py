@@ -74,9 +74,9 @@ def _event(item: Any) -> Event:
 class Timeline:
     """Events of a run on ``num_workers`` workers that processed ``samples`` samples.
 
-    ``meta`` carries the schedule name, stages, microbatches, virtual, steps, source
-    ("simulated" or "measured"), and optionally ``stores_activations`` and
-    ``activation_bytes`` per stage.
+    ``meta`` carries the schedule name, stages, workers, microbatches, virtual,
+    schedule_options, steps, source ("simulated", "measured" or "profiled"), and optionally
+    ``stores_activations`` and ``activation_bytes`` per stage.
     """
 
     events: list[Event]

@@ -8,7 +8,17 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["gone", "wait_gone", "descendants", "with_cmdline", "run_session"]
+__all__ = ["gone", "wait_gone", "descendants", "with_cmdline", "run_session", "shm_files"]
+
+
+def shm_files() -> set[str]:
+    """brigade's files in /dev/shm now (probes, sockets, rings): a test compares the set
+    before and after to see that nothing was left behind."""
+    from brigade.engine.shm import SHM_DIR
+
+    if not os.path.isdir(SHM_DIR):
+        return set()
+    return {f for f in os.listdir(SHM_DIR) if f.startswith("brigade-")}
 
 
 def gone(pid: int) -> bool:

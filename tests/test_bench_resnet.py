@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -244,11 +243,7 @@ def test_tiny_measured_run_compares_both_runners_and_stops_everything(tmp_path):
             # and from an in-place profile taken right before each round, with the
             # round's latency
             assert len(b["in_place_over_measured_rounds"]) == 1  # --quick: one round
-            assert b["in_place_over_measured"] == pytest.approx(
-                b["in_place_over_measured_rounds"][0])
-            assert b["in_place_over_measured"] == pytest.approx(  # predicted / measured
-                statistics.fmean(b["step_times_s"]) * b["in_place_samples_per_s"]
-                / b["batch_size"])
+            # (how rounds combine: test_in_place_error_is_the_rounds_time_together)
             assert b["in_place_samples_per_s"] > 0
         checks = [c["check"] for c in rs.target_checks(rows) if backend in c["check"]]
         assert sum("simulated (in-place profile) / measured" in c for c in checks) == 2, checks

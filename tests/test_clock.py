@@ -41,7 +41,7 @@ def test_another_clock_is_estimated_within_half_the_quickest_round_trip():
 
 
 def test_clock_id_is_stable_and_names_the_boot():
-    assert clock.clock_id() == clock.clock_id()
+    assert clock.clock_id.__wrapped__() == clock.clock_id()  # read again, not the cached
     with open("/proc/sys/kernel/random/boot_id") as f:
         assert clock.clock_id().startswith(f.read().strip())
 

@@ -14,11 +14,9 @@ import torch
 from brigade.engine.shm import (SHM_DIR, ShmRing, ShmRingFull, can_read, listen, probe,
                                 recv_exact, send_buffers)
 
+from _procs import shm_files
+
 pytestmark = pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason=f"no {SHM_DIR} here")
-
-
-def _brigade_files() -> set[str]:
-    return {f for f in os.listdir(SHM_DIR) if f.startswith("brigade-")}
 
 
 def _pair(size: int) -> tuple[ShmRing, ShmRing]:
@@ -32,9 +30,9 @@ def _message(i: int, sizes: tuple[int, ...]) -> list[torch.Tensor]:
 
 
 def test_messages_cross_in_order_through_many_wrap_arounds():
-    before = _brigade_files()
+    before = shm_files()
     writer, reader = _pair(4096)
-    assert writer.path not in [os.path.join(SHM_DIR, f) for f in _brigade_files()]  # unlinked
+    assert writer.path not in [os.path.join(SHM_DIR, f) for f in shm_files()]  # unlinked
     shapes = [(100,), (1000, 7), (2000,), (1,), (999, 1000), (64,)]  # none over half the ring
     for i in range(60):
         sizes = shapes[i % len(shapes)]
@@ -47,7 +45,7 @@ def test_messages_cross_in_order_through_many_wrap_arounds():
         reader.release(end)
     writer.close()
     reader.close()
-    assert _brigade_files() == before
+    assert shm_files() == before
 
 
 def test_a_full_ring_waits_for_the_reader_then_times_out_with_numbers():
@@ -107,7 +105,7 @@ def test_socket_helpers_carry_several_buffers_and_report_a_closed_peer():
 def test_both_ends_map_every_page_up_front():
     """The first pass through a fresh ring takes no page faults on either end (MAP_POPULATE):
     without it, the writer faults once per 4 KB page (1024 for this 4 MB ring) and the reader
-    about once per 64 KB; 1114 in all, measured, with the flag removed."""
+    about once per 64 KB; 1091-1114 in all, measured twice, with the flag removed."""
     import resource
 
     def faults() -> int:

@@ -23,7 +23,7 @@ from torch import nn
 
 from brigade.engine.transport import P2PTransport, TransportError, _BufferPool, decode, encode
 
-from _procs import wait_gone
+from _procs import shm_files, wait_gone
 
 pytestmark = pytest.mark.ray
 
@@ -164,11 +164,6 @@ def _start(ray, world: int, shared: tuple[bool, ...] | None = None):
     return actors, pids
 
 
-def _shm_files() -> set[str]:
-    return {f for f in os.listdir("/dev/shm") if f.startswith("brigade-")} \
-        if os.path.isdir("/dev/shm") else set()
-
-
 def test_header_round_trip_without_processes():
     key = ("g", 3, 17)
     payload = (torch.zeros(2, 1, 3, dtype=torch.int16), None, torch.tensor(True))
@@ -214,7 +209,7 @@ def test_three_actors_exchange_exactly_and_in_order_then_close_cleanly(ray_clust
     shared, local = ROUTES[route]
     if any(shared) and not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm here")
-    before = _shm_files()
+    before = shm_files()
     actors, pids = _start(ray, 3, shared)
     try:
         ray.get([a.send_all.remote() for a in actors], timeout=120)
@@ -224,7 +219,7 @@ def test_three_actors_exchange_exactly_and_in_order_then_close_cleanly(ray_clust
         assert problems == [[], [], []]
         closed = ray.get([a.close.remote() for a in actors], timeout=30)
         assert closed == [(True, [], [])] * 3
-        assert _shm_files() == before  # probes, sockets and rings all unlinked
+        assert shm_files() == before  # probes, sockets and rings all unlinked
     finally:
         for a in actors:
             ray.kill(a)
@@ -234,7 +229,7 @@ def test_three_actors_exchange_exactly_and_in_order_then_close_cleanly(ray_clust
 @pytest.mark.parametrize("shared", [True, False], ids=["same-host", "gloo"])
 def test_a_killed_peer_is_reported_not_waited_for(ray_cluster, shared):
     ray = ray_cluster
-    before = _shm_files()
+    before = shm_files()
     actors, pids = _start(ray, 2, (shared, shared))
     try:
         ray.kill(actors[1])
@@ -246,7 +241,7 @@ def test_a_killed_peer_is_reported_not_waited_for(ray_cluster, shared):
         t0 = time.monotonic()
         ok, alive, _ = ray.get(actors[0].close.remote(), timeout=30)
         assert ok and alive == [] and time.monotonic() - t0 < 12
-        assert _shm_files() == before  # the ring made for the dead peer is gone too
+        assert shm_files() == before  # the ring made for the dead peer is gone too
     finally:
         for a in actors:
             ray.kill(a)
