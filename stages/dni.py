@@ -65,16 +65,21 @@ optimizer for checkpoints.
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import handlers
+from .base import StageBase
 from .errors import ConfigError, choose
-from .stage import OptimizerFactory, StageSpec, place_stage
+from .rules import Exposure, Message, MethodSpec, activation_size, batch_size, num_classes_of, register_method
+from .stage import OptimizerFactory, StageSpec
 from .synthetic import make_synthesizer, param_groups
 
-__all__ = ["DNIStage", "SG_OPTIMIZERS"]
+__all__ = ["DNIStage", "DNIOptions", "SG_OPTIMIZERS"]
 
 SG_OPTIMIZERS = ("adam", "sgd")
 
@@ -92,7 +97,7 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return total
 
 
-class DNIStage:
+class DNIStage(StageBase):
     """A slice of the model trained with (conditional) decoupled neural interfaces."""
 
     def __init__(
@@ -116,10 +121,7 @@ class DNIStage:
         sg_clip: float | None = 3.0,
         sg_lr_scaling: bool = True,
     ) -> None:
-        self.module = module
-        self.spec = spec
-        self.device, self.optimizer = place_stage(module, spec, optimizer_factory, loss_fn, device)
-        self.loss_fn = loss_fn
+        self._setup(module, spec, optimizer_factory, loss_fn, device)
         if conditioned and not (isinstance(num_classes, int) and num_classes > 0):
             raise ConfigError(f"cDNI (conditioned=True) needs num_classes, a positive integer; got {num_classes!r}")
         if not 0.0 <= update_prob <= 1.0:
@@ -147,9 +149,7 @@ class DNIStage:
         self._sg_shape: tuple[int, ...] | None = None
         self._draws = torch.Generator().manual_seed(seed * 1_000_003 + spec.index)
         self._kept: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._losses: list[float] = []
         self._sg_losses: list[float] = []
-        self.peak_stored_bytes = 0
         self.updates = 0  # optimizer steps taken (update_prob < 1 skips some)
 
     # -- the synthetic-gradient module ------------------------------------------------
@@ -276,18 +276,8 @@ class DNIStage:
         return value
 
     # -- the rest of the dispatch table ---------------------------------------------------
-    @torch.no_grad()
-    def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward-only evaluation: nothing is stored, no graph is built."""
-        return self.module(x.to(self.device))
-
     def update(self) -> None:
         """No-op: a DNI stage updates inside ``forward``. Kept for the dispatch table."""
-
-    def pop_losses(self) -> list[float]:
-        """Scaled losses recorded by the last stage since the previous call."""
-        out, self._losses = self._losses, []
-        return out
 
     def pop_sg_losses(self) -> list[float]:
         """SG regression losses of ``train_sg`` since the previous call."""
@@ -322,3 +312,141 @@ class DNIStage:
             self._build_sg(tuple(state["sg_shape"]))
         self.sg.load_state_dict(state["sg"])
         self.sg_optimizer.load_state_dict(state["sg_optimizer"])
+
+
+# ---------------------------------------------------------------------------------------
+# The declaration of dni and cdni (brigade.stages.rules)
+# ---------------------------------------------------------------------------------------
+# The options' defaults are DNIStage's own keyword defaults, read from its signature, so
+# that the stage class stays the one place they are set.
+_DEFAULTS = {k: p.default for k, p in inspect.signature(DNIStage.__init__).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+@dataclass(frozen=True)
+class DNIOptions:
+    """The options of dni and cdni (``Pipeline(method="dni", sg_lr=...)``), checked once."""
+
+    sg_lr: float = field(default=_DEFAULTS["sg_lr"], metadata={
+        "flag": "--sg-lr", "help": "synthetic-gradient module learning rate (base rate of a "
+                                   f"1024-input layer; default {_DEFAULTS['sg_lr']:g})"})
+    sg_hidden_layers: int = field(default=_DEFAULTS["sg_hidden_layers"], metadata={
+        "flag": "--sg-hidden-layers",
+        "help": f"hidden layers of the synthesizer, 0-2 (default {_DEFAULTS['sg_hidden_layers']})"})
+    update_prob: float = field(default=_DEFAULTS["update_prob"], metadata={
+        "flag": "--update-prob", "help": "probability that a stage updates on a microbatch "
+                                         f"(default {_DEFAULTS['update_prob']:g})"})
+    sg_optimizer: Any = field(default=_DEFAULTS["sg_optimizer"], metadata={
+        "help": f"the synthesizer's optimizer: {', '.join(SG_OPTIMIZERS)}, or a factory"})
+    sg_loss_weight: float = field(default=_DEFAULTS["sg_loss_weight"],
+                                  metadata={"help": "weight of the SG regression loss"})
+    sg_normalize: bool = field(default=_DEFAULTS["sg_normalize"],
+                               metadata={"help": "regress in units of the targets' running RMS"})
+    sg_clip: float | None = field(default=_DEFAULTS["sg_clip"], metadata={
+        "help": "cap each example's SG at this many typical true-gradient norms (None: off)"})
+    sg_lr_scaling: bool = field(default=_DEFAULTS["sg_lr_scaling"],
+                                metadata={"help": "scale each SG layer's rate by 1024 / fan-in"})
+    sg_options: dict | None = field(default=_DEFAULTS["sg_options"],
+                                    metadata={"help": "keywords of make_synthesizer"})
+    seed: int = field(default=_DEFAULTS["seed"],
+                      metadata={"help": "seed of the synthesizer's init and update draws"})
+    num_classes: int | None = field(default=_DEFAULTS["num_classes"], metadata={
+        "help": "classes of the labels (cdni; default: the model's last Linear width)"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sg_hidden_layers, bool) or self.sg_hidden_layers not in (0, 1, 2):
+            raise ConfigError(f"sg_hidden_layers={self.sg_hidden_layers!r}: a synthesizer has "
+                              "0, 1 or 2 hidden layers")
+        if not (isinstance(self.sg_lr, (int, float)) and self.sg_lr > 0):
+            raise ConfigError(f"sg_lr={self.sg_lr!r} must be a positive number")
+        if not 0.0 <= self.update_prob <= 1.0:
+            raise ConfigError(f"update_prob must lie in [0, 1]; got {self.update_prob}")
+        if self.sg_loss_weight < 0:
+            raise ConfigError(f"sg_loss_weight must be >= 0; got {self.sg_loss_weight}")
+        if self.sg_clip is not None and not self.sg_clip > 0:
+            raise ConfigError(f"sg_clip must be > 0 (or None for no clipping); got {self.sg_clip}")
+        if not callable(self.sg_optimizer):
+            choose("synthetic-gradient optimizer", self.sg_optimizer, SG_OPTIMIZERS)
+        if self.num_classes is not None and not (
+                isinstance(self.num_classes, int) and self.num_classes > 0):
+            raise ConfigError(f"num_classes={self.num_classes!r} must be a positive integer")
+
+
+def _prepare(conditioned: bool):
+    """The stage keywords on the driver: cDNI reads the class count off the model."""
+    def prepare(options: DNIOptions, model: nn.Module, schedule: Any) -> dict[str, Any]:
+        kwargs = {f.name: getattr(options, f.name) for f in fields(options)}
+        if conditioned and kwargs["num_classes"] is None:
+            kwargs["num_classes"] = num_classes_of(model, "cdni")
+        return kwargs
+    return prepare
+
+
+def _needs_s(port: handlers.Port, a) -> list:
+    s, j = a.stage, a.microbatch
+    if s == port.num_stages - 1:
+        return [("x", s, j), ("y", j)]
+    return [("x", s, j), *handlers.label_key(port, s, j)]
+
+
+def _run_s(port: handlers.Port, a) -> None:
+    """S: forward, update from the synthetic gradient, send h on and dL/dx back.
+
+    Each microbatch is its own update, so the last stage's loss is the microbatch mean
+    (weight 1); the recorded loss is weighted by n_j / N to report the batch mean.
+    """
+    s, j = a.stage, a.microbatch
+    last = s == port.num_stages - 1
+    x = port.take(("x", s, j))
+    target, weight, label = None, 1.0, None
+    if last:
+        target, weight = port.take(("y", j))
+    else:
+        label = handlers.take_label(port, s, j)
+    out, grad_in = port.stage(s).forward(j, x, target, 1.0, label=label)
+    if last:
+        port.loss(j, float(out) * weight)
+    else:
+        port.send(a, ("x", s + 1, j), out)
+    if s > 0 and grad_in is not None:
+        port.send(a, ("g", s - 1, j), grad_in)
+
+
+def _needs_t(port: handlers.Port, a) -> list:
+    return [("g", a.stage, a.microbatch)]
+
+
+def _run_t(port: handlers.Port, a) -> None:
+    """T: regress the synthetic gradient onto the gradient that came back."""
+    port.stage(a.stage).train_sg(a.microbatch, port.take(("g", a.stage, a.microbatch)))
+
+
+_HANDLERS = {"F": handlers.forward, "S": handlers.Handler(_run_s, _needs_s),
+             "T": handlers.Handler(_run_t, _needs_t)}
+_H = Message("activation h", "B·F", activation_size)
+_DX = Message("dL/dx (the previous stage's SG target)", "B·F", activation_size)
+
+
+def _dni_exposure(stage: int, stages: int, options: Any) -> Exposure:
+    """Only the stage before the last receives a true gradient (its SG target); the
+    others' targets are bootstrapped from synthetic ones."""
+    return Exposure(inputs=stage == 0, labels=stage == stages - 1,
+                    true_gradients=stage == stages - 2)
+
+
+def _cdni_exposure(stage: int, stages: int, options: Any) -> Exposure:
+    """As dni, and every stage's synthesizer sees the labels."""
+    return Exposure(inputs=stage == 0, labels=True, true_gradients=stage == stages - 2)
+
+
+_COMMON = dict(stage_class=DNIStage, schedules=("dni",), handlers=_HANDLERS, options=DNIOptions,
+               default_optimizer=("sgd", 0.05), backward=(_DX,),
+               reference="Jaderberg et al. 2016 (arXiv 1608.05343)")
+register_method(MethodSpec(
+    name="dni", forward=(_H,), exposure=_dni_exposure, prepare=_prepare(False),
+    summary="synthetic gradients: update at once from a predicted dL/dh, learn it later",
+    **_COMMON))
+register_method(MethodSpec(
+    name="cdni", forward=(_H, Message("labels (driver -> every stage)", "B", batch_size)),
+    exposure=_cdni_exposure, prepare=_prepare(True), fixed={"conditioned": True},
+    summary="dni whose synthesizer also sees the label (Czarnecki et al. 2017)", **_COMMON))

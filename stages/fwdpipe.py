@@ -42,7 +42,8 @@ activation perturbation. Optimizer options that look at all parameters at once (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -61,9 +62,12 @@ from .fwdgrad import (
     jvp_forward,
     param_blocks,
 )
-from .stage import OptimizerFactory, StageSpec, place_stage
+from . import handlers
+from .base import StageBase
+from .rules import Exposure, Message, MethodSpec, activation_size, register_method
+from .stage import OptimizerFactory, StageSpec
 
-__all__ = ["ForwardGradientStage", "stage_options", "PIPELINE_OPTIONS"]
+__all__ = ["ForwardGradientStage", "ForwardGradientOptions", "stage_options", "PIPELINE_OPTIONS"]
 
 
 # What a user may set for the pipelined estimator (Pipeline(..., method="fwdgrad", **these)).
@@ -134,7 +138,7 @@ class _Segment:
     index: list[int]  # the parameters' positions in the whole model
 
 
-class ForwardGradientStage:
+class ForwardGradientStage(StageBase):
     """A slice of the model trained by forward gradients, driven by ``F``, ``D`` and ``U``."""
 
     def __init__(
@@ -151,8 +155,7 @@ class ForwardGradientStage:
         seed: int = 0,
         dist: str = "rademacher",
     ) -> None:
-        self.module, self.spec, self.loss_fn = module, spec, loss_fn
-        self.device, self.optimizer = place_stage(module, spec, optimizer_factory, loss_fn, device)
+        self._setup(module, spec, optimizer_factory, loss_fn, device)
         self.counts = tuple(int(c) for c in counts)
         self.row_start = [sum(self.counts[:u]) for u in range(len(self.counts))]
         self.rows = sum(self.counts)  # numbers in d: one per projection of every unit
@@ -162,8 +165,6 @@ class ForwardGradientStage:
         self.t = 0  # updates taken: the key of this step's directions
         self._coef: torch.Tensor | None = None  # Σ_j (n_j/N) d_j of this step
         self._vs: dict[int, list[torch.Tensor]] = {}  # segment -> this step's directions
-        self._losses: list[float] = []
-        self.peak_stored_bytes = 0  # no activations are kept for a backward
 
     def _segments(self, param_units: list[int], child_params: list[int]) -> list[_Segment]:
         """Group the stage's children into runs of one unit each (see the module doc)."""
@@ -211,6 +212,7 @@ class ForwardGradientStage:
         x: torch.Tensor | tuple[torch.Tensor, torch.Tensor | None],
         target: torch.Tensor | None = None,
         weight: float = 1.0,
+        label: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Push ``x`` = ``h`` or ``(h, tangent)`` through the stage with its directions.
 
@@ -280,11 +282,6 @@ class ForwardGradientStage:
                                      self.dist, indices=seg.index)
         return self._vs[i]
 
-    @torch.no_grad()
-    def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward-only evaluation: no tangent, nothing kept."""
-        return self.module(x.to(self.device))
-
     # -- D ----------------------------------------------------------------------------------
     def accumulate(self, mb: int, d: torch.Tensor) -> None:
         """Add microbatch ``mb``'s scaled ``d`` to the step's coefficients."""
@@ -321,15 +318,6 @@ class ForwardGradientStage:
         self._coef, self._vs = None, {}
 
     # -- bookkeeping --------------------------------------------------------------------------
-    def pop_losses(self) -> list[float]:
-        """Scaled losses recorded by the last stage since the previous call."""
-        out, self._losses = self._losses, []
-        return out
-
-    def stored_bytes(self) -> int:
-        """Bytes held for pending backwards: none, there is no backward."""
-        return 0
-
     def state_dict_extra(self) -> dict[str, Any]:
         """The step counter (the directions' key); the seed comes with the options."""
         return {"t": self.t}
@@ -337,3 +325,99 @@ class ForwardGradientStage:
     def load_state_dict_extra(self, state: dict[str, Any]) -> None:
         self.t = int(state["t"])
         self._coef, self._vs = None, {}
+
+
+# -- the declaration of fwdgrad (brigade.stages.rules) -----------------------------------------
+@dataclass(frozen=True)
+class ForwardGradientOptions:
+    """The pipelined estimator's options (``Pipeline(method="fwdgrad", projections=...)``);
+    ``stage_options`` resolves them on the whole model."""
+
+    projections: Any = field(default=1, metadata={
+        "help": "directions per step: an integer, one count per block, or 'auto'"})
+    scope: str | None = field(default=None, metadata={"help": "global or block"})
+    blocks: tuple[int, ...] | None = field(default=None,
+                                           metadata={"help": "children per block"})
+    dist: str = field(default="rademacher", metadata={"help": "rademacher or gaussian"})
+    seed: int = field(default=0, metadata={"help": "seed of the shared directions"})
+    guess: str = field(default="random", metadata={"help": "random or local"})
+
+
+def _prepare(options: ForwardGradientOptions, model: nn.Module, schedule: Any) -> dict[str, Any]:
+    """Units, projections and parameter positions, resolved once on the whole model."""
+    return stage_options(model, **{f: getattr(options, f) for f in PIPELINE_OPTIONS})
+
+
+def _optimizer_factory(name: str, lr: float | None, config: Any):
+    """Forward gradients' optimizers come from ``fg_optim`` (their measured defaults)."""
+    from . import fg_optim
+
+    return functools.partial(fg_optim.make_optimizer, name, lr=lr,
+                             guess=getattr(config, "guess", "random"))
+
+
+def _fg_names() -> tuple[str, ...]:
+    from .fg_optim import OPTIMIZERS
+
+    return tuple(OPTIMIZERS)
+
+
+def _run_f(port: handlers.Port, a) -> None:
+    """F: push (h, tangent) on; the last stage sends d to every stage.
+
+    Evaluation runs the plain forward. d is already scaled by the microbatch's share
+    n_j / N, so the stages' sums over a step are the batch mean's derivative.
+    """
+    if not port.training:
+        handlers.evaluate(port, a)
+        return
+    s, j = a.stage, a.microbatch
+    x = port.take(("x", s, j))
+    if s < port.num_stages - 1:
+        port.send(a, ("x", s + 1, j), port.stage(s).forward(j, x))
+        return
+    target, weight = port.take(("y", j))
+    loss, d = port.stage(s).forward(j, x, target, weight)
+    port.loss(j, float(loss))
+    for dest in range(port.num_stages):
+        port.send(a, ("d", dest, j), d)
+
+
+def _needs_d(port: handlers.Port, a) -> list:
+    return [("d", a.stage, a.microbatch)]
+
+
+def _run_d(port: handlers.Port, a) -> None:
+    """D: add the scalars d of this microbatch to the step's sum."""
+    port.stage(a.stage).accumulate(a.microbatch, port.take(("d", a.stage, a.microbatch)))
+
+
+def _tangent_size(shape: tuple[int, ...], options: Any) -> int | None:
+    """h and its r rows of tangent; r = the projections of the units begun so far (an
+    integer count: that many; per block or 'auto': depends on the model)."""
+    n = getattr(options, "projections", 1)
+    return (1 + n) * activation_size(shape) if isinstance(n, int) else None
+
+
+def _d_size(shape: tuple[int, ...], options: Any) -> int | None:
+    n = getattr(options, "projections", 1)
+    return n if isinstance(n, int) else None
+
+
+def _exposure(stage: int, stages: int, options: Any) -> Exposure:
+    """Only d = ∇L·v, a projection of the gradient on the shared directions, comes back:
+    no stage is shown dL/dh."""
+    return Exposure(inputs=stage == 0, labels=stage == stages - 1, true_gradients=False)
+
+
+register_method(MethodSpec(
+    name="fwdgrad", stage_class=ForwardGradientStage, schedules=("fwdgrad",),
+    handlers={"F": handlers.Handler(_run_f, handlers.forward.needs),
+              "D": handlers.Handler(_run_d, _needs_d, frees=True), "U": handlers.update},
+    options=ForwardGradientOptions, prepare=_prepare, default_optimizer=("adam", None),
+    optimizers=_fg_names(), optimizer_factory=_optimizer_factory,
+    forward=(Message("(h, tangent rows)", "(1+r)·B·F", _tangent_size),),
+    backward=(Message("d = ∇L·v, last stage -> every stage", "R", _d_size),),
+    exposure=_exposure, config_fields=("projections", "seed", "guess"), single_process=True,
+    summary="forward gradients: tangents ride forward, only d = ∇L·v comes back",
+    reference="Baydin et al. 2022 (arXiv 2202.08587); local guess: Fournier et al. 2023"))

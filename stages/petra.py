@@ -42,18 +42,24 @@ in the ``petra`` schedule, ``d = 2(p - 1 - s)``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from torch import nn
 
+from . import handlers
 from .dni import tensor_bytes
+from .rules import Message, MethodSpec, activation_size, register_method
 from .errors import ConfigError
 from .revnet import frozen_bn_stats, is_reversible
-from .stage import OptimizerFactory, StageSpec, place_stage
+from .base import StageBase
+from .stage import OptimizerFactory, StageSpec
 
-__all__ = ["PetraStage"]
+__all__ = ["PetraStage", "PetraOptions"]
 
 
-class PetraStage:
+class PetraStage(StageBase):
     """A slice of a (mostly) reversible model trained with PETRA's delayed reverse pass."""
 
     def __init__(
@@ -68,10 +74,7 @@ class PetraStage:
     ) -> None:
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ConfigError(f"accumulate must be a positive integer; got {accumulate!r}")
-        self.module = module
-        self.spec = spec
-        self.device, self.optimizer = place_stage(module, spec, optimizer_factory, loss_fn, device)
-        self.loss_fn = loss_fn
+        self._setup(module, spec, optimizer_factory, loss_fn, device)
         self.accumulate = accumulate
         self.blocks: list[nn.Module] = list(module.children()) if isinstance(module, nn.Sequential) else [module]
         self.reversible = [is_reversible(b) for b in self.blocks]
@@ -81,10 +84,8 @@ class PetraStage:
         }
         # last stage: mb -> (target, weight, output if the last block is reversible)
         self._heads: dict[int, tuple[torch.Tensor, float, torch.Tensor | None]] = {}
-        self._losses: list[float] = []
         self._pending = 0  # reverses accumulated since the last optimizer step
         self.steps = 0  # optimizer steps taken
-        self.peak_stored_bytes = 0
         self.max_buffered = 0
 
     @property
@@ -99,6 +100,7 @@ class PetraStage:
         x: torch.Tensor,
         target: torch.Tensor | None = None,
         weight: float = 1.0,
+        label: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ``mb`` forward without autograd, keeping only non-reversible blocks' inputs.
 
@@ -197,16 +199,6 @@ class PetraStage:
         if self._pending:
             self._step()
 
-    @torch.no_grad()
-    def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward-only evaluation: nothing is stored, no graph is built."""
-        return self.module(x.to(self.device))
-
-    def pop_losses(self) -> list[float]:
-        """Scaled losses recorded by the last stage since the previous call."""
-        out, self._losses = self._losses, []
-        return out
-
     @property
     def stored_microbatches(self) -> int:
         """How many microbatches this stage holds anything for (inputs, or targets)."""
@@ -227,3 +219,55 @@ class PetraStage:
             if out is not None:
                 per_mb.setdefault(mb, []).append(out)
         return sum(tensor_bytes(*ts) for ts in per_mb.values())
+
+
+# -- the declaration of petra (brigade.stages.rules) -------------------------------------------
+@dataclass(frozen=True)
+class PetraOptions:
+    """petra's option: microbatches of gradient per update (its schedule's)."""
+
+    accumulate: int | None = field(default=None, metadata={
+        "flag": "--accumulate", "schedule": True,
+        "help": "microbatches per update (default: --microbatches)"})
+
+    def __post_init__(self) -> None:
+        a = self.accumulate
+        if a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1):
+            raise ConfigError(f"petra accumulate={a!r} must be a positive integer")
+
+
+def _prepare(options: PetraOptions, model: Any, schedule: Any) -> dict[str, Any]:
+    """The stages step when the schedule's U does: every ``accumulate`` reverses."""
+    return {"accumulate": schedule.accumulate}
+
+
+def _pair_size(shape: tuple[int, ...], options: Any = None) -> int:
+    return 2 * activation_size(shape)
+
+
+def _needs_r(port: handlers.Port, a) -> list:
+    return [] if a.stage == port.num_stages - 1 else [("g", a.stage, a.microbatch)]
+
+
+def _run_r(port: handlers.Port, a) -> None:
+    """R: rebuild the input from the output, backward, send (input, grad) back."""
+    s, j = a.stage, a.microbatch
+    if s == port.num_stages - 1:
+        x, dx = port.stage(s).reverse(j)
+    else:
+        y, dy = port.take(("g", s, j))
+        x, dx = port.stage(s).reverse(j, y, dy)
+    if s > 0:
+        port.send(a, ("g", s - 1, j), (x, dx))
+
+
+register_method(MethodSpec(
+    name="petra", stage_class=PetraStage, schedules=("petra",),
+    handlers={"F": handlers.forward, "R": handlers.Handler(_run_r, _needs_r, frees=True),
+              "U": handlers.update},
+    options=PetraOptions, prepare=_prepare, default_optimizer=("momentum", 0.05),
+    forward=(Message("activation h", "B·F", activation_size),),
+    backward=(Message("(rebuilt h, dL/dh)", "2·B·F", _pair_size),),
+    summary="reversible stages rebuild their input in a delayed backward: one weight "
+            "version, no stash, no flush",
+    reference="Rivaud et al., ICLR 2025 (PETRA)"))

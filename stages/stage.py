@@ -15,18 +15,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
-
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from . import handlers
+from .base import OptimizerFactory, StageBase, place_stage
+from .rules import Message, MethodSpec, activation_size, register_method
 from .split_backward import SplitBackward, backward_input, backward_weight
 
-__all__ = ["Stage", "StageSpec", "make_stage_module", "place_stage"]
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-
+__all__ = ["Stage", "StageSpec", "make_stage_module", "place_stage", "OptimizerFactory"]
 
 def make_stage_module(blocks: list[nn.Module], first_block: int) -> nn.Sequential:
     """Wrap blocks in a Sequential whose child names are their indices in the whole model.
@@ -35,19 +32,6 @@ def make_stage_module(blocks: list[nn.Module], first_block: int) -> nn.Sequentia
     ``state_dict()`` ("3.conv.weight"), so merging the stages' dicts needs no renaming.
     """
     return nn.Sequential(OrderedDict((str(first_block + i), b) for i, b in enumerate(blocks)))
-
-
-def place_stage(module: nn.Module, spec: "StageSpec", optimizer_factory: OptimizerFactory | None,
-                loss_fn: nn.Module | None,
-                device: torch.device | str) -> tuple[torch.device, torch.optim.Optimizer | None]:
-    """What every stage class does first: the last stage must have a loss; the module
-    moves to ``device``; the optimizer is built over its parameters (None without a
-    factory). Returns the device and the optimizer."""
-    if spec.is_last and loss_fn is None:
-        raise ConfigError(f"stage {spec.index} is the last stage and needs a loss_fn")
-    device = torch.device(device)
-    module.to(device)
-    return device, optimizer_factory(module.parameters()) if optimizer_factory else None
 
 
 @dataclass
@@ -131,7 +115,7 @@ class _SavedBytes:
 
 
 @dataclass
-class Stage:
+class Stage(StageBase):
     """A slice of the model trained by backpropagation, driven one action at a time."""
 
     module: nn.Module
@@ -145,8 +129,7 @@ class Stage:
     peak_stored_bytes: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        self.device, self.optimizer = place_stage(
-            self.module, self.spec, self.optimizer_factory, self.loss_fn, self.device)
+        self._setup(self.module, self.spec, self.optimizer_factory, self.loss_fn, self.device)
 
     # -- forward ------------------------------------------------------------------------
     def forward(
@@ -155,6 +138,7 @@ class Stage:
         x: torch.Tensor,
         target: torch.Tensor | None = None,
         weight: float = 1.0,
+        label: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run microbatch ``mb`` forward and keep what its backward needs.
 
@@ -187,11 +171,6 @@ class Stage:
             out = self.loss_fn(out, target.to(self.device)) * weight
             self._losses.append(float(out.detach()))
         return out
-
-    @torch.no_grad()
-    def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward-only evaluation: nothing is stored, no graph is built."""
-        return self.module(x.to(self.device))
 
     # -- backward -----------------------------------------------------------------------
     def backward(self, mb: int, grad_out: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -238,18 +217,6 @@ class Stage:
             raise ValueError(f"stage {self.spec.index}: backward needs the output gradient")
         return grad_out.to(self.device)
 
-    # -- update -------------------------------------------------------------------------
-    def update(self) -> None:
-        """One optimizer step on the gradients accumulated since the last update."""
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-    def pop_losses(self) -> list[float]:
-        """Scaled losses recorded by the last stage since the previous call."""
-        out, self._losses = self._losses, []
-        return out
-
     @property
     def stored_microbatches(self) -> int:
         """How many microbatches' activations this stage holds right now."""
@@ -258,3 +225,14 @@ class Stage:
     def stored_bytes(self) -> int:
         """Bytes held right now for pending backwards (autograd's saved tensors)."""
         return sum(s.nbytes for s in self._saved.values())
+
+
+# -- the declaration of backprop (brigade.stages.rules) ---------------------------------------
+register_method(MethodSpec(
+    name="backprop", stage_class=Stage, schedules=("1f1b", "gpipe", "interleaved", "zb1p"),
+    handlers=handlers.BACKPROP_HANDLERS, default_optimizer=("momentum", 0.05),
+    forward=(Message("activation h", "B·F", activation_size),),
+    backward=(Message("gradient dL/dh", "B·F", activation_size),),
+    summary="backpropagation: dL/dh flows back; one optimizer step per step, after the flush",
+    reference="GPipe (Huang 2019), 1F1B (PipeDream-Flush), interleaved (Narayanan 2021), "
+              "ZB-H1 (Qi 2024)"))

@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import handlers
 from .errors import ConfigError
+from .rules import Message, MethodSpec, activation_size, register_method
 from .stage import Stage
 
-__all__ = ["StaleStage"]
+__all__ = ["StaleStage", "StaleOptions"]
 
 
 @dataclass
@@ -65,6 +67,7 @@ class StaleStage(Stage):
         x: torch.Tensor,
         target: torch.Tensor | None = None,
         weight: float = 1.0,
+        label: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``Stage.forward`` on backprop steps, ``forward_only`` on the steps between."""
         if self.is_backprop_step(mb):
@@ -116,3 +119,28 @@ class StaleStage(Stage):
         self._fresh = False
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+# -- the declaration of stale (brigade.stages.rules) -------------------------------------------
+@dataclass(frozen=True)
+class StaleOptions:
+    """stale's option: its schedule's period."""
+
+    k: int | None = field(default=None, metadata={
+        "flag": "--stale-k", "schedule": True,
+        "help": "one backprop step every k steps (default 4)"})
+
+    def __post_init__(self) -> None:
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int)
+                                   or self.k < 1):
+            raise ConfigError(f"stale k={self.k!r} must be a positive integer (--stale-k 4)")
+
+
+register_method(MethodSpec(
+    name="stale", stage_class=StaleStage, schedules=("stale",),
+    handlers=handlers.BACKPROP_HANDLERS, options=StaleOptions,
+    default_optimizer=("momentum", 0.05),
+    forward=(Message("activation h", "B·F", activation_size),),
+    backward=(Message("gradient dL/dh, on every k-th step only", "B·F", activation_size),),
+    summary="backprop every k-th step; the steps between reuse that gradient",
+    reference="the synthetic-gradients blog's baseline (Jaderberg et al. 2016)"))

@@ -1,0 +1,317 @@
+"""One declaration per learning rule, and the registry that holds them.
+
+A learning rule (backprop, stale, dni, cdni, petra, fwdgrad, dgl, or a user's own) is a
+stage class plus one :class:`MethodSpec`: the single place the rest of brigade asks about
+the rule — which schedules run it (the first is its default), its default optimizer, its
+typed options (checked once, on the driver; the CLI's method flags come from their fields),
+what crosses the wire per microbatch each way, what each stage is shown (raw inputs, labels,
+true gradients), which handler runs each action kind and what messages it waits for, and
+hooks for the simulator's and the balancer's costs. The pattern is torchtitan's
+``TrainSpec`` / ``register_train_spec``.
+
+Each built-in rule is declared at the bottom of its own stage module (``stages/dni.py``
+declares dni and cdni); :func:`get_method` imports the built-in modules once. A user
+registers a rule from their own code, without editing brigade::
+
+    from brigade.stages.rules import MethodSpec, register_method
+    register_method(MethodSpec(name="signsgd", stage_class=SignStage, ...))
+    Pipeline(model, method="signsgd", ...)
+
+Stage workers in other processes get the declaration with their ``WorkerSpec`` (the Ray
+backend pickles a user's module by value), or import the modules named in the environment
+variable ``BRIGADE_METHODS`` (comma-separated module names) at their first look-up.
+
+Names are case-insensitive; an unknown name is an error that lists the registered ones.
+This module imports no torch: the built-in declarations load at the first look-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError
+
+__all__ = ["MethodSpec", "Message", "Exposure", "CostHooks", "register_method", "get_method",
+           "method_names", "unregister_method", "option_fields", "num_classes_of",
+           "exposed", "backprop_exposure", "activation_size", "batch_size"]
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message a stage sends per microbatch: what it is and how many numbers it holds.
+
+    ``numel(shape, options)`` gives the element count from the boundary activation's shape
+    ``(B, *features)`` (and the rule's options, e.g. projections); ``formula`` says the same
+    in words for ``brigade methods`` (``B·F`` for a (B, F) activation)."""
+
+    what: str
+    formula: str
+    numel: Callable[[tuple[int, ...], Any], int]
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """What one stage ever receives: the raw inputs, the labels, true gradients (dL/dh of
+    the real loss, exact or as PETRA rebuilds it). A stage with all three False could run
+    on a resource that never sees the data nor anything derived from the labels' gradient."""
+
+    inputs: bool
+    labels: bool
+    true_gradients: bool
+
+
+@dataclass(frozen=True)
+class CostHooks:
+    """Method-aware costs. ``simulator(costs, options) -> costs`` adjusts the per-kind costs
+    the simulator charges (e.g. an F that also runs a local backward); ``balancer(block_costs,
+    options) -> block_costs`` adjusts the per-block costs the balancer cuts by. None: the
+    plain costs."""
+
+    simulator: Callable[[Any, Any], Any] | None = None
+    balancer: Callable[[list[float], Any], list[float]] | None = None
+
+
+def activation_size(shape: tuple[int, ...], options: Any = None) -> int:
+    """Elements of one boundary activation of ``shape`` (B, *features)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def batch_size(shape: tuple[int, ...], options: Any = None) -> int:
+    """One number per example (labels)."""
+    return int(shape[0])
+
+
+def backprop_exposure(stage: int, stages: int, options: Any = None) -> Exposure:
+    """Backprop's: the first stage sees the inputs, the last the labels, every other stage
+    true gradients from the one after it."""
+    return Exposure(inputs=stage == 0, labels=stage == stages - 1,
+                    true_gradients=stage < stages - 1)
+
+
+def _options_as_kwargs(options: Any, model: Any, schedule: Any) -> dict[str, Any]:
+    """The default ``prepare``: the options' fields, as the stage class's keywords."""
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+            if not f.metadata.get("schedule")}
+
+
+@dataclass(frozen=True)
+class _NoOptions:
+    """A rule without options."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything brigade asks about one learning rule (see the module docstring).
+
+    - ``stage_class``: a ``StageBase`` subclass, built as ``stage_class(module, StageSpec,
+      optimizer_factory, loss_fn, device, **fixed, **prepare(options, model, schedule))``.
+    - ``schedules``: the schedules it runs under; the first is the default.
+    - ``handlers``: action kind -> ``brigade.stages.handlers.Handler``; every kind of its
+      schedules, and ``F`` (evaluation runs F on every rule).
+    - ``options``: a frozen dataclass of the rule's options; each field's
+      ``metadata["help"]`` is its flag's help, ``metadata["flag"]`` its ``brigade train``
+      flag (default ``--field-name``); ``metadata["schedule"]`` marks a schedule option.
+    - ``default_optimizer``: ``(name, lr)`` when the user names none; lr None: the
+      optimizer's own default. ``optimizers``: the valid names where they differ from
+      torch's; ``optimizer_factory(name, lr, config)``: where they are built differently.
+    - ``forward`` / ``backward``: the messages per microbatch each way.
+    - ``exposure(stage, stages, options) -> Exposure``: also what the driver sends (labels
+      go to an earlier stage only if its exposure says so).
+    - ``prepare(options, model, schedule) -> stage keywords``: what the rule derives on the
+      driver (cDNI's class count, PETRA's accumulation, forward gradients' units).
+    - ``config_fields``: ``brigade train`` settings that feed its options (fwdgrad's guess,
+      projections, seed). ``single_process``: with one stage on the local backend the rule
+      has a whole-model trainer (forward gradients' estimator).
+    - ``costs``: hooks for the simulator and the balancer.
+    """
+
+    name: str
+    stage_class: type
+    schedules: tuple[str, ...]
+    handlers: Mapping[str, Any]
+    options: type = _NoOptions
+    default_optimizer: tuple[str, float | None] = ("momentum", 0.05)
+    optimizers: tuple[str, ...] | None = None
+    optimizer_factory: Callable[[str, float | None, Any], Callable] | None = None
+    forward: tuple[Message, ...] = ()
+    backward: tuple[Message, ...] = ()
+    exposure: Callable[[int, int, Any], Exposure] = backprop_exposure
+    prepare: Callable[[Any, Any, Any], dict[str, Any]] = _options_as_kwargs
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    config_fields: tuple[str, ...] = ()
+    single_process: bool = False
+    costs: CostHooks = CostHooks()
+    summary: str = ""
+    reference: str = ""
+
+    def __post_init__(self) -> None:
+        name = str(self.name).strip().lower()
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"method name {self.name!r} must be letters, digits, - or _")
+        object.__setattr__(self, "name", name)
+        schedules = tuple(str(s).lower() for s in self.schedules)
+        if not schedules:
+            raise ConfigError(f"method {name!r} needs at least one schedule")
+        object.__setattr__(self, "schedules", schedules)
+        if "F" not in self.handlers:
+            raise ConfigError(f"method {name!r} needs an 'F' handler (evaluation runs F); "
+                              f"it has {sorted(self.handlers)}")
+        if not (isinstance(self.options, type) and dataclasses.is_dataclass(self.options)):
+            raise ConfigError(f"method {name!r}: options must be a dataclass type, got "
+                              f"{self.options!r}")
+
+    # -- options --------------------------------------------------------------------------
+    def make_options(self, **given: Any) -> Any:
+        """The rule's options from keywords, checked (``__post_init__``) once, on the driver;
+        an unknown keyword names the valid ones."""
+        names = [f.name for f in dataclasses.fields(self.options)]
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"method {self.name} takes no option {', '.join(unknown)}; its options: "
+                f"{', '.join(names) if names else 'none'}")
+        return self.options(**given)
+
+    def stage_kwargs(self, options: Any, model: Any, schedule: Any) -> dict[str, Any]:
+        """The stage class's keyword options: what ``prepare`` derives, plus ``fixed``."""
+        return {**self.prepare(options, model, schedule), **self.fixed}
+
+    def schedule_options(self, options: Any) -> dict[str, Any]:
+        """The options that belong to the schedule (``metadata["schedule"]``)."""
+        return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+                if f.metadata.get("schedule") and getattr(options, f.name) is not None}
+
+    # -- facts -----------------------------------------------------------------------------
+    @property
+    def default_schedule(self) -> str:
+        return self.schedules[0]
+
+    def check_schedule(self, schedule: str | None) -> str:
+        """``schedule`` (None: the default) in lower case, or an error listing the valid."""
+        if schedule is None:
+            return self.default_schedule
+        if str(schedule).lower() not in self.schedules:
+            raise ConfigError(
+                f"schedule {schedule!r} cannot run method {self.name!r}; valid schedules for "
+                f"{self.name}: {', '.join(self.schedules)}")
+        return str(schedule).lower()
+
+    def labels_to(self, stage: int, stages: int, options: Any) -> bool:
+        """Whether the driver sends the labels to ``stage`` (an earlier stage: the last one
+        gets them with its targets)."""
+        return stage < stages - 1 and self.exposure(stage, stages, options).labels
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The action kinds it has handlers for."""
+        return tuple(self.handlers)
+
+
+def option_fields(spec: MethodSpec) -> list[dataclasses.Field]:
+    """The fields of a rule's options dataclass (what its flags are made from)."""
+    return list(dataclasses.fields(spec.options))
+
+
+def num_classes_of(model: Any, method: str) -> int:
+    """The output width of the model's last Linear layer: the class count that cDNI's
+    label planes and DGL's auxiliary heads need."""
+    from torch import nn
+
+    for module in reversed(list(model.modules())):
+        if isinstance(module, nn.Linear):
+            return module.out_features
+    raise ConfigError(
+        f"{method} needs num_classes and the model has no final nn.Linear to read it from; "
+        "pass num_classes=... to Pipeline")
+
+
+def exposed(spec: MethodSpec, stages: int, options: Any = None) -> list[Exposure]:
+    """The exposure of every stage of a ``stages``-stage pipeline."""
+    options = spec.make_options() if options is None else options
+    return [spec.exposure(s, stages, options) for s in range(stages)]
+
+
+# -- the registry -----------------------------------------------------------------------------
+_REGISTRY: dict[str, MethodSpec] = {}
+_LOADED = False
+# Listing order of the first built-in modules (backprop first); modules not named here
+# follow in alphabetical order, so a new rule's module needs no entry.
+_ORDER = ("stage", "stale", "dni", "petra", "fwdpipe")
+
+
+def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
+    """Add a rule to the registry (the public way to bring your own). A name already taken
+    is an error unless ``replace=True``. Returns ``spec``."""
+    if not isinstance(spec, MethodSpec):
+        raise ConfigError(f"register_method takes a MethodSpec, got {type(spec).__name__}")
+    if spec.name in _REGISTRY and not replace and _REGISTRY[spec.name] is not spec:
+        raise ConfigError(
+            f"method {spec.name!r} is registered already (by "
+            f"{_REGISTRY[spec.name].stage_class.__module__}); pick another name, or pass "
+            "replace=True")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister_method(name: str) -> None:
+    """Remove a rule (tests that register throw-away rules clean up with this)."""
+    _REGISTRY.pop(str(name).strip().lower(), None)
+
+
+def _load_builtins() -> None:
+    """Import every module of this package once: each built-in rule declares itself at
+    the bottom of its stage module (so a new rule needs no line here); then the modules
+    named in ``BRIGADE_METHODS``."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    package = __name__.rsplit(".", 1)[0]
+    here = os.path.dirname(__file__)
+    names = sorted((i.name for i in pkgutil.iter_modules([here])),
+                   key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
+    for name in names:
+        if name.startswith("_") or name == "rules":
+            continue
+        with open(os.path.join(here, name + ".py"), encoding="utf-8") as f:
+            declares = "register_method(" in f.read()
+        if declares:  # only modules that declare a rule (data loaders etc. stay unloaded)
+            importlib.import_module(f"{package}.{name}")
+    for name in filter(None, (m.strip() for m in os.environ.get("BRIGADE_METHODS", "").split(","))):
+        importlib.import_module(name)
+
+
+def method_names() -> list[str]:
+    """The registered rules: built-ins first (in ``_ORDER`` of their modules), then the
+    others in registration order."""
+    _load_builtins()
+    package = __name__.rsplit(".", 1)[0] + "."
+
+    def rank(item: tuple[int, str]) -> tuple[int, int]:
+        i, name = item
+        module = _REGISTRY[name].stage_class.__module__
+        short = module[len(package):] if module.startswith(package) else None
+        if short is None:
+            return (len(_ORDER) + 1, i)
+        return (_ORDER.index(short) if short in _ORDER else len(_ORDER), i)
+
+    return [name for _, name in sorted(enumerate(_REGISTRY), key=rank)]
+
+
+def get_method(name: str | MethodSpec) -> MethodSpec:
+    """The declaration of rule ``name`` (case-insensitive); an unknown name lists them."""
+    if isinstance(name, MethodSpec):
+        return name
+    _load_builtins()
+    key = str(name).strip().lower()
+    if key not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(method_names())}")
+    return _REGISTRY[key]
