@@ -486,12 +486,13 @@ def stage_costs(cfg: BenchConfig, mp: ModelProfile, model: nn.Sequential, parts:
 def _make_stage(rule: str, module: nn.Module, spec, last: bool):
     """The stage class the engine builds for ``rule``, with its fixed options (zb1p's is
     backprop's; PETRA never steps inside R here)."""
-    from brigade.engine.spec import STAGE_CLASSES
+    from brigade.stages.rules import get_method, method_names
 
-    cls, fixed = STAGE_CLASSES.get(rule, STAGE_CLASSES["backprop"])
+    rule_spec = get_method(rule if rule in method_names() else "backprop")
     extra = {"accumulate": 10**9} if rule == "petra" else {}
-    return cls(module, spec, lambda p: torch.optim.SGD(p, lr=LR),
-               nn.CrossEntropyLoss() if last else None, **fixed, **extra)
+    return rule_spec.stage_class(module, spec, lambda p: torch.optim.SGD(p, lr=LR),
+                                 nn.CrossEntropyLoss() if last else None,
+                                 **rule_spec.fixed, **extra)
 
 
 def _time_actions(rule: str, st, x: torch.Tensor, y: torch.Tensor | None,

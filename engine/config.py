@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .errors import PipelineConfigError
 
-__all__ = ["PipelineConfig", "BACKENDS", "METHOD_SCHEDULES", "PLACEMENTS", "TRANSPORTS",
+__all__ = ["PipelineConfig", "BACKENDS", "PLACEMENTS", "TRANSPORTS",
            "check_method_schedule", "check_placement"]
 
 BACKENDS = ("ray", "local", "torchrun")
@@ -29,30 +29,19 @@ def check_placement(value: str) -> str:
     return placement
 
 
-# Which schedules each learning rule can run under (the first is the default).
-METHOD_SCHEDULES: dict[str, tuple[str, ...]] = {
-    "backprop": ("1f1b", "gpipe", "interleaved", "zb1p"),
-    "stale": ("stale",),
-    "dni": ("dni",),
-    "cdni": ("dni",),
-    "petra": ("petra",),
-    "fwdgrad": ("fwdgrad",),
-}
-
-
 def check_method_schedule(method: str, schedule: str | None) -> str:
-    """``method`` in canonical (lower-case) spelling, after checking that it exists and can
-    run ``schedule`` (None: the method's default); an error lists what would work."""
-    name = str(method).lower()
-    if name not in METHOD_SCHEDULES:
-        raise PipelineConfigError(
-            f"unknown method {method!r}; valid methods: {', '.join(METHOD_SCHEDULES)}")
-    valid = METHOD_SCHEDULES[name]
-    if schedule is not None and schedule.lower() not in valid:
-        raise PipelineConfigError(
-            f"schedule {schedule!r} cannot run method {name!r}; valid schedules for {name}: "
-            f"{', '.join(valid)}")
-    return name
+    """``method`` in canonical (lower-case) spelling, after checking that it is a
+    registered rule and can run ``schedule`` (None: the rule's default); an error lists
+    what would work. The rule's declaration (``brigade.stages.rules``) says which."""
+    from brigade.stages.errors import ConfigError
+    from brigade.stages.rules import get_method
+
+    try:
+        rule = get_method(method)
+        rule.check_schedule(schedule)
+    except ConfigError as err:
+        raise PipelineConfigError(str(err)) from None
+    return rule.name
 
 
 @dataclass

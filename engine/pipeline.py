@@ -18,12 +18,13 @@ from torch import nn
 from brigade import schedulers
 from brigade.schedulers import Action, Event, Timeline
 from brigade.stages.partition import partition, split
+from brigade.stages.rules import get_method
 from brigade.stages.stage import make_stage_module
 
 from .config import PipelineConfig
 from .errors import PipelineConfigError, PipelineError
 from .microbatch import loss_weights, split_batch
-from .spec import STAGE_CLASSES, WorkerSpec
+from .spec import WorkerSpec
 
 __all__ = ["Pipeline", "MAX_EVENTS"]
 
@@ -50,19 +51,8 @@ def _concatenate(base: schedulers.Schedule, steps: int, phase: int) -> list[list
     return program
 
 
-def _num_classes(model: nn.Sequential) -> int:
-    """The output width of the model's last Linear layer (for cDNI's label encoding)."""
-    for module in reversed(list(model.modules())):
-        if isinstance(module, nn.Linear):
-            return module.out_features
-    raise PipelineConfigError(
-        "cdni needs num_classes and the model has no final nn.Linear to read it from; "
-        "pass num_classes=... to Pipeline"
-    )
-
-
 class Pipeline:
-    """A model trained by a pipeline of stages (see DESIGN.md for the contract).
+    """A model trained by a pipeline of stages (docs/ARCHITECTURE.md: how a step flows).
 
     ``stages`` is the number of workers (processes), or a balance list of block counts with
     ``workers x virtual`` entries. Interleaved schedules put ``virtual`` non-adjacent model
@@ -105,13 +95,20 @@ class Pipeline:
                 f"model must be an nn.Sequential of blocks (got {type(model).__name__}); "
                 "wrap your layers in nn.Sequential so contiguous cuts are stages"
             )
+        self.rule = get_method(self.config.method)  # the rule's declaration
+        self.rule_options = self._rule_options(options, self.config.schedule_options)
+        self.config.schedule_options = {**self.rule.schedule_options(self.rule_options),
+                                        **self.config.schedule_options}
         self.balance = self._balance(model, sample)
         self.schedule = self._build(1)
         period = int(self.schedule.options.get("k", 1))  # stale repeats every k steps
         if not self.decoupled and period != 1:  # build one period of the pattern
             self.schedule = self._build(period)
         self._programs: dict[tuple[int, int], list[list[Action]]] = {}
-        self._stage_options = self._method_options(model)
+        self._stage_options = self.rule.stage_kwargs(self.rule_options, model, self.schedule)
+        n = self.schedule.num_stages
+        self.labels_to = frozenset(
+            s for s in range(n) if self.rule.labels_to(s, n, self.rule_options))
         # Bounded so that a long run cannot grow the driver's memory without limit; the
         # timeline then covers the most recent events (meta says how many were dropped).
         self._events: deque[Event] = deque(maxlen=MAX_EVENTS)
@@ -155,18 +152,14 @@ class Pipeline:
             **self.config.schedule_options,
         )
 
-    def _method_options(self, model: nn.Sequential) -> dict[str, Any]:
-        """The stage class's options: the user's, plus what the method derives itself."""
-        opts = dict(self.config.options)
-        if self.config.method == "petra":
-            opts.setdefault("accumulate", self.schedule.accumulate)
-        if self.config.method == "cdni" and "num_classes" not in opts:
-            opts["num_classes"] = _num_classes(model)
-        if self.config.method == "fwdgrad":  # units, projections, parameter positions
-            from brigade.stages.fwdpipe import stage_options
+    def _rule_options(self, options: dict[str, Any], schedule_options: dict[str, Any]) -> Any:
+        """The rule's typed options, checked here, on the driver, before any process starts:
+        the stage options, and the schedule options that are the rule's own (stale's k)."""
+        import dataclasses
 
-            opts = stage_options(model, **opts)
-        return opts
+        own = {f.name for f in dataclasses.fields(self.rule.options) if f.metadata.get("schedule")}
+        return self.rule.make_options(
+            **options, **{k: v for k, v in schedule_options.items() if k in own})
 
     def _specs(self, model, optimizer, loss_fn) -> list[WorkerSpec]:
         """Cut the model (a private copy) and assign each stage to its worker."""
@@ -181,8 +174,9 @@ class Pipeline:
                 for s in range(len(pieces)) if worker_of[s] == w
             }
             specs.append(WorkerSpec(
-                index=w, modules=mods, worker_of=worker_of, method=self.config.method,
+                index=w, modules=mods, worker_of=worker_of, rule=self.rule,
                 optimizer_factory=optimizer, loss_fn=loss_fn, options=self._stage_options,
+                labels_to=self.labels_to,
             ))
         return specs
 
@@ -311,16 +305,16 @@ class Pipeline:
                         samples=x.shape[0] * steps, meta=self._meta("profiled", steps))
 
     def _run(self, training: bool, program, xs, ys, mode: str = "run") -> list:
-        """Hand the inputs to the first stage's worker and targets to the last's (and, for
-        cDNI in training, labels to every worker holding an earlier stage). Only a training
-        step that is a plain run joins the timeline."""
+        """Hand the inputs to the first stage's worker and targets to the last's (and, in
+        training, the labels to every worker holding an earlier stage the rule shows them
+        to: its exposure). Only a training step that is a plain run joins the timeline."""
         n = self.schedule.num_stages
         first, last = self.schedule.worker_of(0), self.schedule.worker_of(n - 1)
         messages: list[list[tuple]] = [[] for _ in range(self.config.num_workers)]
         messages[first] += [(("x", 0, j), xj) for j, xj in enumerate(xs)]
         messages[last] += [(("y", j), yj) for j, yj in enumerate(ys)]
-        if training and STAGE_CLASSES[self.config.method][1].get("conditioned", False):
-            for w in {self.schedule.worker_of(s) for s in range(n - 1)}:
+        if training:
+            for w in {self.schedule.worker_of(s) for s in self.labels_to}:
                 messages[w] += [(("l", j), yj) for j, (yj, _) in enumerate(ys)]
         try:
             results = self._backend.run_step(training, program, messages, mode)

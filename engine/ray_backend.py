@@ -166,6 +166,27 @@ class _StageActor:
         return self.worker.mailbox.pending()
 
 
+def _ship_by_value(rule: Any) -> None:
+    """A rule declared outside brigade (a user's module, or ``__main__``) reaches the actors
+    by value: Ray pickles that module's classes and functions with their code, so a worker
+    builds a rule whose module it cannot import (cloudpickle's pickle-by-value)."""
+    import sys
+
+    from ray import cloudpickle
+
+    handlers = [f for h in rule.handlers.values() for f in (h.run, h.needs)]
+    for obj in (rule.stage_class, rule.options, rule.prepare, *handlers):
+        name = getattr(obj, "__module__", None) or ""
+        if not name or name.startswith("brigade.") or name in ("__main__", "builtins"):
+            continue  # brigade is installed on every node; __main__ goes by value anyway
+        module = sys.modules.get(name)
+        if module is not None:
+            try:
+                cloudpickle.register_pickle_by_value(module)
+            except ValueError:  # a module inside a package already by value
+                pass
+
+
 class RayBackend:
     """Starts one actor per worker on a Ray cluster and drives them step by step.
 
@@ -208,6 +229,8 @@ class RayBackend:
 
         threads = max(1, int(cpus)) if cpus >= 1 else 1
         remote_cls = ray.remote(_StageActor)
+        for spec in specs[:1]:
+            _ship_by_value(spec.rule)
         for i, spec in enumerate(specs):
             spec.num_threads = threads
             spec.device = "cuda" if gpus > 0 else "cpu"

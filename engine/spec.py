@@ -2,67 +2,60 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from brigade.stages.dni import DNIStage
-from brigade.stages.fwdpipe import ForwardGradientStage
-from brigade.stages.petra import PetraStage
-from brigade.stages.stage import Stage, StageSpec
-from brigade.stages.stale import StaleStage
+from brigade.stages.rules import MethodSpec
+from brigade.stages.stage import StageSpec
 
 from .worker import Send, Worker
 
-__all__ = ["WorkerSpec", "build_worker", "STAGE_CLASSES"]
-
-# Learning rule -> (stage class, fixed options). A new method adds an entry here and, if it
-# needs new action kinds, handlers in the worker's dispatch table.
-STAGE_CLASSES: dict[str, tuple[type, dict[str, Any]]] = {
-    "backprop": (Stage, {}),
-    "stale": (StaleStage, {}),
-    "dni": (DNIStage, {"conditioned": False}),
-    "cdni": (DNIStage, {"conditioned": True}),
-    "petra": (PetraStage, {}),
-    "fwdgrad": (ForwardGradientStage, {}),
-}
+__all__ = ["WorkerSpec", "build_worker"]
 
 
 @dataclass
 class WorkerSpec:
-    """The stages one worker holds, with the pieces each stage is built from."""
+    """The stages one worker holds, with the pieces each stage is built from.
+
+    ``rule`` is the learning rule's declaration itself, not its name: a worker in another
+    process then builds a rule it never imported (a user's own, registered on the driver;
+    the Ray backend ships a user module's code by value)."""
 
     index: int
     modules: dict[int, nn.Module]  # global stage index -> its blocks (names = block indices)
     worker_of: list[int]  # global stage index -> worker index
-    method: str
+    rule: MethodSpec
     optimizer_factory: Callable | None
     loss_fn: nn.Module | None
-    options: dict[str, Any]  # keyword options of the method's stage class
+    options: dict[str, Any]  # keyword options of the rule's stage class (stage_kwargs)
+    labels_to: frozenset[int] = field(default_factory=frozenset)  # earlier stages shown labels
     device: str = "cpu"
     num_threads: int = 0  # torch intra-op threads; 0 leaves torch's default
 
+    @property
+    def method(self) -> str:
+        return self.rule.name
+
 
 def build_worker(spec: WorkerSpec, send: Send | None) -> Worker:
-    """Construct the stages of ``spec`` on its device and wrap them in a Worker."""
+    """Construct the stages of ``spec`` on its device and wrap them in a Worker whose
+    handler table is the rule's."""
     if spec.num_threads > 0:
         torch.set_num_threads(spec.num_threads)
-    cls, fixed = STAGE_CLASSES[spec.method]
-    options = {**spec.options, **fixed}
     num_stages = len(spec.worker_of)
     stages = {}
     for s, module in sorted(spec.modules.items()):
         last = s == num_stages - 1
-        stages[s] = cls(
+        stages[s] = spec.rule.stage_class(
             module,
             StageSpec(index=s, num_stages=num_stages),
             spec.optimizer_factory,
             spec.loss_fn if last else None,
             spec.device,
-            **options,
+            **spec.options,
         )
     return Worker(spec.index, stages, spec.worker_of, send=send,
-                  conditioned=bool(options.get("conditioned")),
-                  forward_gradient=spec.method == "fwdgrad")
+                  handlers=dict(spec.rule.handlers), labels_to=spec.labels_to)

@@ -2,7 +2,7 @@
 
 It builds the model for the data set it is given (MNIST into a revnet works), trains it with
 a :class:`Pipeline` for the requested epochs or steps with a progress bar, evaluates test
-accuracy through the pipeline, and returns the figures DESIGN.md lists for ``--json``.
+accuracy through the pipeline, and returns the figures the README lists for ``--json``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from brigade.stages.data import Batches, load_dataset
 from brigade.stages.models import build_model, shape_kwargs
 
 from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import METHOD_SCHEDULES, check_method_schedule, check_placement
+from brigade.stages.rules import get_method
+
+from .config import check_method_schedule, check_placement
 from .errors import PipelineConfigError, StageFailedError
 from .pipeline import Pipeline
 from .torchrun_backend import broadcast_object, is_rank0
@@ -97,57 +99,53 @@ class TrainConfig:
         if self.steps is not None and self.steps < 1:
             raise PipelineConfigError(f"--steps {self.steps} must be >= 1")
         method = check_method_schedule(self.method, self.schedule)  # before data, processes
-        fwdgrad = method == "fwdgrad"
-        if self.lr is None and not fwdgrad:
-            self.lr = 0.05
+        rule = get_method(method)
+        if self.lr is None:
+            self.lr = rule.default_optimizer[1]  # None: the optimizer's own (fwdgrad)
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise PipelineConfigError(f"--lr {self.lr} must be a positive number")
         if self.optimizer is None:
             self.optimizer = default_optimizer(self.method)
-        if self.optimizer.lower() not in OPTIMIZERS:
+        if rule.optimizers is None and self.optimizer.lower() not in OPTIMIZERS:
             raise PipelineConfigError(
                 f"unknown optimizer {self.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
             )
+        if rule.optimizers is not None and self.optimizer.lower() not in rule.optimizers:
+            raise PipelineConfigError(
+                f"--optimizer {self.optimizer} is not a {rule.optimizer_kind or rule.name} "
+                f"optimizer; valid for {rule.name}: {', '.join(rule.optimizers)}")
         if self.batch_size < self.microbatches:
             raise PipelineConfigError(
                 f"--batch-size {self.batch_size} is smaller than --microbatches "
                 f"{self.microbatches}; each microbatch needs at least one sample"
             )
-        if fwdgrad:
-            self._check_forward_gradient()
-            if self.single_process:
-                return
+        if "projections" in rule.config_fields:
+            self.projections = _projections(self.projections)  # fails before any process starts
+        rule.make_options(**_stage_options(self), **{  # the rule's checks, before data
+            k: v for k, v in self.schedule_options.items() if k in _schedule_fields(rule)})
+        if self.single_process and self.checkpoint:  # --resume/--max-restarts need one
+            raise PipelineConfigError(
+                f"the single-process {rule.single_process} (--stages 1 --backend local) "
+                "does not checkpoint; drop --checkpoint/--resume/--max-restarts, or run the "
+                "pipelined form (--stages 2 or more)")
+        if self.single_process:
+            return
         if self.schedule is None:
-            self.schedule = METHOD_SCHEDULES[method][0]
-
+            self.schedule = rule.default_schedule
 
     @property
     def single_process(self) -> bool:
-        """fwdgrad with one stage on the local backend: the single-process estimator
-        (full batches, every guess); any other fwdgrad run is the forward-only pipeline."""
-        return (self.method.lower() == "fwdgrad" and self.stages == 1 and not self.balance
-                and self.backend == "local")
+        """One stage on the local backend of a rule with a whole-model trainer (fwdgrad's
+        single-process estimator: full batches, every guess); any other run pipelines."""
+        return (bool(get_method(self.method).single_process) and self.stages == 1
+                and not self.balance and self.backend == "local")
 
-    def _check_forward_gradient(self) -> None:
-        """fwdgrad's own flags: its optimizer, projections and guess; the single-process
-        estimator does not checkpoint."""
-        from brigade.stages.fg_optim import OPTIMIZERS as FG_OPTIMIZERS
 
-        if self.optimizer.lower() not in FG_OPTIMIZERS:
-            raise PipelineConfigError(
-                f"--optimizer {self.optimizer} is not a forward-gradient optimizer; valid for "
-                f"fwdgrad: {', '.join(FG_OPTIMIZERS)}")
-        self.projections = _projections(self.projections)  # fails before any process starts
-        if self.guess.lower() == "local" and not self.single_process:
-            raise PipelineConfigError(
-                "--guess local is not pipelined (its directions depend on each microbatch's "
-                "data); run it in one process with --stages 1 --backend local, or use "
-                "--guess random")
-        if self.single_process and self.checkpoint:  # --resume/--max-restarts need one
-            raise PipelineConfigError(
-                "the single-process forward-gradient estimator (--stages 1 --backend local) "
-                "does not checkpoint; drop --checkpoint/--resume/--max-restarts, or run the "
-                "pipelined form (--stages 2 or more)")
+def _schedule_fields(rule) -> set[str]:
+    """The rule's options that belong to its schedule (stale's k, petra's accumulate)."""
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(rule.options) if f.metadata.get("schedule")}
 
 
 def default_optimizer(method: str) -> str:
@@ -159,10 +157,7 @@ def default_optimizer(method: str) -> str:
     reached 45.4% / 48.3% at the same lr (`bench/unlocked_mnist.py` compares all methods
     with one shared optimizer). Forward gradients: Adam (stages/fg_optim.py).
     """
-    method = method.lower()
-    if method == "fwdgrad":
-        return "adam"
-    return "sgd" if method in ("dni", "cdni") else "momentum"
+    return get_method(method).default_optimizer[0]
 
 
 def make_optimizer(name: str, lr: float):
@@ -185,22 +180,19 @@ def make_optimizer(name: str, lr: float):
 
 
 def _optimizer_factory(cfg: TrainConfig):
-    """The stages' optimizer: fwdgrad's come from ``fg_optim`` (its measured defaults, as
-    the single-process estimator uses), the others from ``make_optimizer``."""
-    if cfg.method.lower() == "fwdgrad":
-        from brigade.stages import fg_optim
-
-        return functools.partial(fg_optim.make_optimizer, cfg.optimizer, lr=cfg.lr,
-                                 guess=cfg.guess)
+    """The stages' optimizer: built by the rule where it says how (fwdgrad's come from
+    ``fg_optim``, with its measured defaults), else by ``make_optimizer``."""
+    rule = get_method(cfg.method)
+    if rule.optimizer_factory is not None:
+        return rule.optimizer_factory(cfg.optimizer, cfg.lr, cfg)
     return make_optimizer(cfg.optimizer, cfg.lr)
 
 
 def _stage_options(cfg: TrainConfig) -> dict[str, Any]:
-    """The method's stage options; fwdgrad's estimator options come from its flags."""
-    if cfg.method.lower() != "fwdgrad":
-        return dict(cfg.options)
-    return {"projections": cfg.projections, "seed": cfg.seed, "guess": cfg.guess,
-            **cfg.options}
+    """The rule's options: the ``brigade train`` settings it takes (``config_fields``:
+    fwdgrad's projections, seed, guess), then the method flags given."""
+    rule = get_method(cfg.method)
+    return {**{f: getattr(cfg, f) for f in rule.config_fields}, **cfg.options}
 
 
 def _projections(value: str) -> int | str:
@@ -236,7 +228,7 @@ def _load(cfg: TrainConfig):
 
 
 def run_training(cfg: TrainConfig, progress=None) -> dict[str, Any]:
-    """Train as ``cfg`` says; returns the report (see DESIGN.md for the JSON fields).
+    """Train as ``cfg`` says; returns the report (the README lists the JSON fields).
 
     ``progress`` is an optional callable ``(done_steps, total_steps, info_dict)`` that the
     CLI turns into a progress bar. With ``cfg.checkpoint`` the run saves every
@@ -398,7 +390,8 @@ class _Run:
 
 def _train_forward_gradient(cfg, train, test, model_kwargs, progress) -> dict[str, Any]:
     """Single-process forward-gradient training (no backward pass): the baseline that the
-    data-parallel ``brigade fwdgrad`` and the pipelined form are compared with."""
+    data-parallel ``brigade fwdgrad`` and the pipelined form are compared with (the rule's
+    ``single_process`` trainer)."""
     from brigade.stages.fwdgrad import ForwardGradient
 
     model = build_model(cfg.model, **model_kwargs)

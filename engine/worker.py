@@ -6,18 +6,10 @@ the action needs from the worker's mailbox, calls the stage, and routes what it 
 the worker that holds the next (or previous) stage. The worker also records the measured
 timeline: every action's start and end, time spent waiting for a message, time spent sending.
 
-Message keys: ``("x", s, j)`` the input of stage s for microbatch j (for forward gradients
-the pair of the activation and its tangent), ``("g", s, j)`` what comes back to stage s for
-j (the gradient of its output; for PETRA the pair of its reconstructed output and that
-gradient), ``("d", s, j)`` the scalars d = ∇L·v of j that the last stage sends every stage
-(forward gradients: one number per projection), ``("y", j)`` the target and loss weight of
-j, and ``("l", j)`` the label of j for stages that condition on it (cDNI).
-
-Handlers by kind: F forward (forward-only when the program has no backward of that
-microbatch on that stage, as stale-gradient steps), B / I / W backward, U update,
-S and T the DNI forward-update and synthetic-gradient training, R PETRA's
-reconstruct-and-backward; for forward gradients F is the tangent-carrying forward (on the
-last stage it also sends d to every stage) and D folds d into the stage's gradient.
+Each action kind's handler, and the messages it waits for, come from the learning rule's
+declaration (``MethodSpec.handlers``, see ``brigade.stages.handlers`` for the message keys):
+the worker knows no rule and no letter. It is the handlers' ``Port``: it hands them
+messages, routes what they send, and records losses and outputs.
 """
 
 from __future__ import annotations
@@ -30,6 +22,8 @@ from typing import Any, Callable, Hashable
 import torch
 
 from brigade.schedulers import Action
+from brigade.stages.base import StageBase
+from brigade.stages.handlers import BACKPROP_HANDLERS, Handler
 
 from .errors import PipelineError
 from .mailbox import Mailbox
@@ -66,12 +60,12 @@ class Worker:
     def __init__(
         self,
         index: int,
-        stages: dict[int, Any],
+        stages: dict[int, StageBase],
         worker_of: list[int],
         send: Send | None = None,
         clock: Callable[[], float] = time.perf_counter,
-        conditioned: bool = False,
-        forward_gradient: bool = False,
+        handlers: dict[str, Handler] | None = None,
+        labels_to: frozenset[int] = frozenset(),
     ) -> None:
         self.index = index
         self.stages = stages
@@ -80,26 +74,16 @@ class Worker:
         self.mailbox = Mailbox()
         self._send = send
         self._clock = clock
-        self.conditioned = conditioned
-        self._training = True
+        self._labels_to = frozenset(labels_to)  # earlier stages the rule shows labels to
+        self.training = True
         self._forward_only: set[tuple[int, int]] = set()
         self._result = StepResult(index)
         self._mode = "run"
         self._snapshot: dict[int, dict[str, Any]] | None = None
         self._recorded: dict[Hashable, Any] = {}
-        self._handlers: dict[str, Callable[[Action], None]] = {
-            "F": self._forward,
-            "B": self._backward,
-            "I": self._backward_input,
-            "W": self._backward_weight,
-            "U": self._update,
-            "S": self._dni_forward,
-            "T": self._dni_train,
-            "R": self._reverse,
-            "D": self._fg_accumulate,
-        }
-        if forward_gradient:  # F carries a tangent and, on the last stage, yields d
-            self._handlers["F"] = self._fg_forward
+        # action kind -> handler: the rule's declaration (backprop's by default)
+        self._handlers: dict[str, Handler] = dict(BACKPROP_HANDLERS if handlers is None
+                                                  else handlers)
 
     # -- the step protocol ----------------------------------------------------------------
     def begin(
@@ -122,9 +106,10 @@ class Worker:
         elif mode == "replay":
             messages = list(messages) + self._stand_ins(messages, program)
         self._mode = mode
-        self._training = training
+        self.training = training
         self._result = StepResult(self.index)
-        backward = {(a.stage, a.microbatch) for a in program if a.kind in ("B", "I", "R")}
+        frees = {kind for kind, h in self._handlers.items() if h.frees}
+        backward = {(a.stage, a.microbatch) for a in program if a.kind in frees}
         self._forward_only = {
             (a.stage, a.microbatch) for a in program
             if a.kind == "F" and (a.stage, a.microbatch) not in backward
@@ -151,9 +136,8 @@ class Worker:
         self._mode = "run"
         result = self._result
         for s, stage in self.stages.items():
-            result.peak_stored_bytes[s] = getattr(stage, "peak_stored_bytes", 0)
-            if hasattr(stage, "pop_losses"):
-                stage.pop_losses()  # the worker keeps its own (mb, loss) record
+            result.peak_stored_bytes[s] = stage.peak_stored_bytes
+            stage.pop_losses()  # the worker keeps its own (mb, loss) record
         return result
 
     def run(self, actions: list[Action], timeout: float | None = None,
@@ -191,16 +175,11 @@ class Worker:
 
     def execute(self, action: Action) -> None:
         """Run one action through the dispatch table and record its span."""
-        handler = self._handlers.get(action.kind)
-        if handler is None:
-            raise PipelineError(
-                f"worker {self.index}: no handler for action {action} (kind {action.kind!r}); "
-                f"this worker runs kinds {sorted(self._handlers)}"
-            )
+        handler = self._handler(action)
         events = self._result.events
         mark = len(events)
         t0 = self._clock()
-        handler(action)
+        handler.run(self, action)
         t1 = self._clock()
         # A handler's sends come last (each recorded as its own "send" span): the compute
         # span ends where the first send starts, as the simulator's lowering charges them.
@@ -222,12 +201,11 @@ class Worker:
         rng = torch.get_rng_state()
         out = {}
         for s, stage in self.stages.items():
-            opt = getattr(stage, "optimizer", None)
-            extra = getattr(stage, "state_dict_extra", None)
+            opt = stage.optimizer
             out[s] = {
                 "module": {k: v.detach().cpu() for k, v in stage.module.state_dict().items()},
                 "optimizer": opt.state_dict() if opt is not None else None,
-                "extra": extra() if extra is not None else None,
+                "extra": stage.state_dict_extra(),
                 "rng": rng,
             }
         return out
@@ -237,9 +215,9 @@ class Worker:
         for s, stage in self.stages.items():
             state = states[s]
             stage.module.load_state_dict(state["module"])
-            if state["optimizer"] is not None and getattr(stage, "optimizer", None):
+            if state["optimizer"] is not None and stage.optimizer is not None:
                 stage.optimizer.load_state_dict(state["optimizer"])
-            if state["extra"] is not None and hasattr(stage, "load_state_dict_extra"):
+            if state["extra"] is not None:
                 stage.load_state_dict_extra(state["extra"])
             torch.set_rng_state(state["rng"])
 
@@ -266,148 +244,44 @@ class Worker:
                 have.add(key)
         return out
 
-    def _take(self, key: Hashable) -> Any:
+    # -- the handlers' port ----------------------------------------------------------------
+    def _handler(self, action: Action) -> Handler:
+        handler = self._handlers.get(action.kind)
+        if handler is None:
+            raise PipelineError(
+                f"worker {self.index}: no handler for action {action} (kind {action.kind!r}); "
+                f"this worker's rule runs kinds {sorted(self._handlers)}"
+            )
+        return handler
+
+    def needs(self, action: Action) -> list[Hashable]:
+        """Message keys that must be present before ``action`` can run (its handler's)."""
+        return self._handler(action).needs(self, action)
+
+    def stage(self, s: int) -> StageBase:
+        return self.stages[s]
+
+    def take(self, key: Hashable) -> Any:
         """Take a message from the mailbox (keeping it when recording)."""
         value = self.mailbox.take(key)
         if self._mode == "record":
             self._recorded[key] = value
         return value
 
-    # -- which messages an action consumes ------------------------------------------------
-    def needs(self, action: Action) -> list[Hashable]:
-        """Message keys that must be present before ``action`` can run."""
-        s, j = action.stage, action.microbatch
-        if action.kind == "F":
-            keys: list[Hashable] = [("x", s, j)]
-            if s == self.num_stages - 1:
-                keys.append(("y", j))
-            return keys
-        last = s == self.num_stages - 1
-        if action.kind in ("B", "I", "R") and not last:
-            return [("g", s, j)]
-        if action.kind == "S":
-            keys = [("x", s, j)]
-            if last:
-                keys.append(("y", j))
-            elif self.conditioned:
-                keys.append(("l", j))
-            return keys
-        if action.kind == "T":
-            return [("g", s, j)]
-        if action.kind == "D":
-            return [("d", s, j)]
-        return []
+    def send(self, action: Action, key: tuple, value: Any) -> None:
+        self._route(action, key, value)
 
-    # -- handlers ---------------------------------------------------------------------------
-    def _forward(self, a: Action) -> None:
-        stage = self.stages[a.stage]
-        x = self._take(("x", a.stage, a.microbatch))
-        last = a.stage == self.num_stages - 1
-        if not self._training:
-            out = stage.infer(x)
-            if last:
-                self._take(("y", a.microbatch))
-                self._result.outputs[a.microbatch] = out
-            else:
-                self._route(a, ("x", a.stage + 1, a.microbatch), out)
-            return
-        target = weight = None
-        if last:
-            target, weight = self._take(("y", a.microbatch))
-        if (a.stage, a.microbatch) in self._forward_only:
-            out = stage.forward_only(a.microbatch, x, target, weight if last else 1.0)
-        else:
-            out = stage.forward(a.microbatch, x, target, weight if last else 1.0)
-        if last:
-            self._result.losses.append((a.microbatch, float(out)))
-        else:
-            self._route(a, ("x", a.stage + 1, a.microbatch), out)
+    def loss(self, mb: int, value: float) -> None:
+        self._result.losses.append((mb, value))
 
-    def _backward(self, a: Action) -> None:
-        grad = self._take_grad(a)
-        grad_in = self.stages[a.stage].backward(a.microbatch, grad)
-        if a.stage > 0:
-            self._route(a, ("g", a.stage - 1, a.microbatch), grad_in)
+    def output(self, mb: int, value: Any) -> None:
+        self._result.outputs[mb] = value
 
-    def _backward_input(self, a: Action) -> None:
-        grad = self._take_grad(a)
-        grad_in = self.stages[a.stage].backward_input(a.microbatch, grad)
-        if a.stage > 0:
-            self._route(a, ("g", a.stage - 1, a.microbatch), grad_in)
+    def forward_only(self, s: int, mb: int) -> bool:
+        return (s, mb) in self._forward_only
 
-    def _backward_weight(self, a: Action) -> None:
-        self.stages[a.stage].backward_weight(a.microbatch)
-
-    def _update(self, a: Action) -> None:
-        self.stages[a.stage].update()
-
-    def _dni_forward(self, a: Action) -> None:
-        """DNI: forward, update from the synthetic gradient, send h on and dL/dx back.
-
-        Each microbatch is its own update, so the last stage's loss is the microbatch mean
-        (weight 1); the recorded loss is weighted by n_j / N to report the batch mean.
-        """
-        s, j = a.stage, a.microbatch
-        last = s == self.num_stages - 1
-        x = self._take(("x", s, j))
-        target, weight, label = None, 1.0, None
-        if last:
-            target, weight = self._take(("y", j))
-        elif self.conditioned:
-            label = self._take(("l", j))
-        out, grad_in = self.stages[s].forward(j, x, target, 1.0, label=label)
-        if last:
-            self._result.losses.append((j, float(out) * weight))
-        else:
-            self._route(a, ("x", s + 1, j), out)
-        if s > 0 and grad_in is not None:
-            self._route(a, ("g", s - 1, j), grad_in)
-
-    def _dni_train(self, a: Action) -> None:
-        """DNI: regress the synthetic gradient onto the gradient that came back."""
-        target = self._take(("g", a.stage, a.microbatch))
-        self.stages[a.stage].train_sg(a.microbatch, target)
-
-    def _reverse(self, a: Action) -> None:
-        """PETRA: rebuild the input from the output, backward, send (input, grad) back."""
-        s, j = a.stage, a.microbatch
-        if s == self.num_stages - 1:
-            x, dx = self.stages[s].reverse(j)
-        else:
-            y, dy = self._take(("g", s, j))
-            x, dx = self.stages[s].reverse(j, y, dy)
-        if s > 0:
-            self._route(a, ("g", s - 1, j), (x, dx))
-
-    def _fg_forward(self, a: Action) -> None:
-        """Forward gradients: push (h, tangent) on; the last stage sends d to every stage.
-
-        Evaluation runs the plain forward. d is already scaled by the microbatch's share
-        n_j / N, so the stages' sums over a step are the batch mean's derivative.
-        """
-        if not self._training:
-            self._forward(a)
-            return
-        s, j = a.stage, a.microbatch
-        x = self._take(("x", s, j))
-        if s < self.num_stages - 1:
-            self._route(a, ("x", s + 1, j), self.stages[s].forward(j, x))
-            return
-        target, weight = self._take(("y", j))
-        loss, d = self.stages[s].forward(j, x, target, weight)
-        self._result.losses.append((j, float(loss)))
-        for dest in range(self.num_stages):
-            self._route(a, ("d", dest, j), d)
-
-    def _fg_accumulate(self, a: Action) -> None:
-        """Forward gradients: add the scalars d of this microbatch to the step's sum."""
-        d = self._take(("d", a.stage, a.microbatch))
-        self.stages[a.stage].accumulate(a.microbatch, d)
-
-    def _take_grad(self, a: Action) -> torch.Tensor | None:
-        if a.stage == self.num_stages - 1:
-            return None
-        return self._take(("g", a.stage, a.microbatch))
+    def gets_labels(self, s: int) -> bool:
+        return s in self._labels_to
 
     # -- routing and recording ----------------------------------------------------------------
     def _route(self, a: Action, key: tuple, tensor: Any) -> None:

@@ -443,10 +443,10 @@ _COMMON = dict(stage_class=DNIStage, schedules=("dni",), handlers=_HANDLERS, opt
                default_optimizer=("sgd", 0.05), backward=(_DX,),
                reference="Jaderberg et al. 2016 (arXiv 1608.05343)")
 register_method(MethodSpec(
-    name="dni", forward=(_H,), exposure=_dni_exposure, prepare=_prepare(False),
+    name="dni", order=20, forward=(_H,), exposure=_dni_exposure, prepare=_prepare(False),
     summary="synthetic gradients: update at once from a predicted dL/dh, learn it later",
     **_COMMON))
 register_method(MethodSpec(
-    name="cdni", forward=(_H, Message("labels (driver -> every stage)", "B", batch_size)),
+    name="cdni", order=30, forward=(_H, Message("labels (driver -> every stage)", "B", batch_size)),
     exposure=_cdni_exposure, prepare=_prepare(True), fixed={"conditioned": True},
     summary="dni whose synthesizer also sees the label (Czarnecki et al. 2017)", **_COMMON))

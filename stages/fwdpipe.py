@@ -411,13 +411,14 @@ def _exposure(stage: int, stages: int, options: Any) -> Exposure:
 
 
 register_method(MethodSpec(
-    name="fwdgrad", stage_class=ForwardGradientStage, schedules=("fwdgrad",),
+    name="fwdgrad", order=50, stage_class=ForwardGradientStage, schedules=("fwdgrad",),
     handlers={"F": handlers.Handler(_run_f, handlers.forward.needs),
               "D": handlers.Handler(_run_d, _needs_d, frees=True), "U": handlers.update},
     options=ForwardGradientOptions, prepare=_prepare, default_optimizer=("adam", None),
-    optimizers=_fg_names(), optimizer_factory=_optimizer_factory,
+    optimizers=_fg_names(), optimizer_kind="forward-gradient",
+    optimizer_factory=_optimizer_factory,
     forward=(Message("(h, tangent rows)", "(1+r)·B·F", _tangent_size),),
     backward=(Message("d = ∇L·v, last stage -> every stage", "R", _d_size),),
-    exposure=_exposure, config_fields=("projections", "seed", "guess"), single_process=True,
+    exposure=_exposure, config_fields=("projections", "seed", "guess"), single_process="forward-gradient estimator",
     summary="forward gradients: tangents ride forward, only d = ∇L·v comes back",
     reference="Baydin et al. 2022 (arXiv 2202.08587); local guess: Fournier et al. 2023"))

@@ -262,7 +262,7 @@ def _run_r(port: handlers.Port, a) -> None:
 
 
 register_method(MethodSpec(
-    name="petra", stage_class=PetraStage, schedules=("petra",),
+    name="petra", order=40, stage_class=PetraStage, schedules=("petra",),
     handlers={"F": handlers.forward, "R": handlers.Handler(_run_r, _needs_r, frees=True),
               "U": handlers.update},
     options=PetraOptions, prepare=_prepare, default_optimizer=("momentum", 0.05),

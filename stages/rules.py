@@ -121,16 +121,18 @@ class MethodSpec:
       flag (default ``--field-name``); ``metadata["schedule"]`` marks a schedule option.
     - ``default_optimizer``: ``(name, lr)`` when the user names none; lr None: the
       optimizer's own default. ``optimizers``: the valid names where they differ from
-      torch's; ``optimizer_factory(name, lr, config)``: where they are built differently.
+      torch's (``optimizer_kind`` names them in errors); ``optimizer_factory(name, lr,
+      config)``: where they are built differently.
     - ``forward`` / ``backward``: the messages per microbatch each way.
     - ``exposure(stage, stages, options) -> Exposure``: also what the driver sends (labels
       go to an earlier stage only if its exposure says so).
     - ``prepare(options, model, schedule) -> stage keywords``: what the rule derives on the
       driver (cDNI's class count, PETRA's accumulation, forward gradients' units).
     - ``config_fields``: ``brigade train`` settings that feed its options (fwdgrad's guess,
-      projections, seed). ``single_process``: with one stage on the local backend the rule
-      has a whole-model trainer (forward gradients' estimator).
+      projections, seed). ``single_process``: non-empty where, with one stage on the local
+      backend, the rule has a whole-model trainer (it names it: "forward-gradient estimator").
     - ``costs``: hooks for the simulator and the balancer.
+    - ``summary``, ``reference``, ``order``: what ``brigade methods`` prints, and where.
     """
 
     name: str
@@ -140,6 +142,7 @@ class MethodSpec:
     options: type = _NoOptions
     default_optimizer: tuple[str, float | None] = ("momentum", 0.05)
     optimizers: tuple[str, ...] | None = None
+    optimizer_kind: str = ""
     optimizer_factory: Callable[[str, float | None, Any], Callable] | None = None
     forward: tuple[Message, ...] = ()
     backward: tuple[Message, ...] = ()
@@ -147,10 +150,11 @@ class MethodSpec:
     prepare: Callable[[Any, Any, Any], dict[str, Any]] = _options_as_kwargs
     fixed: Mapping[str, Any] = field(default_factory=dict)
     config_fields: tuple[str, ...] = ()
-    single_process: bool = False
+    single_process: str = ""
     costs: CostHooks = CostHooks()
     summary: str = ""
     reference: str = ""
+    order: int = 1000  # where listings put it (the built-ins take 0-99)
 
     def __post_init__(self) -> None:
         name = str(self.name).strip().lower()
@@ -242,9 +246,6 @@ def exposed(spec: MethodSpec, stages: int, options: Any = None) -> list[Exposure
 # -- the registry -----------------------------------------------------------------------------
 _REGISTRY: dict[str, MethodSpec] = {}
 _LOADED = False
-# Listing order of the first built-in modules (backprop first); modules not named here
-# follow in alphabetical order, so a new rule's module needs no entry.
-_ORDER = ("stage", "stale", "dni", "petra", "fwdpipe")
 
 
 def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
@@ -276,9 +277,7 @@ def _load_builtins() -> None:
     _LOADED = True
     package = __name__.rsplit(".", 1)[0]
     here = os.path.dirname(__file__)
-    names = sorted((i.name for i in pkgutil.iter_modules([here])),
-                   key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
-    for name in names:
+    for name in sorted(i.name for i in pkgutil.iter_modules([here])):
         if name.startswith("_") or name == "rules":
             continue
         with open(os.path.join(here, name + ".py"), encoding="utf-8") as f:
@@ -290,20 +289,10 @@ def _load_builtins() -> None:
 
 
 def method_names() -> list[str]:
-    """The registered rules: built-ins first (in ``_ORDER`` of their modules), then the
-    others in registration order."""
+    """The registered rules by their ``order`` (built-ins first), then registration."""
     _load_builtins()
-    package = __name__.rsplit(".", 1)[0] + "."
-
-    def rank(item: tuple[int, str]) -> tuple[int, int]:
-        i, name = item
-        module = _REGISTRY[name].stage_class.__module__
-        short = module[len(package):] if module.startswith(package) else None
-        if short is None:
-            return (len(_ORDER) + 1, i)
-        return (_ORDER.index(short) if short in _ORDER else len(_ORDER), i)
-
-    return [name for _, name in sorted(enumerate(_REGISTRY), key=rank)]
+    ranked = sorted(enumerate(_REGISTRY.values()), key=lambda item: (item[1].order, item[0]))
+    return [spec.name for _, spec in ranked]
 
 
 def get_method(name: str | MethodSpec) -> MethodSpec:

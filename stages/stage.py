@@ -229,7 +229,7 @@ class Stage(StageBase):
 
 # -- the declaration of backprop (brigade.stages.rules) ---------------------------------------
 register_method(MethodSpec(
-    name="backprop", stage_class=Stage, schedules=("1f1b", "gpipe", "interleaved", "zb1p"),
+    name="backprop", order=0, stage_class=Stage, schedules=("1f1b", "gpipe", "interleaved", "zb1p"),
     handlers=handlers.BACKPROP_HANDLERS, default_optimizer=("momentum", 0.05),
     forward=(Message("activation h", "B·F", activation_size),),
     backward=(Message("gradient dL/dh", "B·F", activation_size),),

@@ -137,7 +137,7 @@ class StaleOptions:
 
 
 register_method(MethodSpec(
-    name="stale", stage_class=StaleStage, schedules=("stale",),
+    name="stale", order=10, stage_class=StaleStage, schedules=("stale",),
     handlers=handlers.BACKPROP_HANDLERS, options=StaleOptions,
     default_optimizer=("momentum", 0.05),
     forward=(Message("activation h", "B·F", activation_size),),

@@ -7,6 +7,8 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
+from brigade.stages.rules import get_method, method_names, option_fields
+
 from . import output
 from . import UsageError, int_list
 
@@ -27,25 +29,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balance-by", default="uniform", choices=["uniform", "params", "time"],
                    help="how to cut the model when --balance is not given")
     p.add_argument("--schedule", default=None,
-                   help="gpipe | 1f1b | interleaved | zb1p | dni | petra | stale | fwdgrad "
-                        "(default: the method's own)")
+                   help="the schedule (default: the method's own; `brigade methods` lists "
+                        "each method's)")
     p.add_argument("--method", default="backprop",
-                   help="backprop | dni | cdni | petra | stale | fwdgrad (default backprop; "
-                        "fwdgrad pipelines forward only; with --stages 1 --backend local it "
-                        "is the single-process estimator)")
+                   help=f"learning rule: {' | '.join(method_names())} (default backprop; "
+                        "`brigade methods` describes them)")
     p.add_argument("--window", type=int, default=None,
-                   help="steps per pipelined run (default 1; 32 for dni and petra, which "
-                        "do not flush between the steps of a run)")
-    p.add_argument("--stale-k", type=int, default=None,
-                   help="stale: one backprop step every k steps (default 4)")
-    p.add_argument("--accumulate", type=int, default=None,
-                   help="petra: microbatches per update (default: --microbatches)")
-    p.add_argument("--sg-lr", type=float, default=None,
-                   help="dni/cdni: synthetic-gradient module learning rate (default 1e-3)")
-    p.add_argument("--sg-hidden-layers", type=int, default=None,
-                   help="dni/cdni: hidden layers of the synthesizer, 0-2 (default 1)")
-    p.add_argument("--update-prob", type=float, default=None,
-                   help="dni/cdni: probability that a stage updates on a microbatch")
+                   help="steps per pipelined run (default 1; 32 for schedules that do not "
+                        "flush between the steps of a run)")
+    add_method_flags(p)
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--virtual", type=int, default=1, help="stages per worker (interleaved)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -116,29 +108,69 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+def _method_flags() -> dict[str, tuple[str, list[str], object]]:
+    """Every registered rule's flags, from its options dataclass: ``field -> (flag,
+    rules that take it, the field)``; fields without ``metadata["flag"]`` get none."""
+    import typing
+
+    flags: dict[str, tuple[str, list[str], object]] = {}
+    for name in method_names():
+        rule = get_method(name)
+        hints = typing.get_type_hints(rule.options)
+        for f in option_fields(rule):
+            if "flag" not in f.metadata:
+                continue
+            if f.name in flags:
+                flags[f.name][1].append(name)
+            else:
+                flags[f.name] = (f.metadata["flag"], [name], (f, hints.get(f.name, str)))
+    return flags
+
+
+def _flag_type(hint) -> type:
+    """int, float or str from a field's type (``int | None`` -> int)."""
+    import typing
+
+    args = typing.get_args(hint) or (hint,)
+    for t in (int, float):
+        if t in args:
+            return t
+    return str
+
+
+def add_method_flags(p: argparse.ArgumentParser) -> None:
+    """The methods' own flags, one per flagged field of each rule's options (help: the
+    field's, and which methods take it)."""
+    for _, (flag, rules, (f, hint)) in _method_flags().items():
+        p.add_argument(flag, dest=f"method_{f.name}", type=_flag_type(hint), default=None,
+                       metavar=f.name.upper(),
+                       help=f"{'/'.join(rules)}: {f.metadata.get('help', f.name)}")
+
+
+def _given(args: argparse.Namespace, schedule: bool) -> dict:
+    """The method flags that were set, for stage options (or the schedule's), checked
+    against ``--method``."""
+    method = get_method(args.method).name if args.method else "backprop"
+    out = {}
+    for name, (flag, rules, (f, _)) in _method_flags().items():
+        value = getattr(args, f"method_{name}", None)
+        if value is None or bool(f.metadata.get("schedule")) != schedule:
+            continue
+        if method not in rules:
+            verb = "applies" if len(rules) == 1 else "apply"
+            raise UsageError(f"{flag} {verb} to --method {' or '.join(rules)}, not {args.method!r}")
+        out[name] = value
+    return out
+
+
 def _method_options(args: argparse.Namespace) -> dict:
     """Stage-class options given on the command line (only those that were set)."""
-    pairs = {"sg_lr": args.sg_lr, "sg_hidden_layers": args.sg_hidden_layers,
-             "update_prob": args.update_prob}
-    given = {k: v for k, v in pairs.items() if v is not None}
-    if given and args.method not in ("dni", "cdni"):
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise UsageError(f"{flags} apply to --method dni or cdni, not {args.method!r}")
-    return given
+    return _given(args, schedule=False)
 
 
 def _schedule_options(args: argparse.Namespace) -> dict:
     """Schedule options given on the command line, checked against the method."""
-    opts = {}
-    if args.stale_k is not None:
-        if args.method != "stale":
-            raise UsageError(f"--stale-k applies to --method stale, not {args.method!r}")
-        opts["k"] = args.stale_k
-    if args.accumulate is not None:
-        if args.method != "petra":
-            raise UsageError(f"--accumulate applies to --method petra, not {args.method!r}")
-        opts["accumulate"] = args.accumulate
-    return opts
+    return _given(args, schedule=True)
 
 
 def run(args: argparse.Namespace) -> int:
