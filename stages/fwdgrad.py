@@ -90,6 +90,7 @@ __all__ = [
     "directions",
     "param_blocks",
     "LocalHeads",
+    "make_head",
     "Estimate",
     "forward_gradient",
     "directional_derivatives",
@@ -241,6 +242,19 @@ def param_blocks(model: nn.Module, blocks: Sequence[int] | None = None) -> list[
     return out
 
 
+def make_head(shape: Sequence[int], num_classes: int, pool: int = 2) -> nn.Module:
+    """A small auxiliary classifier for block outputs of ``shape`` (without the batch):
+    feature maps ``(C, H, W)`` are average-pooled to ``pool x pool``, flattened and mapped
+    linearly to the classes; anything else is flattened and mapped linearly (the heads of
+    DGL, Belilovsky et al. 2020, and of the local-guess forward gradient, Fournier et al.
+    2023)."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 3:
+        return nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(1),
+                             nn.Linear(shape[0] * pool * pool, num_classes))
+    return nn.Sequential(nn.Flatten(1), nn.Linear(math.prod(shape), num_classes))
+
+
 class LocalHeads(nn.Module):
     """One small auxiliary classifier per block except the last: pool + linear to the classes.
 
@@ -272,16 +286,7 @@ class LocalHeads(nn.Module):
             model.train(was)
         if num_classes is None:
             num_classes = int(shapes[-1][-1])
-        heads = []
-        for shape in shapes[:-1]:
-            if len(shape) == 3:
-                c = shape[0]
-                heads.append(
-                    nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(1), nn.Linear(c * pool * pool, num_classes))
-                )
-            else:
-                heads.append(nn.Sequential(nn.Flatten(1), nn.Linear(math.prod(shape), num_classes)))
-        self.heads = nn.ModuleList(heads)
+        self.heads = nn.ModuleList(make_head(shape, num_classes, pool) for shape in shapes[:-1])
         device = next(iter(model.parameters())).device
         self.to(device)
 
