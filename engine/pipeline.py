@@ -315,7 +315,7 @@ class Pipeline:
         messages[last] += [(("y", j), yj) for j, yj in enumerate(ys)]
         if training:
             for w in {self.schedule.worker_of(s) for s in self.labels_to}:
-                messages[w] += [(("l", j), yj) for j, (yj, _) in enumerate(ys)]
+                messages[w] += [(("l", j), yj) for j, yj in enumerate(ys)]  # (label, weight)
         try:
             results = self._backend.run_step(training, program, messages, mode)
         except PipelineError:

@@ -402,7 +402,7 @@ def _run_s(port: handlers.Port, a) -> None:
     if last:
         target, weight = port.take(("y", j))
     else:
-        label = handlers.take_label(port, s, j)
+        label = handlers.take_label(port, s, j)[0]
     out, grad_in = port.stage(s).forward(j, x, target, 1.0, label=label)
     if last:
         port.loss(j, float(out) * weight)

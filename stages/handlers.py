@@ -11,8 +11,8 @@ the pair of the activation and its tangent), ``("g", s, j)`` what comes back to 
 j (the gradient of its output; for PETRA the pair of its reconstructed output and that
 gradient), ``("d", s, j)`` scalars the last stage sends every stage (forward gradients:
 d = ∇L·v, one number per projection), ``("y", j)`` the target and loss weight of j (last
-stage), and ``("l", j)`` the label of j for earlier stages that the rule shows labels to
-(its exposure: cDNI, DGL, local-guess forward gradients).
+stage), and ``("l", j)`` the label and loss weight of j for earlier stages that the rule shows
+labels to (its exposure: cDNI, DGL, local-guess forward gradients).
 
 The generic handlers below are backprop's (F, B, I, W, U); rule-specific ones sit in the
 rule's module beside its stage class.
@@ -76,9 +76,11 @@ def label_key(port: Port, s: int, j: int) -> list:
     return [("l", j)] if s < port.num_stages - 1 and port.gets_labels(s) else []
 
 
-def take_label(port: Port, s: int, j: int):
-    """The label of ``j`` for stage ``s`` if its rule shows it one (training only)."""
-    return port.take(("l", j)) if label_key(port, s, j) else None
+def take_label(port: Port, s: int, j: int) -> tuple[Any, float]:
+    """``(label, weight)`` of ``j`` for stage ``s`` if its rule shows it one (training
+    only), else ``(None, 1.0)``: the weight is the microbatch's share n_j / N of the batch,
+    for rules whose earlier stages weigh a loss of their own (DGL's heads)."""
+    return port.take(("l", j)) if label_key(port, s, j) else (None, 1.0)
 
 
 # -- F --------------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ def _forward(port: Port, a) -> None:
     stage, last = port.stage(s), s == port.num_stages - 1
     x = port.take(("x", s, j))
     target, weight = port.take(("y", j)) if last else (None, 1.0)
-    label = None if last else take_label(port, s, j)
+    label = None if last else take_label(port, s, j)[0]
     if port.forward_only(s, j):
         out = stage.forward_only(j, x, target, weight)
     else:
