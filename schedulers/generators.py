@@ -28,6 +28,7 @@ __all__ = [
     "petra",
     "stale",
     "fwdgrad",
+    "dgl",
     "interleaved_rounds",
 ]
 
@@ -311,3 +312,27 @@ def stale(stages: int, microbatches: int, virtual: int = 1, steps: int = 1,
 
     return Schedule("stale", p, p, m, steps, 1, [row(s) for s in range(p)],
                     options={"k": k})
+
+
+def dgl(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) -> Schedule:
+    """Decoupled greedy learning (Belilovsky et al. 2020): each stage trains on the loss of
+    its own auxiliary head, so ``F`` is the forward, the local loss and its backward in one,
+    and the activation goes on detached; nothing comes back. ``U`` ends each step's
+    microbatches. No flush: a stage starts step t+1 as soon as its input arrives, since no
+    stage ever waits for a later one (fill and drain are paid once per run)::
+
+        w0 | 0F0 0F1 0U0 0F2 0F3 0U1
+        w1 |     1F0 1F1 1U0 1F2 1F3 1U1
+    """
+    _sizes(stages, microbatches, virtual, steps)
+    _one_stage_per_worker("dgl", virtual)
+    p, m = stages, microbatches
+
+    def row(s: int) -> list[Action]:
+        order: list[Action] = []
+        for t in range(steps):
+            order += [_f(s, j) for j in range(t * m, (t + 1) * m)]
+            order.append(Action(s, "U", t))
+        return order
+
+    return Schedule("dgl", p, p, m, steps, 1, [row(s) for s in range(p)])

@@ -23,9 +23,10 @@ _REGISTRY: dict[str, tuple[Callable[..., Schedule], tuple[str, ...]]] = {
     "petra": (g.petra, ("accumulate",)),
     "stale": (g.stale, ("k",)),
     "fwdgrad": (g.fwdgrad, ()),
+    "dgl": (g.dgl, ()),
 }
 # Schedules without a flush between steps: their fill and drain are paid once.
-DECOUPLED: frozenset[str] = frozenset({"dni", "petra"})
+DECOUPLED: frozenset[str] = frozenset({"dni", "petra", "dgl"})
 
 
 def names() -> list[str]:
