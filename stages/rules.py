@@ -38,7 +38,7 @@ from .errors import ConfigError
 
 __all__ = ["MethodSpec", "Message", "Exposure", "CostHooks", "register_method", "get_method",
            "method_names", "unregister_method", "option_fields", "num_classes_of",
-           "exposed", "backprop_exposure", "activation_size", "batch_size"]
+           "exposed", "backprop_exposure", "activation_size", "batch_size", "load_rules"]
 
 
 @dataclass(frozen=True)
@@ -293,6 +293,30 @@ def method_names() -> list[str]:
     _load_builtins()
     ranked = sorted(enumerate(_REGISTRY.values()), key=lambda item: (item[1].order, item[0]))
     return [spec.name for _, spec in ranked]
+
+
+def load_rules(ref: str) -> Any:
+    """Import a module that registers rules: a module name (``my_rules``) or the path of a
+    ``.py`` file (imported under its file name). Returns the module."""
+    import importlib.util
+    import sys
+
+    if ref.endswith(".py") or os.sep in ref:
+        path = os.path.abspath(ref)
+        if not os.path.isfile(path):
+            raise ConfigError(f"no rules module at {ref!r}: give a .py file or a module name")
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name in sys.modules and getattr(sys.modules[name], "__file__", None) == path:
+            return sys.modules[name]
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(ref)
+    except ImportError as err:
+        raise ConfigError(f"cannot import rules module {ref!r} ({err})") from None
 
 
 def get_method(name: str | MethodSpec) -> MethodSpec:

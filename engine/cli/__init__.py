@@ -16,6 +16,7 @@ __all__ = ["main", "UsageError", "build_parser"]
 # Subcommand modules, imported lazily so that `brigade schedule` never imports torch or ray.
 COMMANDS = [
     "brigade.engine.cli.models_cmd",
+    "brigade.engine.cli.methods_cmd",
     "brigade.engine.cli.train_cmd",
     "brigade.engine.cli.schedule_cmd",
     "brigade.engine.cli.report_cmd",
