@@ -34,10 +34,20 @@ smaller, and could be regenerated from ``(seed, t)`` at any time.
 
 BatchNorm: each microbatch's forward moves the running statistics once (a plain forward of
 the stage), and the jvps normalise with the batch statistics without moving them, as in
-the single-process estimator. Not pipelined: the local guess (its directions depend on the
-data, so they would have to be kept per microbatch; use the single-process estimator) and
-activation perturbation. Optimizer options that look at all parameters at once (the
-``clip_norm`` of ``fg_optim``) act per stage here.
+the single-process estimator. Optimizer options that look at all parameters at once (the
+``clip_norm`` of ``fg_optim``) act per stage here. Not pipelined: activation perturbation.
+
+The local guess (``guess='local'``, Fournier et al. 2023) pipelines with one unit per
+stage: ``F`` computes the stage's guess ``u``, the gradient of its own auxiliary head's loss
+(``make_head``; backprop inside the stage only, its input detached), and sends on ``(h',
+[J_h·t ; J_θ·u])``: the earlier stages' rows pushed through, plus its own row. The last
+stage's own gradient is exact (the real loss is local there); it sends back ``d``, one
+number per earlier stage (∇L along that stage's guess, times ``n_j / N``), and ``D`` adds
+``(d / |u|²) u`` to the stage's gradient: the projection of the true gradient on the
+guess. ``u`` depends on the microbatch, so a stage keeps it (parameter-sized) from F to D.
+With one microbatch a step equals ``ForwardGradient(guess='local', blocks=balance)`` (the
+heads trained alike, Adam at ``head_lr``); with several, each microbatch's estimate is its
+own guess's projection, weighted by its share.
 """
 
 from __future__ import annotations
@@ -97,11 +107,12 @@ def stage_options(
             f"{', '.join(PIPELINE_OPTIONS)}"
         )
     if choose("guess", guess, ("random", "local")) == "local":
-        raise ConfigError(
-            "guess='local' is not pipelined (its directions depend on each microbatch's data, "
-            "so stages would have to keep them); run it in one process: `brigade train "
-            "--method fwdgrad --guess local --stages 1 --backend local`"
-        )
+        from .rules import num_classes_of
+
+        # each stage is one unit, its guess its own head's gradient: nothing to resolve on
+        # the whole model but the heads' class count
+        return {"counts": (), "param_units": [], "child_params": [], "seed": int(seed),
+                "dist": dist, "guess": "local", "num_classes": num_classes_of(model, "fwdgrad")}
     if isinstance(projections, str):
         if projections.strip().lower() != "auto":
             raise ConfigError(
@@ -154,13 +165,21 @@ class ForwardGradientStage(StageBase):
         child_params: Sequence[int],
         seed: int = 0,
         dist: str = "rademacher",
+        guess: str = "random",
+        num_classes: int | None = None,
+        pool: int = 2,
+        head_lr: float = 1e-3,
     ) -> None:
         self._setup(module, spec, optimizer_factory, loss_fn, device)
+        self.guess = choose("guess", guess, ("random", "local"))
+        if self.guess == "local":
+            self._init_local(num_classes, pool, head_lr, seed)
         self.counts = tuple(int(c) for c in counts)
         self.row_start = [sum(self.counts[:u]) for u in range(len(self.counts))]
         self.rows = sum(self.counts)  # numbers in d: one per projection of every unit
         self.seed, self.dist = int(seed), choose("direction distribution", dist, DISTRIBUTIONS)
-        self.segments = self._segments(list(param_units), list(child_params))
+        self.segments = [] if self.guess == "local" else self._segments(list(param_units),
+                                                                         list(child_params))
         self.tracks_stats = _has_running_stats(self.module)
         self.t = 0  # updates taken: the key of this step's directions
         self._coef: torch.Tensor | None = None  # Σ_j (n_j/N) d_j of this step
@@ -223,6 +242,8 @@ class ForwardGradientStage(StageBase):
         h, t = x if isinstance(x, tuple) else (x, None)
         h = h.to(self.device)
         t = None if t is None else t.to(self.device)
+        if self.guess == "local":
+            return self._forward_local(mb, h, t, target, weight, label)
         if self.module.training and self.tracks_stats:
             self.module(h)  # the running statistics move once per microbatch
         for i, seg in enumerate(self.segments):
@@ -286,6 +307,9 @@ class ForwardGradientStage(StageBase):
     def accumulate(self, mb: int, d: torch.Tensor) -> None:
         """Add microbatch ``mb``'s scaled ``d`` to the step's coefficients."""
         d = torch.as_tensor(d).reshape(-1).to(self.device, torch.float32)
+        if self.guess == "local":
+            self._accumulate_local(mb, d)
+            return
         if d.numel() != self.rows:
             raise ConfigError(
                 f"stage {self.spec.index}: d of microbatch {mb} has {d.numel()} numbers, "
@@ -298,6 +322,9 @@ class ForwardGradientStage(StageBase):
     # -- U ----------------------------------------------------------------------------------
     def update(self) -> None:
         """``p.grad = mean_k c_k v_k`` for every parameter, then one optimizer step."""
+        if self.guess == "local":
+            self._update_local()
+            return
         coef = self._coef if self._coef is not None else torch.zeros(self.rows, device=self.device)
         for i, seg in enumerate(self.segments):
             if seg.unit is None:
@@ -319,12 +346,135 @@ class ForwardGradientStage(StageBase):
 
     # -- bookkeeping --------------------------------------------------------------------------
     def state_dict_extra(self) -> dict[str, Any]:
-        """The step counter (the directions' key); the seed comes with the options."""
-        return {"t": self.t}
+        """The step counter (the directions' key; the seed comes with the options); with
+        the local guess also the head and its optimizer."""
+        if self.guess != "local":
+            return {"t": self.t}
+        return {"t": self.t, "head_shape": self._head_shape,
+                "head": None if self.head is None else self.head.state_dict(),
+                "head_optimizer": None if self.head is None else self.head_optimizer.state_dict()}
 
     def load_state_dict_extra(self, state: dict[str, Any]) -> None:
         self.t = int(state["t"])
         self._coef, self._vs = None, {}
+        if state.get("head") is not None:
+            if self.head is None:
+                self._build_head(tuple(state["head_shape"]))
+            self.head.load_state_dict(state["head"])
+            self.head_optimizer.load_state_dict(state["head_optimizer"])
+
+    # -- the local guess (Fournier et al. 2023), one unit per stage ----------------------------
+    def _init_local(self, num_classes: int | None, pool: int, head_lr: float, seed: int) -> None:
+        """Each stage's guess is its own head's gradient (the last stage's: the true one)."""
+        if not self.spec.is_last and not (isinstance(num_classes, int) and num_classes > 0):
+            raise ConfigError(f"stage {self.spec.index}: the local guess needs num_classes, "
+                              f"a positive integer; got {num_classes!r}")
+        self.num_classes, self.pool, self.head_lr = num_classes, int(pool), float(head_lr)
+        self.head_loss = nn.CrossEntropyLoss()
+        self.head: nn.Module | None = None
+        self.head_optimizer: torch.optim.Optimizer | None = None
+        self._head_shape: tuple[int, ...] | None = None
+        self._guesses: dict[int, tuple[list[torch.Tensor], float]] = {}  # mb -> (u, |u|²)
+        self._grad: list[torch.Tensor] | None = None  # Σ_j (w_j d_j / |u_j|²) u_j
+
+    def _build_head(self, shape: tuple[int, ...]) -> None:
+        """The stage's auxiliary head (``make_head``), from a seed of its own; Adam at
+        ``head_lr`` trains it on its local loss, as the single-process estimator does."""
+        from .fwdgrad import make_head
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + self.spec.index + 1)
+            self.head = make_head(shape, self.num_classes, self.pool).to(self.device)
+        self._head_shape = tuple(shape)
+        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=self.head_lr)
+
+    def _forward_local(self, mb: int, h: torch.Tensor, t: torch.Tensor | None,
+                       target: torch.Tensor | None, weight: float,
+                       label: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local loss and its gradient u (input detached: backprop inside the stage only),
+        then the tangent: the earlier stages' rows pushed through, and this stage's own
+        row ``J_θ·u``. The last stage returns ``(loss, d)``: its own gradient is exact (the
+        real loss is local there), d holds ∇L along each earlier stage's guess, times
+        ``weight`` (the microbatch's share)."""
+        params = list(self.module.parameters())
+        inp = h.detach()
+        with torch.enable_grad():
+            out = self.module(inp)  # the running statistics move once, here
+            if self.spec.is_last:
+                if target is None:
+                    raise ConfigError(f"stage {self.spec.index}: last stage forward needs a target")
+                target = target.to(self.device)
+                exact = torch.autograd.grad(self.loss_fn(out, target) * weight, params,
+                                            allow_unused=True)
+            else:
+                if label is None:
+                    raise ConfigError(f"stage {self.spec.index}: the local guess needs the "
+                                      "microbatch's labels (label=...)")
+                if self.head is None:
+                    self._build_head(tuple(out.shape[1:]))
+                heads = list(self.head.parameters())
+                gs = torch.autograd.grad(self.head_loss(self.head(out), label.to(self.device)),
+                                         params + heads, allow_unused=True)
+        before = None
+        if t is not None and t.shape[0]:
+            _, before = jvp_forward(self.module, inp, t, n=t.shape[0], perturb=False)
+        out = out.detach()
+        if self.spec.is_last:
+            self._add(params, [torch.zeros_like(p) if g is None else g for g, p in zip(exact, params)])
+            loss, d = self._loss_and_d(out, before, target)
+            self._losses.append(float(loss * weight))
+            return loss * weight, d * weight
+        u = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(gs[:len(params)], params)]
+        for p, g in zip(heads, gs[len(params):]):  # the head learns its local loss
+            if g is not None:
+                p.grad = g * weight if p.grad is None else p.grad + g * weight
+        self._guesses[mb] = (u, sum(float(x.double().pow(2).sum()) for x in u))
+        self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes())
+        if params:
+            _, own = jvp_forward(self.module, inp, None, n=1, vs=[x.unsqueeze(0) for x in u])
+        else:
+            own = torch.zeros((1, *out.shape), dtype=out.dtype, device=out.device)
+        return out, own if before is None else torch.cat([before, own])
+
+    def _add(self, params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
+        if self._grad is None:
+            self._grad = [torch.zeros_like(p) for p in params]
+        for acc, g in zip(self._grad, grads):
+            acc.add_(g)
+
+    def _accumulate_local(self, mb: int, d: torch.Tensor) -> None:
+        """D: ``g += (w_j d_j / |u_j|²) u_j``, d_j the last stage's derivative along this
+        stage's guess (the last stage's gradient is already exact)."""
+        if d.numel() != self.spec.num_stages - 1:
+            raise ConfigError(f"stage {self.spec.index}: d of microbatch {mb} has {d.numel()} "
+                              f"numbers, expected {self.spec.num_stages - 1} (one per earlier stage)")
+        if self.spec.is_last:
+            return
+        u, norm2 = self._guesses.pop(mb)
+        scale = float(d[self.spec.index]) / norm2 if norm2 > 0 else 0.0
+        self._add(list(self.module.parameters()), [x * scale for x in u])
+
+    def _update_local(self) -> None:
+        """Step the stage with its accumulated estimate, and the head with its gradient."""
+        params = list(self.module.parameters())
+        grads = self._grad or [torch.zeros_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.to(p.dtype)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.head_optimizer is not None:
+            self.head_optimizer.step()
+            self.head_optimizer.zero_grad(set_to_none=True)
+        self._grad = None
+        self.t += 1
+
+    def stored_bytes(self) -> int:
+        """Bytes held for pending D actions: the local guess keeps each in-flight
+        microbatch's u (parameter-sized) until its d comes back; the random guess nothing."""
+        if self.guess != "local":
+            return 0
+        return sum(x.numel() * x.element_size() for u, _ in self._guesses.values() for x in u)
 
 
 # -- the declaration of fwdgrad (brigade.stages.rules) -----------------------------------------
@@ -374,7 +524,8 @@ def _run_f(port: handlers.Port, a) -> None:
     s, j = a.stage, a.microbatch
     x = port.take(("x", s, j))
     if s < port.num_stages - 1:
-        port.send(a, ("x", s + 1, j), port.stage(s).forward(j, x))
+        label, weight = handlers.take_label(port, s, j)  # the local guess's heads
+        port.send(a, ("x", s + 1, j), port.stage(s).forward(j, x, None, weight, label=label))
         return
     target, weight = port.take(("y", j))
     loss, d = port.stage(s).forward(j, x, target, weight)
@@ -405,9 +556,11 @@ def _d_size(shape: tuple[int, ...], options: Any) -> int | None:
 
 
 def _exposure(stage: int, stages: int, options: Any) -> Exposure:
-    """Only d = ∇L·v, a projection of the gradient on the shared directions, comes back:
-    no stage is shown dL/dh."""
-    return Exposure(inputs=stage == 0, labels=stage == stages - 1, true_gradients=False)
+    """Only d = ∇L·v, a projection of the gradient on the directions, comes back: no stage
+    is shown dL/dh. The local guess shows every stage the labels (its head's targets)."""
+    local = getattr(options, "guess", "random") == "local"
+    return Exposure(inputs=stage == 0, labels=local or stage == stages - 1,
+                    true_gradients=False)
 
 
 register_method(MethodSpec(

@@ -176,7 +176,6 @@ def test_evaluation_state_and_checkpoints():
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(guess="local"), "guess='local' is not pipelined"),
     (dict(lr=0.1), "method fwdgrad takes no option lr"),
     (dict(projections="many"), "projections must be a number"),
     (dict(projections=(1, 2), scope="block"), "2 projection counts for 4 blocks"),
@@ -216,7 +215,6 @@ def test_cli_trains_on_ray_and_writes_the_figures(ray_cluster, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--schedule", "1f1b"], "schedule '1f1b' cannot run method 'fwdgrad'; valid schedules "
                              "for fwdgrad: fwdgrad"),
-    (["--guess", "local"], "--guess local is not pipelined"),
     (["--projections", "many"], "--projections many must be a positive integer or auto"),
     (["--optimizer", "adamw"], "not a forward-gradient optimizer"),
 ])

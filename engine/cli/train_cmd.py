@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "SGD with momentum 0.9; dni/cdni: sgd; fwdgrad: adam)")
     p.add_argument("--guess", default="random", choices=["random", "local"],
                    help="fwdgrad: direction guesses, random or from local auxiliary losses "
-                        "(local: --stages 1 --backend local only)")
+                        "(each stage's own head)")
     p.add_argument("--projections", default="auto",
                    help="fwdgrad: directions per step, an integer or auto (default)")
     p.add_argument("--seed", type=int, default=0)
