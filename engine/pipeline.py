@@ -52,7 +52,7 @@ def _concatenate(base: schedulers.Schedule, steps: int, phase: int) -> list[list
 
 
 class Pipeline:
-    """A model trained by a pipeline of stages (docs/ARCHITECTURE.md: how a step flows).
+    """A model trained by a pipeline of stages (the README's "Python API" is the contract).
 
     ``stages`` is the number of workers (processes), or a balance list of block counts with
     ``workers x virtual`` entries. Interleaved schedules put ``virtual`` non-adjacent model
