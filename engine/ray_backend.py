@@ -36,6 +36,7 @@ import torch
 from brigade.schedulers import Action
 
 from .clock import measure_offset, stamp
+from .config import ClusterConfig
 from .errors import PipelineConfigError, PipelineError, StageFailedError
 from .spec import WorkerSpec, build_worker
 from .worker import StepResult
@@ -175,27 +176,22 @@ class RayBackend:
     actor calls carrying numpy arrays.
     """
 
-    def __init__(
-        self,
-        specs: list[WorkerSpec],
-        cpus_per_stage: float | None,
-        gpus_per_stage: float | None,
-        timeout_s: float,
-        transport: str = "p2p",
-        placement: str = "pack",
-        placement_timeout_s: float = 30.0,
-    ) -> None:
-        self.timeout_s = timeout_s
+    def __init__(self, specs: list[WorkerSpec], cluster: ClusterConfig | None = None) -> None:
+        """``cluster``: resources per stage, placement, transport and timeout (checked
+        when it was built)."""
+        cluster = cluster or ClusterConfig()
+        self.timeout_s = cluster.timeout_s
         self.worker_stages = [sorted(s.modules) for s in specs]
         self.actors: list[Any] = []
-        cpus, gpus = _resources(len(specs), cpus_per_stage, gpus_per_stage)
-        self.placement_group = _place(len(specs), cpus, gpus, placement, placement_timeout_s)
+        cpus, gpus = _resources(len(specs), cluster.cpus_per_stage, cluster.gpus_per_stage)
+        self.placement_group = _place(len(specs), cpus, gpus, cluster.placement,
+                                      cluster.placement_timeout_s)
         try:
             self._start_actors(specs, cpus, gpus)
             self.pids = self._get([a.connect.remote(self.actors) for a in self.actors])
             self.transport = "ray"
-            if transport != "ray" and len(self.actors) > 1:
-                self._setup_p2p(transport)
+            if cluster.transport != "ray" and len(self.actors) > 1:
+                self._setup_p2p(cluster.transport)
             self.offsets = self._clock_offsets()
         except BaseException:
             self._kill()  # also removes the placement group: nothing outlives a failed start

@@ -43,6 +43,7 @@ class WorkerSpec:
     options: dict[str, Any]  # keyword options of the method's stage class
     device: str = "cpu"
     num_threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    autocast: str | None = None  # run forward actions under torch.autocast ("bf16")
 
 
 def build_worker(spec: WorkerSpec, send: Send | None) -> Worker:
@@ -65,4 +66,4 @@ def build_worker(spec: WorkerSpec, send: Send | None) -> Worker:
         )
     return Worker(spec.index, stages, spec.worker_of, send=send,
                   conditioned=bool(options.get("conditioned")),
-                  forward_gradient=spec.method == "fwdgrad")
+                  forward_gradient=spec.method == "fwdgrad", autocast=spec.autocast)

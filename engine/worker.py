@@ -45,6 +45,12 @@ __all__ = ["Worker", "StepResult", "Send", "MODES"]
 # and as it runs, sends and receives paid as in a run, without waiting on anyone.
 MODES = ("run", "record", "replay")
 
+# Actions that run a stage's forward: under ``autocast`` they run in a torch.autocast
+# region, as a one-process model's forward would; backward follows the dtypes autograd
+# recorded (torch's advice: no backward inside the region).
+AUTOCAST_KINDS = ("F", "S")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
+
 # send(dest_worker, key, payload): hand a message (a tensor, or a tuple of tensors) on.
 Send = Callable[[int, Hashable, Any], None]
 
@@ -72,6 +78,7 @@ class Worker:
         clock: Callable[[], float] = time.perf_counter,
         conditioned: bool = False,
         forward_gradient: bool = False,
+        autocast: str | None = None,
     ) -> None:
         self.index = index
         self.stages = stages
@@ -100,6 +107,7 @@ class Worker:
         }
         if forward_gradient:  # F carries a tangent and, on the last stage, yields d
             self._handlers["F"] = self._fg_forward
+        self._autocast = _AUTOCAST_DTYPES[autocast] if autocast else None
 
     # -- the step protocol ----------------------------------------------------------------
     def begin(
@@ -200,7 +208,12 @@ class Worker:
         events = self._result.events
         mark = len(events)
         t0 = self._clock()
-        handler(action)
+        if self._autocast is not None and action.kind in AUTOCAST_KINDS:
+            stage = self.stages[action.stage]
+            with torch.autocast(torch.device(stage.device).type, dtype=self._autocast):
+                handler(action)
+        else:
+            handler(action)
         t1 = self._clock()
         # A handler's sends come last (each recorded as its own "send" span): the compute
         # span ends where the first send starts, as the simulator's lowering charges them.

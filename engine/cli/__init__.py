@@ -61,12 +61,48 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
     return (PipelineError,)
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (flags that already say it, on/off
+    switches and --help excepted)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" in text or "(default:" in text or not action.option_strings
+                or action.default is argparse.SUPPRESS or action.nargs == 0):
+            return text
+        shown = "none" if action.default is None else "%(default)s"
+        return f"{text} (default: {shown})".strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help shows defaults; subcommands inherit it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def version() -> str:
+    """brigade's installed version, with torch's and ray's (what a bug report needs)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    def of(name: str) -> str:
+        try:
+            return dist_version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"brigade {of('brigade')} (torch {of('torch')}, ray {of('ray')})"
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     """Build the top-level parser; returns it and a map from subcommand name to module."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="brigade",
         description="Pipeline-parallel training with asynchronous stages.",
     )
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules: dict[str, object] = {}
     for path in COMMANDS:

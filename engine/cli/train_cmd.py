@@ -7,138 +7,41 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
+from brigade.engine.flags import add_dataclass_flags, flag_values, load_config_file
+
 from . import output
-from . import UsageError, int_list
 
 NAME = "train"
 HELP = "Train a built-in model on a data set with a pipeline; print accuracy and idle time."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``brigade train`` (README lists them with examples)."""
-    p.add_argument("--model", default="mlp", help="built-in model (see `brigade models`)")
-    p.add_argument("--width", type=int, default=None, help="base width (channels / units)")
-    p.add_argument("--data", default="synthetic",
-                   help="synthetic | mnist | cifar10 | digits (default: synthetic)")
-    p.add_argument("--data-dir", default=None, help="folder holding the data set's files")
-    p.add_argument("--stages", type=int, default=2, help="pipeline workers (default 2)")
-    p.add_argument("--balance", default=None,
-                   help="blocks per stage, comma-separated (workers x virtual entries)")
-    p.add_argument("--balance-by", default="uniform", choices=["uniform", "params", "time"],
-                   help="how to cut the model when --balance is not given")
-    p.add_argument("--schedule", default=None,
-                   help="gpipe | 1f1b | interleaved | zb1p | dni | petra | stale | fwdgrad "
-                        "(default: the method's own)")
-    p.add_argument("--method", default="backprop",
-                   help="backprop | dni | cdni | petra | stale | fwdgrad (default backprop; "
-                        "fwdgrad pipelines forward only; with --stages 1 --backend local it "
-                        "is the single-process estimator)")
-    p.add_argument("--window", type=int, default=None,
-                   help="steps per pipelined run (default 1; 32 for dni and petra, which "
-                        "do not flush between the steps of a run)")
-    p.add_argument("--stale-k", type=int, default=None,
-                   help="stale: one backprop step every k steps (default 4)")
-    p.add_argument("--accumulate", type=int, default=None,
-                   help="petra: microbatches per update (default: --microbatches)")
-    p.add_argument("--sg-lr", type=float, default=None,
-                   help="dni/cdni: synthetic-gradient module learning rate (default 1e-3)")
-    p.add_argument("--sg-hidden-layers", type=int, default=None,
-                   help="dni/cdni: hidden layers of the synthesizer, 0-2 (default 1)")
-    p.add_argument("--update-prob", type=float, default=None,
-                   help="dni/cdni: probability that a stage updates on a microbatch")
-    p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--virtual", type=int, default=1, help="stages per worker (interleaved)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default 0.05; fwdgrad: the optimizer's measured one)")
-    p.add_argument("--optimizer", default=None,
-                   help="sgd | momentum | nesterov | adam | adamw | rmsprop (default momentum: "
-                        "SGD with momentum 0.9; dni/cdni: sgd; fwdgrad: adam)")
-    p.add_argument("--guess", default="random", choices=["random", "local"],
-                   help="fwdgrad: direction guesses, random or from local auxiliary losses "
-                        "(local: --stages 1 --backend local only)")
-    p.add_argument("--projections", default="auto",
-                   help="fwdgrad: directions per step, an integer or auto (default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="ray", choices=["ray", "local", "torchrun"],
-                   help="ray: one actor per stage (default); local: one process; "
-                        "torchrun: one rank per stage, started with torchrun")
-    p.add_argument("--address", default=None,
-                   help="join an existing Ray cluster (auto or host:port)")
-    p.add_argument("--cpus-per-stage", type=float, default=None, metavar="N",
-                   help="CPUs each stage actor reserves (default: a fair share of the cluster)")
-    p.add_argument("--gpus-per-stage", type=float, default=None, metavar="N",
-                   help="GPUs each stage actor reserves (default: 1 where the cluster has one "
-                        "per stage, else 0)")
-    p.add_argument("--placement", default="pack", metavar="STRATEGY",
-                   help="how stage actors are laid over the nodes: pack (default), spread, "
-                        "strict_pack, strict_spread")
-    p.add_argument("--placement-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="how long to wait for the cluster to place every stage (default 30)")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
-    p.add_argument("--save", default=None, metavar="PATH", help="write the trained state_dict")
-    p.add_argument("--trace", default=None, metavar="PATH",
-                   help="write the measured timeline (read it with `brigade report`)")
-    p.add_argument("--checkpoint", default=None, metavar="DIR",
-                   help="save checkpoints in DIR (atomically; at the end and every N steps)")
-    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
-                   help="steps between checkpoints (default: only at the end)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --checkpoint DIR")
-    p.add_argument("--max-restarts", type=int, default=0, metavar="K",
-                   help="when a stage fails, restart from the last checkpoint up to K times")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    """The flags of ``brigade train``: one per key of ``TrainConfig`` (nested configs and
+    every rule's options included), derived from the dataclasses; then the outputs."""
+    from brigade.engine.train import TrainConfig
 
-
-def _balance(text: str | None) -> list[int] | None:
-    return None if text is None else int_list("--balance", text, "2,3")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a TOML file whose keys are these flags' names (model = \"mlp\", "
+                        "steps = 3; sections [pipeline], [cluster], [optim] allowed), or a "
+                        "--json report to run again; flags given here override it")
+    add_dataclass_flags(p, TrainConfig)
+    out = p.add_argument_group("outputs")
+    out.add_argument("--json", default=None, metavar="PATH",
+                     help="write the figures (and the config) as JSON")
+    out.add_argument("--save", default=None, metavar="PATH", help="write the trained state_dict")
+    out.add_argument("--trace", default=None, metavar="PATH",
+                     help="write the measured timeline (read it with `brigade report`)")
+    out.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace):
-    """Turn parsed flags into a TrainConfig (its checks name the bad value)."""
+    """The TrainConfig of the defaults, overridden by ``--config FILE``, overridden by the
+    flags typed (its checks name the bad value)."""
     from brigade.engine.train import TrainConfig
 
-    return TrainConfig(
-        model=args.model, width=args.width, data=args.data, data_dir=args.data_dir,
-        stages=args.stages, balance=_balance(args.balance), balance_by=args.balance_by,
-        schedule=args.schedule, method=args.method, microbatches=args.microbatches,
-        virtual=args.virtual, batch_size=args.batch_size, epochs=args.epochs,
-        steps=args.steps, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
-        backend=args.backend, address=args.address, window=args.window,
-        cpus_per_stage=args.cpus_per_stage, gpus_per_stage=args.gpus_per_stage,
-        placement=args.placement, placement_timeout=args.placement_timeout,
-        checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, max_restarts=args.max_restarts, guess=args.guess,
-        projections=args.projections,
-        options=_method_options(args), schedule_options=_schedule_options(args),
-    )
-
-
-def _method_options(args: argparse.Namespace) -> dict:
-    """Stage-class options given on the command line (only those that were set)."""
-    pairs = {"sg_lr": args.sg_lr, "sg_hidden_layers": args.sg_hidden_layers,
-             "update_prob": args.update_prob}
-    given = {k: v for k, v in pairs.items() if v is not None}
-    if given and args.method not in ("dni", "cdni"):
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise UsageError(f"{flags} apply to --method dni or cdni, not {args.method!r}")
-    return given
-
-
-def _schedule_options(args: argparse.Namespace) -> dict:
-    """Schedule options given on the command line, checked against the method."""
-    opts = {}
-    if args.stale_k is not None:
-        if args.method != "stale":
-            raise UsageError(f"--stale-k applies to --method stale, not {args.method!r}")
-        opts["k"] = args.stale_k
-    if args.accumulate is not None:
-        if args.method != "petra":
-            raise UsageError(f"--accumulate applies to --method petra, not {args.method!r}")
-        opts["accumulate"] = args.accumulate
-    return opts
+    values = load_config_file(args.config, TrainConfig) if args.config else {}
+    values.update(flag_values(args, TrainConfig))
+    return TrainConfig(**values)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,9 +58,11 @@ def _spawn_torchrun(args: argparse.Namespace) -> int:
     import sys
 
     from brigade.engine.ray_backend import actor_env
+    from brigade.engine.train import validate
 
     cfg = config_from_args(args)  # bad flags fail here, before any process starts
-    workers = len(cfg.balance) // cfg.virtual if cfg.balance else cfg.stages
+    validate(cfg)
+    workers = cfg.pipeline.num_workers
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={workers}", "-m", "brigade.engine.launch", *args.argv[1:]]
     return subprocess.call(cmd, env={**os.environ, **actor_env()})
@@ -166,12 +71,13 @@ def _spawn_torchrun(args: argparse.Namespace) -> int:
 def run_here(args: argparse.Namespace) -> int:
     """Train in this process (the driver, or one torchrun rank); rank 0 reports."""
     from brigade.engine.torchrun_backend import is_rank0
-    from brigade.engine.train import run_training
+    from brigade.engine.train import run_training, validate
 
-    cfg = config_from_args(args)
+    cfg = validate(config_from_args(args))  # every check before any cluster or bar
     console = Console(stderr=True)
+    log = console.print if is_rank0() else None
     with output.progress_bar(console, "training", disable=args.quiet) as update:
-        report = run_training(cfg, progress=update)
+        report = run_training(cfg, progress=update, log=log)
     if not is_rank0():
         return 0
     print_report(report, Console())
@@ -198,6 +104,7 @@ def print_report(report: dict, console: Console) -> None:
     )
     console.print(
         f"test accuracy [bold]{report['final_test_accuracy']:.4f}[/]   "
+        f"test loss {report['final_test_loss']:.4f}   "
         f"throughput {report['samples_per_s']:.1f} samples/s   "
         f"train wall {report['wall_s']:.1f} s   bubble {report['bubble_fraction']:.3f}"
     )
