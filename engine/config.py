@@ -132,7 +132,8 @@ class PipelineConfig:
         "blocks per stage, comma-separated (workers x virtual entries)",
         default_help="cut by --balance-by"))
     balance_by: str = field(default="uniform", metadata=_help(
-        "how to cut the model when --balance is not given", choices=BALANCERS))
+        "how to cut the model when --balance is not given", choices=BALANCERS,
+        what="balancer"))
     schedule: str | None = field(default=None, metadata=_help(
         "gpipe | 1f1b | interleaved | zb1p | dni | petra | stale | fwdgrad",
         default_help="the method's own"))
@@ -146,7 +147,8 @@ class PipelineConfig:
         "started with torchrun", choices=BACKENDS))
     autocast: str | None = field(default=None, metadata=_help(
         "run the stages' forward under torch.autocast in this dtype (CPU and GPU); "
-        "weights stay float32", choices=AUTOCAST_DTYPES, default_help="off"))
+        "weights stay float32", choices=AUTOCAST_DTYPES, default_help="off",
+        what="autocast dtype"))
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # The method's stage-class options and the schedule's options (e.g. {"k": 4} for
     # stale): set from Python keywords, or derived by TrainConfig from the rule's flags.

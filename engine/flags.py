@@ -320,9 +320,10 @@ def check_choices(obj: Any) -> None:
             continue
         low = str(value).lower()
         if low not in choices:
+            label = f.metadata.get("what", f.name.replace("_", " "))
+            plural = f.metadata.get("plural", label + "s")
             raise PipelineConfigError(
-                f"unknown {f.name.replace('_', ' ')} {value!r} (--{_key(f).replace('_', '-')});"
-                f" valid: {', '.join(choices)}")
+                f"unknown {label} {value!r}; valid {plural}: {', '.join(choices)}")
         setattr(obj, f.name, low)
 
 

@@ -101,7 +101,8 @@ class ForwardGradientOptions:
 
     guess: str = field(default="random", metadata={
         "help": "fwdgrad: direction guesses, random or from local auxiliary losses "
-                "(local: --stages 1 --backend local only)", "choices": ("random", "local")})
+                "(local: --stages 1 --backend local only)", "choices": ("random", "local"),
+        "plural": "guesses"})
     projections: int | str = field(default="auto", metadata={
         "help": "fwdgrad: directions per step, an integer or auto"})
 

@@ -8,6 +8,7 @@ configuration errors) print one line and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import sys
 
@@ -72,6 +73,14 @@ class _DefaultsFormatter(argparse.HelpFormatter):
             return text
         shown = "none" if action.default is None else "%(default)s"
         return f"{text} (default: {shown})".strip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        """An option without help still gets its default line."""
+        if (not action.help and action.option_strings and action.nargs != 0
+                and action.default is not argparse.SUPPRESS):
+            action = copy.copy(action)
+            action.help = "(default: none)" if action.default is None else "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -61,10 +61,10 @@ def _train_args(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"train flag {err}") from None
     if unknown:
         raise UsageError(f"unknown train flags {' '.join(unknown)}; see `brigade train --help`")
-    if parsed.backend == "torchrun":
+    cfg = train_cmd.config_from_args(parsed)  # raises on a bad value, naming it
+    if cfg.pipeline.backend == "torchrun":
         raise UsageError("--backend torchrun cannot run as a Ray job; use --backend ray "
                          "(default) or local")
-    train_cmd.config_from_args(parsed)  # raises on a bad value, naming it
     return flags
 
 

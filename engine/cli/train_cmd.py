@@ -45,12 +45,13 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.backend == "torchrun":
-        return _spawn_torchrun(args)
-    return run_here(args)
+    cfg = config_from_args(args)  # bad flags and files fail here, before any process starts
+    if cfg.pipeline.backend == "torchrun":
+        return _spawn_torchrun(args, cfg)
+    return run_here(args, cfg)
 
 
-def _spawn_torchrun(args: argparse.Namespace) -> int:
+def _spawn_torchrun(args: argparse.Namespace, cfg) -> int:
     """Start ``torchrun --nproc-per-node <workers> -m brigade.engine.launch <same flags>``,
     its ranks with the malloc settings Ray stage actors get (see ``actor_env``)."""
     import os
@@ -60,7 +61,6 @@ def _spawn_torchrun(args: argparse.Namespace) -> int:
     from brigade.engine.ray_backend import actor_env
     from brigade.engine.train import validate
 
-    cfg = config_from_args(args)  # bad flags fail here, before any process starts
     validate(cfg)
     workers = cfg.pipeline.num_workers
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -68,12 +68,12 @@ def _spawn_torchrun(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env={**os.environ, **actor_env()})
 
 
-def run_here(args: argparse.Namespace) -> int:
+def run_here(args: argparse.Namespace, cfg=None) -> int:
     """Train in this process (the driver, or one torchrun rank); rank 0 reports."""
     from brigade.engine.torchrun_backend import is_rank0
     from brigade.engine.train import run_training, validate
 
-    cfg = validate(config_from_args(args))  # every check before any cluster or bar
+    cfg = validate(cfg or config_from_args(args))  # every check before any cluster or bar
     console = Console(stderr=True)
     log = console.print if is_rank0() else None
     with output.progress_bar(console, "training", disable=args.quiet) as update:
