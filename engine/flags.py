@@ -37,7 +37,7 @@ from .errors import PipelineConfigError
 
 __all__ = ["Leaf", "leaves", "accepts", "flat_init", "add_dataclass_flags", "dataclass_from_args",
            "flag_values", "load_config_file", "flat_dict", "to_toml", "check_choices",
-           "flag_of", "convert"]
+           "flag_of", "convert", "markdown_table"]
 
 
 @dataclass(frozen=True)
@@ -302,8 +302,10 @@ def convert(leaf: Leaf, value: Any, source: str) -> Any:
             if text is not None:
                 return [int(v) for v in text.split(",") if v.strip()]
         else:  # a union such as int | str, or int | list[int]: the dataclass decides
-            if text is not None and "parse" in leaf.field.metadata:
-                return leaf.field.metadata["parse"](text)
+            parse = leaf.field.metadata.get("parse")
+            if text is not None and parse is not None:
+                tp = parse
+                return parse(text)
             return value
     except ValueError:
         pass
@@ -405,6 +407,23 @@ def dataclass_from_args(cls: type, ns: argparse.Namespace, prefix: str = "",
     """An instance of ``cls`` from ``base`` keys overridden by the flags given in ``ns``."""
     values = {**(base or {}), **flag_values(ns, cls, prefix)}
     return cls(**values)
+
+
+def markdown_table(cls: type) -> str:
+    """The flags of ``cls`` as a Markdown table (flag, default, meaning), one row per key,
+    grouped by the dataclass that declares them: the README's flags table is this."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    owner = None
+    for leaf in leaves(cls).values():
+        if leaf.owner is not owner:
+            owner = leaf.owner
+            rows.append(f"| **{owner.__name__}** | | |")
+        meta = leaf.field.metadata
+        text = meta.get("help", "")
+        if leaf.choices:
+            text += f" ({' / '.join(leaf.choices)})"
+        rows.append(f"| `{leaf.flag}` | {_shown(leaf)} | {text.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
 
 
 # -- files ---------------------------------------------------------------------------------

@@ -225,3 +225,13 @@ def test_every_help_shows_the_defaults():
     assert checked > 80
     train = next(p for p in _parsers(parser) if p.prog.endswith("train"))
     assert "--lr-schedule {constant,cosine,step}" in train.format_help()
+
+
+def test_the_readme_flags_table_is_the_generated_one():
+    from pathlib import Path
+
+    from brigade.engine.flags import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("<!-- flags table: generated -->\n", 1)[1].split("<!-- end", 1)[0]
+    assert table == markdown_table(TrainConfig)
