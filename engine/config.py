@@ -10,8 +10,7 @@ from .errors import PipelineConfigError
 from .flags import check_choices, flag_of, flat_init
 
 __all__ = ["PipelineConfig", "ClusterConfig", "BACKENDS", "METHOD_SCHEDULES", "PLACEMENTS",
-           "TRANSPORTS", "BALANCERS", "AUTOCAST_DTYPES", "check_method_schedule",
-           "check_placement"]
+           "TRANSPORTS", "BALANCERS", "AUTOCAST_DTYPES", "check_method_schedule"]
 
 BACKENDS = ("ray", "local", "torchrun")
 BALANCERS = ("uniform", "params", "time")
@@ -30,15 +29,6 @@ TRANSPORTS = ("p2p", "gloo", "ray")
 
 # How the Ray backend lays the stage actors' bundles over the nodes (placement strategies).
 PLACEMENTS = ("pack", "spread", "strict_pack", "strict_spread")
-
-
-def check_placement(value: str) -> str:
-    """The placement strategy in canonical (lower-case) spelling, or an error listing them."""
-    placement = str(value).lower()
-    if placement not in PLACEMENTS:
-        raise PipelineConfigError(
-            f"unknown placement {value!r}; valid placements: {', '.join(PLACEMENTS)}")
-    return placement
 
 
 # Which schedules each learning rule can run under (the first is the default).
@@ -101,8 +91,7 @@ class ClusterConfig:
         metavar="SECONDS"))
 
     def __post_init__(self) -> None:
-        self.placement = check_placement(self.placement)
-        check_choices(self)
+        check_choices(self)  # placement, transport
         for name in ("cpus_per_stage", "gpus_per_stage"):
             value = getattr(self, name)
             if value is not None and not (_number(value) and value >= 0

@@ -165,8 +165,7 @@ def flat_init(cls: type) -> type:
             raise AttributeError(f"{cls.__name__!r} object has no attribute {name!r}")
         obj: Any = self
         for part in leaf.path[:-1]:
-            obj = obj.__dict__[part] if hasattr(obj, "__dict__") and part in obj.__dict__ \
-                else getattr(obj, part)
+            obj = getattr(obj, part)
         if isinstance(obj, dict):
             if leaf.path[-1] not in obj:
                 raise AttributeError(f"{name!r} is not set (the method has no such option)")

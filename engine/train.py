@@ -145,11 +145,6 @@ class TrainConfig:
         return (p.method == "fwdgrad" and p.stages == 1 and not p.balance
                 and p.backend == "local")
 
-    @property
-    def total_steps(self) -> int | None:
-        """Steps of the run when ``--steps`` says so (else known once the data is)."""
-        return self.steps
-
     def _check_forward_gradient(self) -> None:
         """fwdgrad's own flags: its optimizer, guess and schedule; the single-process
         estimator does not checkpoint."""
