@@ -26,6 +26,7 @@ from .costs import Costs
 from .deps import Dependencies
 from .errors import ScheduleError
 from .generators import interleaved_rounds
+from .kinds import ActionKind, Need, kind_of, register_action_kind, unregister_action_kind
 from .lowering import lower, unlower
 from .plot import plot_gantt
 from .registry import DECOUPLED, build, names, options_of
@@ -40,6 +41,8 @@ __all__ = [
     # actions
     "Action", "parse_actions", "KINDS", "COMPUTE_KINDS", "COMM_KINDS", "FORWARD_KINDS",
     "BACKWARD_KINDS", "KIND_NAMES",
+    # the table of kinds
+    "ActionKind", "Need", "kind_of", "register_action_kind", "unregister_action_kind",
     # schedules
     "Schedule", "build", "names", "options_of", "DECOUPLED", "interleaved_rounds",
     "validate", "Dependencies", "lower", "unlower",

@@ -4,7 +4,7 @@ Per-stage fields take a scalar (every stage the same) or a list with one value p
 Backward: give ``b`` alone (then ``i = w = b/2``), or ``i`` and ``w`` (then ``b = i + w``);
 with none of them, ``b = 2f`` (the usual rule of thumb) and ``i = w = f``.
 
-Durations the simulator charges::
+Durations the simulator charges (each kind's ``cost`` fields in :mod:`.kinds`, summed)::
 
     F  f          B  b          I  i          W  w          U  u
     S  f + b + u  (DNI: forward, backward from the synthetic gradient, update)
@@ -37,11 +37,13 @@ from typing import Any, Sequence
 
 from .errors import ScheduleError
 
-__all__ = ["Costs", "PER_STAGE"]
+__all__ = ["Costs", "PER_STAGE", "LINKED_FIELDS"]
 
 PerStage = float | Sequence[float]
 # Fields that take one value per stage.
 PER_STAGE = ("f", "b", "i", "w", "u", "sg", "r", "activation_bytes")
+# Fields derived from each other (b = i + w): a field given or zeroed settles the others.
+LINKED_FIELDS = {"b": ("b", "i", "w"), "i": ("b", "i", "w"), "w": ("b", "i", "w")}
 _SCALARS = ("latency", "bandwidth", "microbatch_size")
 _KEYS = PER_STAGE + _SCALARS + ("stores_activations",)
 

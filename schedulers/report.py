@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from rich.table import Table
 
+from .kinds import kinds
 from .plot import plot_gantt
 from .timeline import Timeline
 from .trace import write_chrome_trace
@@ -129,13 +130,14 @@ def _timeline_text(tl: Timeline, width: int) -> str:
     dt = span / width
     rows = []
     label = len(f"w{tl.num_workers - 1}")
+    glyphs = {k.category: k.glyph for k in kinds() if not k.is_compute}  # > send, < receive
     for w in range(tl.num_workers):
         cover = [0.0] * width
         chars = ["."] * width
         for e in tl.events:
             if e.worker != w or e.category == "wait":
                 continue
-            char = {"send": ">", "recv": "<"}.get(e.category, e.kind[0])
+            char = glyphs.get(e.category, e.kind[0])
             first = max(0, int((e.start - t0) / dt))
             last = min(width - 1, int((e.end - t0) / dt))
             for c in range(first, last + 1):

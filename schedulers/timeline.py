@@ -8,9 +8,9 @@ the first compute start to the last compute end:
 - ``bubble_fraction`` = total idle / (workers x makespan) = 1 - ideal / makespan;
 - ``throughput`` = samples / makespan;
 - ``peak_activations(s)``: the most microbatches whose activations stage s holds at once.
-  A microbatch is held from the start of its forward (F, or DNI's S) to the end of the
-  last backward that needs them (B, I, W or R; for S, and for a forward-only F, the
-  forward itself). Stages with ``meta["stores_activations"][s]`` false hold nothing.
+  A microbatch is held from the start of its forward (a forward kind: F, or DNI's S) to
+  the end of the last action that frees them (B, I, W or R: the kinds' ``frees``; for S,
+  and for a forward-only F, the forward itself). Stages with ``meta["stores_activations"][s]`` false hold nothing.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import ScheduleError
+from .kinds import FORWARD_KINDS, FREEING_KINDS
 
 __all__ = ["Event", "Timeline", "CATEGORIES"]
 
 CATEGORIES = ("compute", "wait", "send", "recv")
-_FORWARD = ("F", "S")
-_RELEASE = ("B", "I", "W", "R")
 
 
 @dataclass(frozen=True)
@@ -245,10 +244,10 @@ def _held_intervals(events: list[Event], stage: int) -> list[tuple[float, float]
     for e in events:
         if e.stage != stage:
             continue
-        if e.kind in _FORWARD:
+        if e.kind in FORWARD_KINDS:
             starts[e.microbatch] = e.start
             fwd_end[e.microbatch] = e.end
-        elif e.kind in _RELEASE:
+        elif e.kind in FREEING_KINDS:
             release[e.microbatch] = max(release[e.microbatch], e.end)
     return [(t, max(fwd_end[j], release[j])) for j, t in starts.items()]
 
