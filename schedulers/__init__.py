@@ -29,7 +29,8 @@ from .generators import interleaved_rounds
 from .kinds import ActionKind, Need, kind_of, register_action_kind, unregister_action_kind
 from .lowering import lower, unlower
 from .plot import plot_gantt
-from .registry import DECOUPLED, build, names, options_of
+from .registry import (DECOUPLED, ScheduleSpec, build, names, options_of, register_schedule,
+                       schedule_spec, specs)
 from .report import compare_table, grid_text, side_by_side, summary_table
 from .schedule import Schedule
 from .simulate import simulate
@@ -44,7 +45,8 @@ __all__ = [
     # the table of kinds
     "ActionKind", "Need", "kind_of", "register_action_kind", "unregister_action_kind",
     # schedules
-    "Schedule", "build", "names", "options_of", "DECOUPLED", "interleaved_rounds",
+    "Schedule", "build", "names", "options_of", "DECOUPLED", "ScheduleSpec",
+    "register_schedule", "schedule_spec", "specs", "interleaved_rounds",
     "validate", "Dependencies", "lower", "unlower",
     # simulation
     "Costs", "simulate", "Timeline", "Event", "CATEGORIES",
