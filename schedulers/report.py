@@ -1,7 +1,8 @@
 """Reports: rich tables comparing schedules, measured beside simulated, and text grids.
 
 ``compare_table`` is what ``brigade schedule compare`` prints; ``side_by_side`` is what
-``brigade report`` prints for a recorded run and its prediction. The Gantt picture and the
+``brigade report`` prints for a recorded run and its prediction. rich is imported when a
+table is made, so that importing :mod:`brigade.schedulers` pulls no rendering library. The Gantt picture and the
 trace file live in :mod:`.plot` and :mod:`.trace` and are re-exported here.
 """
 
@@ -9,14 +10,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
-from rich.table import Table
-
 from .kinds import kinds
 from .plot import plot_gantt
 from .timeline import Timeline
 from .trace import write_chrome_trace
 
 if TYPE_CHECKING:  # pragma: no cover
+    from rich.table import Table
+
     from .schedule import Schedule
 
 __all__ = [
@@ -47,6 +48,8 @@ def _rate(tl: Timeline) -> str:
 def compare_table(timelines: Mapping[str, Timeline], title: str | None = None) -> Table:
     """One row per schedule: bubble, idle fraction per worker, makespan, throughput, peak
     in-flight activations per stage."""
+    from rich.table import Table
+
     workers = max((t.num_workers for t in timelines.values()), default=0)
     table = Table(title=title, title_justify="left")
     table.add_column("schedule", style="bold", no_wrap=True)
@@ -69,6 +72,8 @@ def compare_table(timelines: Mapping[str, Timeline], title: str | None = None) -
 
 def summary_table(timeline: Timeline, title: str | None = None) -> Table:
     """Per worker: busy, idle, idle fraction, peak activations of its stages; then totals."""
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for col, just in (("worker", "left"), ("busy", "right"), ("idle", "right"),
                       ("idle fraction", "right"), ("peak act. (its stages)", "right")):
@@ -89,6 +94,8 @@ def summary_table(timeline: Timeline, title: str | None = None) -> Table:
 def side_by_side(measured: Timeline, simulated: Timeline, title: str | None = None) -> Table:
     """Measured beside simulated: per worker busy, idle and idle fraction; then bubble,
     makespan and throughput. Differences point at the cost model or the transport."""
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     table.add_column("", style="bold")
     for col in ("busy", "idle", "idle fraction"):
