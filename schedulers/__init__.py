@@ -35,7 +35,7 @@ from .report import compare_table, grid_text, side_by_side, summary_table
 from .schedule import Schedule
 from .simulate import simulate
 from .timeline import CATEGORIES, Event, Timeline
-from .trace import chrome_trace, write_chrome_trace
+from .trace import chrome_trace, read_chrome_trace, write_chrome_trace
 from .validate import validate
 
 __all__ = [
@@ -53,7 +53,7 @@ __all__ = [
     "costs_from_timeline", "predict", "predict_from_profile", "schedule_of",
     # reports
     "compare_table", "side_by_side", "summary_table", "grid_text", "plot_gantt",
-    "write_chrome_trace", "chrome_trace",
+    "write_chrome_trace", "chrome_trace", "read_chrome_trace",
     # errors
     "ScheduleError",
 ]

@@ -199,10 +199,19 @@ class Timeline:
 
     @classmethod
     def from_json(cls, source: Mapping[str, Any] | str | Path) -> "Timeline":
-        """Read what :meth:`to_json` wrote: a dict, JSON text, or a file path."""
+        """Read what :meth:`to_json` wrote, or a Chrome trace of one timeline that
+        :func:`~.trace.write_chrome_trace` wrote (``brigade train --trace``): a dict, JSON
+        text, or a file path."""
         from .schedule import _load_json
+        from .trace import is_chrome_trace, read_chrome_trace
 
         data = _load_json(source)
+        if is_chrome_trace(data):
+            found = read_chrome_trace(data)
+            if len(found) != 1:
+                raise ScheduleError(f"this trace holds {len(found)} timelines "
+                                    f"({', '.join(found)}); read them with read_chrome_trace")
+            return next(iter(found.values()))
         try:
             return cls(events=data["events"], num_workers=data["num_workers"],
                        samples=data.get("samples", 0.0), meta=data.get("meta", {}))
@@ -220,7 +229,8 @@ class Timeline:
                 "name": name, "cat": e.category, "ph": "X",
                 "ts": (e.start - t0) * 1e6, "dur": e.duration * 1e6,
                 "pid": pid, "tid": e.worker,
-                "args": {"stage": e.stage, "kind": e.kind, "microbatch": e.microbatch},
+                "args": {"stage": e.stage, "kind": e.kind, "microbatch": e.microbatch,
+                         "category": e.category},
             })
         return out
 

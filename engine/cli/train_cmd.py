@@ -80,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
     p.add_argument("--save", default=None, metavar="PATH", help="write the trained state_dict")
     p.add_argument("--trace", default=None, metavar="PATH",
-                   help="write the measured timeline (read it with `brigade report`)")
+                   help="write the measured timeline as a Chrome trace (open it in "
+                        "ui.perfetto.dev; `brigade report PATH` reads it)")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="save checkpoints in DIR (atomically; at the end and every N steps)")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
@@ -167,6 +168,7 @@ def run_here(args: argparse.Namespace) -> int:
     """Train in this process (the driver, or one torchrun rank); rank 0 reports."""
     from brigade.engine.torchrun_backend import is_rank0
     from brigade.engine.train import run_training
+    from brigade.schedulers import write_chrome_trace
 
     cfg = config_from_args(args)
     console = Console(stderr=True)
@@ -182,7 +184,7 @@ def run_here(args: argparse.Namespace) -> int:
             console.print("[yellow]--trace: a single-process run has no pipeline timeline; "
                           "nothing written[/]")
         else:
-            output.write_json(args.trace, report["timeline"].to_json())
+            write_chrome_trace(report["timeline"], args.trace)  # opens in Perfetto
     if args.json:
         output.write_json(args.json, output.json_figures(report))
     return 0
