@@ -6,7 +6,8 @@ the first compute start to the last compute end:
 
 - ``busy(w)``: time worker w spends inside compute events; ``idle(w) = makespan - busy(w)``;
 - ``bubble_fraction`` = total idle / (workers x makespan) = 1 - ideal / makespan;
-- ``throughput`` = samples / makespan;
+- ``throughput`` = samples / makespan = (1 - bubble) / work per sample (compute time per
+  sample per worker);
 - ``peak_activations(s)``: the most microbatches whose activations stage s holds at once.
   A microbatch is held from the start of its forward (a forward kind: F, or DNI's S) to
   the end of the last action that frees them (B, I, W or R: the kinds' ``frees``; for S,
@@ -147,6 +148,16 @@ class Timeline:
         """Samples per unit of time over the window."""
         span = self.makespan
         return self.samples / span if span > 0 else 0.0
+
+    @property
+    def work_per_sample(self) -> float:
+        """Compute time per sample per worker: total busy / (samples x workers). With the
+        bubble it gives the throughput: ``throughput = (1 - bubble) / work_per_sample``, so
+        a schedule whose actions cost more is slower at the same bubble."""
+        if self.samples <= 0:
+            return 0.0
+        busy = sum(self.busy(w) for w in range(self.num_workers))
+        return busy / (self.samples * self.num_workers)
 
     # -- memory -----------------------------------------------------------------------------
     def peak_activations(self, stage: int) -> int:

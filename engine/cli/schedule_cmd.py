@@ -142,6 +142,7 @@ def compare_figures(args: argparse.Namespace, costs: Any, runs: dict[str, Any]) 
         s = tl.summary()
         figures[name] = {k: s[k] for k in ("bubble_fraction", "idle_fraction", "makespan",
                                            "throughput", "peak_activations", "busy", "idle")}
+        figures[name]["work_per_sample"] = tl.work_per_sample
     return {
         "stages": args.stages,
         "microbatches": args.microbatches,
@@ -260,7 +261,10 @@ def _print_show(console: Any, args: argparse.Namespace, runs: dict, title: str,
 
 def _print_compare(console: Any, args: argparse.Namespace, runs: dict, title: str,
                    width: int) -> None:
-    """One row per schedule."""
-    from brigade.schedulers import compare_table
+    """One row per schedule, then what the columns measure and why a small bubble can
+    still be slow."""
+    from brigade.schedulers.report import compare_notes, compare_table
 
     console.print(compare_table({n: tl for n, (_, tl) in runs.items()}, title=title))
+    for line in compare_notes(runs):
+        console.print(line, markup=False, highlight=False)
