@@ -183,7 +183,11 @@ def _message_edges(tl: Timeline) -> list[tuple[Event, Event]]:
                 or kind_of(e.kind).index != "microbatch" or not 0 <= e.stage < schedule.num_stages:
             continue
         local = e.microbatch % m
-        for dep in deps.of(_action(e.stage, e.kind, local)):
+        try:
+            needs = deps.of(_action(e.stage, e.kind, local))
+        except ScheduleError:  # an action its rebuilt schedule cannot place: no flow
+            continue
+        for dep in needs:
             if deps._valid(dep) and deps.crosses(dep, _action(e.stage, e.kind, local)):
                 consumers[(dep.stage, dep.kind, dep.microbatch + e.microbatch - local)].append(e)
     edges = []

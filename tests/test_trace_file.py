@@ -53,3 +53,16 @@ def test_dni_trace_has_flows_both_ways(tmp_path):
     # h goes on to the next stage's S; the gradient it returns trains the previous one's T
     assert links == {(0, 1, "S"), (1, 2, "S"), (1, 0, "T"), (2, 1, "T")}
     assert counts["flows"] == 2 * 2 * 2 * 2  # 2 links x 2 ways x 4 microbatches
+
+
+def test_report_reads_its_own_chrome_trace_of_measured_and_simulated(tmp_path, capsys):
+    trace, both = tmp_path / "t.json", tmp_path / "both.json"
+    assert main(["train", *SMALL, "--stages", "2", "--steps", "2", "--trace", str(trace)]) == 0
+    assert main(["report", str(trace), "--no-plot", "--chrome-trace", str(both)]) == 0
+    data = json.loads(both.read_text())
+    check_chrome_trace(data, workers=2)
+    names = [t["name"] for t in data["otherData"]["brigade"]["timelines"]]
+    assert names == ["measured", "simulated"]
+    capsys.readouterr()
+    assert main(["report", str(both), "--no-plot"]) == 0  # picks the measured one
+    assert "measured vs simulated" in capsys.readouterr().out

@@ -31,6 +31,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
 
 
+def _measured_timeline(path: str):
+    """The timeline in ``path``: brigade's timeline JSON, or a Chrome trace of one timeline,
+    or of several of which one is measured (what ``--chrome-trace`` writes)."""
+    import json
+
+    from brigade.schedulers import Timeline, read_chrome_trace
+    from brigade.schedulers.trace import is_chrome_trace
+
+    data = json.loads(Path(path).read_text())
+    if not is_chrome_trace(data):
+        return Timeline.from_json(data)
+    found = list(read_chrome_trace(data).values())
+    measured = [t for t in found if t.meta.get("source") == "measured"]
+    if len(found) == 1 or len(measured) != 1:
+        if not found:
+            raise ValueError("the trace holds no timeline")
+        return found[0]  # one timeline, or several without one measured: _load says so
+    return measured[0]
+
+
 def _load(path: str):
     from brigade.schedulers import Timeline
 
@@ -38,7 +58,7 @@ def _load(path: str):
         raise UsageError(f"trace {path!r} does not exist; write one with "
                          "`brigade train ... --trace PATH`")
     try:
-        tl = Timeline.from_json(path)
+        tl = _measured_timeline(path)
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"{path!r} is not a brigade timeline ({err}); write one with "
                          "`brigade train ... --trace PATH`") from None
