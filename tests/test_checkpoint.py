@@ -15,6 +15,7 @@ import torch
 from brigade.engine.checkpoint import (Checkpoint, CheckpointError, latest_checkpoint,
                                        load_checkpoint, save_checkpoint)
 from brigade.engine.cli import main
+from brigade.schedulers import Timeline
 
 from _procs import descendants, with_cmdline
 
@@ -80,7 +81,7 @@ def test_stop_and_resume_ends_with_the_same_weights(tmp_path, schedule):
                         "--save", str(resumed), "--trace", str(trace)]) == 0
     # the resumed run ran only the 5 steps after the checkpoint (a run that ignored the
     # checkpoint would run all 9 from the same seed and end with the same weights)
-    assert json.loads(trace.read_text())["meta"]["steps"] == 5
+    assert Timeline.from_json(trace).meta["steps"] == 5
     a, b = torch.load(full, weights_only=True), torch.load(resumed, weights_only=True)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)

@@ -14,7 +14,8 @@ import sys
 
 __all__ = ["main", "UsageError", "build_parser"]
 
-# Subcommand modules, imported lazily so that `brigade schedule` never imports torch or ray.
+# Subcommand modules, imported lazily so that `brigade schedule` never imports torch or ray:
+# a named command imports its own module only (``<name>_cmd``); help imports them all.
 COMMANDS = [
     "brigade.engine.cli.models_cmd",
     "brigade.engine.cli.train_cmd",
@@ -105,8 +106,16 @@ def version() -> str:
     return f"brigade {of('brigade')} (torch {of('torch')}, ray {of('ray')})"
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
-    """Build the top-level parser; returns it and a map from subcommand name to module."""
+def _name_of(path: str) -> str:
+    """The subcommand a module path declares by convention: ``..._cmd`` -> its stem."""
+    stem = path.rsplit(".", 1)[-1]
+    return stem[: -len("_cmd")] if stem.endswith("_cmd") else stem
+
+
+def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    """Build the top-level parser; returns it and a map from subcommand name to module.
+    ``only``: import and add that subcommand alone (when it is one of ``COMMANDS``), so
+    running one command does not import the others' dependencies."""
     parser = _Parser(
         prog="brigade",
         description="Pipeline-parallel training with asynchronous stages.",
@@ -114,7 +123,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules: dict[str, object] = {}
-    for path in COMMANDS:
+    paths = [p for p in COMMANDS if _name_of(p) == only] or COMMANDS
+    for path in paths:
         mod = importlib.import_module(path)
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
@@ -124,9 +134,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``brigade`` console script."""
-    parser, modules = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that re-launch
+    given = list(sys.argv[1:] if argv is None else argv)
+    parser, modules = build_parser(only=given[0] if given else None)
+    args = parser.parse_args(given)
+    args.argv = given  # for commands that re-launch
     if args.command is None:
         parser.print_help()
         return 2

@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="write the figures (and the config) as JSON")
     out.add_argument("--save", default=None, metavar="PATH", help="write the trained state_dict")
     out.add_argument("--trace", default=None, metavar="PATH",
-                     help="write the measured timeline (read it with `brigade report`)")
+                     help="write the measured timeline as a Chrome trace (open it in "
+                          "ui.perfetto.dev; `brigade report PATH` reads it)")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -72,6 +73,7 @@ def run_here(args: argparse.Namespace, cfg=None) -> int:
     """Train in this process (the driver, or one torchrun rank); rank 0 reports."""
     from brigade.engine.torchrun_backend import is_rank0
     from brigade.engine.train import run_training, validate
+    from brigade.schedulers import write_chrome_trace
 
     cfg = validate(cfg or config_from_args(args))  # every check before any cluster or bar
     console = Console(stderr=True)
@@ -88,7 +90,7 @@ def run_here(args: argparse.Namespace, cfg=None) -> int:
             console.print("[yellow]--trace: a single-process run has no pipeline timeline; "
                           "nothing written[/]")
         else:
-            output.write_json(args.trace, report["timeline"].to_json())
+            write_chrome_trace(report["timeline"], args.trace)  # opens in Perfetto
     if args.json:
         output.write_json(args.json, output.json_figures(report))
     return 0
