@@ -27,8 +27,22 @@ def _positive_int(flag: str, value: int | None) -> None:
         raise PipelineConfigError(f"{flag} {value!r} must be an integer >= 1")
 
 
+class _RuleOptions:
+    """What a rule's options object answers when the rule has nothing to say: no stage or
+    schedule keywords, one optimizer step per training step. Subclasses override the rest."""
+
+    def stage_options(self) -> dict:
+        return {}
+
+    def schedule_options(self) -> dict:
+        return {}
+
+    def updates_per_step(self, microbatches: int) -> float:
+        return 1.0
+
+
 @dataclass
-class DNIOptions:
+class DNIOptions(_RuleOptions):
     """dni / cdni: the synthetic-gradient module and how often a stage updates."""
 
     sg_lr: float | None = field(default=None, metadata={
@@ -48,15 +62,12 @@ class DNIOptions:
     def stage_options(self) -> dict:
         return {k: v for k, v in vars(self).items() if v is not None}
 
-    def schedule_options(self) -> dict:
-        return {}
-
     def updates_per_step(self, microbatches: int) -> float:
         return float(microbatches)  # each microbatch is its own update
 
 
 @dataclass
-class StaleOptions:
+class StaleOptions(_RuleOptions):
     """stale: how many steps share one backpropagated gradient."""
 
     stale_k: int | None = field(default=None, metadata={
@@ -65,18 +76,12 @@ class StaleOptions:
     def __post_init__(self) -> None:
         _positive_int("--stale-k", self.stale_k)
 
-    def stage_options(self) -> dict:
-        return {}
-
     def schedule_options(self) -> dict:
         return {} if self.stale_k is None else {"k": self.stale_k}
 
-    def updates_per_step(self, microbatches: int) -> float:
-        return 1.0
-
 
 @dataclass
-class PetraOptions:
+class PetraOptions(_RuleOptions):
     """petra: microbatches accumulated per update."""
 
     accumulate: int | None = field(default=None, metadata={
@@ -84,9 +89,6 @@ class PetraOptions:
 
     def __post_init__(self) -> None:
         _positive_int("--accumulate", self.accumulate)
-
-    def stage_options(self) -> dict:
-        return {}
 
     def schedule_options(self) -> dict:
         return {} if self.accumulate is None else {"accumulate": self.accumulate}
@@ -96,7 +98,7 @@ class PetraOptions:
 
 
 @dataclass
-class ForwardGradientOptions:
+class ForwardGradientOptions(_RuleOptions):
     """fwdgrad: where direction guesses come from and how many per step."""
 
     guess: str = field(default="random", metadata={
@@ -121,12 +123,6 @@ class ForwardGradientOptions:
 
     def stage_options(self) -> dict:
         return {"guess": self.guess, "projections": self.projections}
-
-    def schedule_options(self) -> dict:
-        return {}
-
-    def updates_per_step(self, microbatches: int) -> float:
-        return 1.0
 
 
 _BY_METHOD: dict[str, type] = {

@@ -29,7 +29,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 
-from brigade.schedulers import Action
+from brigade.schedulers import FORWARD_KINDS, Action
 
 from .errors import PipelineError
 from .mailbox import Mailbox
@@ -45,10 +45,9 @@ __all__ = ["Worker", "StepResult", "Send", "MODES"]
 # and as it runs, sends and receives paid as in a run, without waiting on anyone.
 MODES = ("run", "record", "replay")
 
-# Actions that run a stage's forward: under ``autocast`` they run in a torch.autocast
-# region, as a one-process model's forward would; backward follows the dtypes autograd
-# recorded (torch's advice: no backward inside the region).
-AUTOCAST_KINDS = ("F", "S")
+# Under ``autocast`` the forward kinds (the kinds table's FORWARD_KINDS: F, DNI's S) run in
+# a torch.autocast region, as a one-process model's forward would; backward follows the
+# dtypes autograd recorded (torch's advice: no backward inside the region).
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 
 # send(dest_worker, key, payload): hand a message (a tensor, or a tuple of tensors) on.
@@ -208,7 +207,7 @@ class Worker:
         events = self._result.events
         mark = len(events)
         t0 = self._clock()
-        if self._autocast is not None and action.kind in AUTOCAST_KINDS:
+        if self._autocast is not None and action.kind in FORWARD_KINDS:
             stage = self.stages[action.stage]
             with torch.autocast(torch.device(stage.device).type, dtype=self._autocast):
                 handler(action)

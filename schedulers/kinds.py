@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import ScheduleError
+from .live import LiveSet
 
 __all__ = [
     "ActionKind",
@@ -188,36 +189,6 @@ def message_kinds(forward: bool) -> tuple[str, str]:
     return found["send"], found["recv"]
 
 
-class _KindSet(Set):
-    """A live, read-only set of the codes whose record satisfies a predicate."""
-
-    def __init__(self, keep: Callable[[ActionKind], bool]) -> None:
-        self._keep = keep
-
-    def _codes(self) -> list[str]:
-        return [c for c, k in _TABLE.items() if self._keep(k)]
-
-    def __contains__(self, code: object) -> bool:
-        kind = _TABLE.get(code) if isinstance(code, str) else None
-        return kind is not None and self._keep(kind)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._codes())
-
-    def __len__(self) -> int:
-        return len(self._codes())
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self._codes()))
-
-    @classmethod
-    def _from_iterable(cls, it):  # set operations give plain frozensets
-        return frozenset(it)
-
-    def __repr__(self) -> str:
-        return "{" + ", ".join(map(repr, sorted(self._codes()))) + "}"
-
-
 class _Names(Mapping):
     """A live ``code -> label`` mapping of the table."""
 
@@ -233,12 +204,17 @@ class _Names(Mapping):
         return len(_TABLE)
 
 
-KINDS: Set = _KindSet(lambda k: True)
-COMPUTE_KINDS: Set = _KindSet(lambda k: k.is_compute)
-COMM_KINDS: Set = _KindSet(lambda k: not k.is_compute)
-FORWARD_KINDS: Set = _KindSet(lambda k: k.forward)
-BACKWARD_KINDS: Set = _KindSet(lambda k: k.backward)
-FREEING_KINDS: Set = _KindSet(lambda k: k.frees)
+def _kinds(keep: Callable[[ActionKind], bool]) -> Set:
+    """The codes of the kinds ``keep`` accepts, live (a kind registered later is in it)."""
+    return LiveSet(lambda: _TABLE, keep)
+
+
+KINDS: Set = _kinds(lambda k: True)
+COMPUTE_KINDS: Set = _kinds(lambda k: k.is_compute)
+COMM_KINDS: Set = _kinds(lambda k: not k.is_compute)
+FORWARD_KINDS: Set = _kinds(lambda k: k.forward)
+BACKWARD_KINDS: Set = _kinds(lambda k: k.backward)
+FREEING_KINDS: Set = _kinds(lambda k: k.frees)
 KIND_NAMES: Mapping = _Names()
 
 

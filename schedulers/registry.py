@@ -18,11 +18,12 @@ the learning rule's declaration, which names the schedules it runs under.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Set
+from collections.abc import Set
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import ScheduleError
+from .live import LiveSet
 from .schedule import Schedule
 
 __all__ = ["ScheduleSpec", "register_schedule", "unregister_schedule", "schedule_spec", "specs", "build", "names",
@@ -132,35 +133,8 @@ def options_of(name: str) -> tuple[str, ...]:
     return schedule_spec(name).options
 
 
-class _Decoupled(Set):
-    """The names of the schedules without a flush between steps (live: a schedule
-    registered later is in it)."""
-
-    def _names(self) -> list[str]:
-        return [s.name for s in _table().values() if s.decoupled]
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.strip().lower() in self._names()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self._names()))
-
-    @classmethod
-    def _from_iterable(cls, it):
-        return frozenset(it)
-
-    def __repr__(self) -> str:
-        return "{" + ", ".join(map(repr, self._names())) + "}"
-
-
 # Schedules without a flush between steps: their fill and drain are paid once.
-DECOUPLED: Set = _Decoupled()
+DECOUPLED: Set = LiveSet(_table, lambda spec: spec.decoupled, key=lambda n: n.strip().lower())
 
 
 def build(name: str, stages: int, microbatches: int, virtual: int = 1, steps: int = 1,

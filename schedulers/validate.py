@@ -108,19 +108,28 @@ def check_coverage(schedule: "Schedule", deps: Dependencies) -> None:
 def _forwards(schedule, deps, s, kinds, everything) -> None:
     """Stage s runs exactly one forward (F, DNI's S, ...) of every microbatch."""
     forwards = sorted(FORWARD_KINDS)
-    for x, k1 in enumerate(forwards):
-        for k2 in forwards[x + 1:]:
-            both = kinds[k1] & kinds[k2]
-            if both:
-                j = min(both)
-                _fail(schedule, f"stage {s} runs microbatch {j} forward twice ({s}{k1}{j} and "
-                      f"{s}{k2}{j})", [Action(s, k1, j), Action(s, k2, j)])
+    clash = _overlap(kinds, forwards)
+    if clash:
+        k1, k2, j = clash
+        _fail(schedule, f"stage {s} runs microbatch {j} forward twice ({s}{k1}{j} and "
+              f"{s}{k2}{j})", [Action(s, k1, j), Action(s, k2, j)])
     missing = sorted(everything.difference(*(kinds[k] for k in forwards)))
     if missing:
         j = missing[0]
         _fail(schedule, f"stage {s} never runs a forward of microbatch {j} (missing: "
               f"{_short(missing)}); every stage must run F for microbatches "
               f"0..{schedule.total_microbatches - 1}", _touching(schedule, deps, s, j))
+
+
+def _overlap(kinds: dict[str, set[int]], codes: list[str]) -> tuple[str, str, int] | None:
+    """The first pair of mutually exclusive kinds that both ran one microbatch, and that
+    microbatch (the lowest), or None: what the forward and backward-family checks share."""
+    for x, k1 in enumerate(codes):
+        for k2 in codes[x + 1:]:
+            both = kinds[k1] & kinds[k2]
+            if both:
+                return k1, k2, min(both)
+    return None
 
 
 def _touching(schedule: "Schedule", deps: Dependencies, s: int, j: int) -> list[Action]:
@@ -138,14 +147,12 @@ def _backwards(schedule: "Schedule", s: int, kinds: dict[str, set[int]]) -> None
     alternatives of one family never both; partners (I, W) together."""
     families = _families()
     for family in families.values():
-        for x, k1 in enumerate(family):
-            for k2 in family[x + 1:]:
-                both = kinds[k1] & kinds[k2]
-                if both:
-                    j = min(both)
-                    _fail(schedule, f"stage {s} runs both {s}{k1}{j} and {s}{k2}{j}; they are "
-                          f"alternatives ({kind_of(k1).label}, {kind_of(k2).label}): run one",
-                          [Action(s, k1, j), Action(s, k2, j)])
+        clash = _overlap(kinds, family)
+        if clash:
+            k1, k2, j = clash
+            _fail(schedule, f"stage {s} runs both {s}{k1}{j} and {s}{k2}{j}; they are "
+                  f"alternatives ({kind_of(k1).label}, {kind_of(k2).label}): run one",
+                  [Action(s, k1, j), Action(s, k2, j)])
     for code in sorted(BACKWARD_KINDS):
         partner = kind_of(code).partner
         lone = sorted(kinds[code] - kinds[partner]) if partner else []
