@@ -50,17 +50,10 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from .errors import ConfigError, choose
-from .fwdgrad import (
-    DISTRIBUTIONS,
-    _check,
-    _frozen_stats,
-    _has_running_stats,
-    _unit_counts,
-    auto_projections,
-    directions,
-    jvp_forward,
-    param_blocks,
-)
+from .fg_directions import DISTRIBUTIONS, directions
+from .fg_estimator import _check, _frozen_stats, _has_running_stats, _unit_counts, jvp_forward
+from .fg_trainer import auto_projections
+from .heads import param_blocks
 from .stage import OptimizerFactory, StageSpec, place_stage
 
 __all__ = ["ForwardGradientStage", "stage_options", "PIPELINE_OPTIONS"]
