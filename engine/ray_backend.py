@@ -30,11 +30,11 @@ import time
 import warnings
 from typing import Any
 
-import numpy as np
 import torch
 
 from brigade.schedulers import Action
 
+from .actors import from_wire, start_actors, to_wire, wait_all
 from .clock import measure_offset, stamp
 from .config import ClusterConfig
 from .errors import PipelineConfigError, PipelineError, StageFailedError
@@ -42,31 +42,6 @@ from .spec import WorkerSpec, build_worker
 from .worker import StepResult
 
 __all__ = ["RayBackend", "actor_env", "to_wire", "from_wire"]
-
-
-def to_wire(value: Any) -> Any:
-    """Tensors become numpy arrays (zero-copy reads on the far side); tuples recurse."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the tensor itself
-            return t
-        return t.numpy()
-    if isinstance(value, tuple):
-        return tuple(to_wire(v) for v in value)
-    return value
-
-
-def from_wire(value: Any, device: torch.device | str = "cpu") -> Any:
-    """The inverse of :func:`to_wire`: numpy arrays become owned torch tensors."""
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.array(value, copy=True)).to(device)
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(from_wire(v, device) for v in value)
-    return value
 
 
 class _StageActor:
@@ -199,20 +174,13 @@ class RayBackend:
 
     def _start_actors(self, specs: list[WorkerSpec], cpus: float, gpus: float) -> None:
         """One actor per worker, worker i in bundle i of the placement group."""
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         threads = max(1, int(cpus)) if cpus >= 1 else 1
-        remote_cls = ray.remote(_StageActor)
-        for i, spec in enumerate(specs):
+        for spec in specs:
             spec.num_threads = threads
             spec.device = "cuda" if gpus > 0 else "cpu"
-            options: dict[str, Any] = dict(num_cpus=cpus, num_gpus=gpus, max_concurrency=8,
-                                           runtime_env={"env_vars": actor_env()})
-            if self.placement_group is not None:
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    self.placement_group, placement_group_bundle_index=i)
-            self.actors.append(remote_cls.options(**options).remote(spec))
+        self.actors = start_actors(_StageActor, [(spec,) for spec in specs], cpus=cpus, gpus=gpus,
+                                   placement_group=self.placement_group, max_concurrency=8,
+                                   env=actor_env())
 
     def _setup_p2p(self, transport: str) -> None:
         """Connect the actors' transports ("p2p": same host, socket and shared memory,
@@ -272,27 +240,14 @@ class RayBackend:
 
     def _get(self, refs: list) -> list:
         """``ray.get`` in completion order, so the first failure is raised at once."""
-        import ray
+        return wait_all(refs, self.timeout_s, self._fail, self._timed_out)
 
-        index = {ref: i for i, ref in enumerate(refs)}
-        results: list[Any] = [None] * len(refs)
-        pending = list(refs)
-        deadline = time.monotonic() + self.timeout_s
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=5.0)
-            for ref in ready:
-                try:
-                    results[index[ref]] = ray.get(ref)
-                except Exception as err:  # noqa: BLE001 - becomes our own error below
-                    self._fail(index[ref], err)
-            if time.monotonic() > deadline:
-                self._kill()
-                raise PipelineError(
-                    f"no progress for {self.timeout_s:.0f} s: workers "
-                    f"{[index[r] for r in pending]} did not finish; raise timeout_s if "
-                    "steps are that slow"
-                )
-        return results
+    def _timed_out(self, late: list[int]) -> None:
+        self._kill()
+        raise PipelineError(
+            f"no progress for {self.timeout_s:.0f} s: workers {late} did not finish; raise "
+            "timeout_s if steps are that slow"
+        )
 
     def _fail(self, worker: int, err: Exception) -> None:
         self._kill()  # no graceful close: a failure must surface at once

@@ -31,6 +31,9 @@ __all__ = [
     "Estimate",
     "forward_gradient",
     "directional_derivatives",
+    "Drawn",
+    "draw",
+    "weigh",
     "combine",
     "jvp_forward",
     "set_forward_gradient",
@@ -191,6 +194,7 @@ def directional_derivatives(
     blocks: Sequence[int] | None = None,
     chunk_size: int | None = None,
     update_stats: bool = True,
+    drawn: "Drawn | None" = None,
 ) -> tuple[float, list[torch.Tensor]]:
     """Loss and the directional derivatives along the regenerated random directions.
 
@@ -201,23 +205,73 @@ def directional_derivatives(
     be one count per block: a block's jvps run from its input on, so projections on the last
     blocks are cheap, and a small block needs fewer of them for the same noise. A count of 0
     leaves that block out (no direction, no update: the block stays as initialised).
+    ``drawn`` (from :func:`draw` with the same seed, keys and settings) skips drawing the
+    directions again: several batches along the same directions cost one draw.
     """
     _, _, scope, dist, n = _check("random", "weight", scope, dist, projections)
-    loss, d, _ = _weight_random(model, x, y, loss_fn, seed, tuple(keys), n, dist, scope, blocks, chunk_size, update_stats)
+    loss, d, _ = _weight_random(model, x, y, loss_fn, seed, tuple(keys), n, dist, scope, blocks, chunk_size,
+                                update_stats, drawn)
     return loss, d
 
 
-def _weight_random(model, x, y, loss_fn, seed, keys, n, dist, scope, blocks, chunk_size, update_stats):
+# Directions of one key, per unit (the whole model, or each block): (parameter indices, one
+# tensor (n, *shape) per parameter).
+Drawn = list[tuple[list[int], list[torch.Tensor]]]
+
+
+def draw(
+    model: nn.Module,
+    *,
+    seed: int,
+    keys: Sequence[int] = (),
+    projections: int | Sequence[int] = 1,
+    dist: str = "rademacher",
+    scope: str = "global",
+    blocks: Sequence[int] | None = None,
+) -> Drawn:
+    """The directions ``directional_derivatives`` and ``combine`` use for these settings.
+
+    Drawing costs more than a forward pass of an MLP (see :func:`sample`): a process that
+    measures several batches along the same directions and then applies the update made of
+    them draws once and passes the result around (``drawn=``, :func:`weigh`).
+    """
+    _, _, scope, dist, n = _check("random", "weight", scope, dist, projections)
+    params = list(model.parameters())
+    if scope == "global":
+        (n,) = _unit_counts(n, 1)
+        return [(list(range(len(params))), directions(params, seed, tuple(keys), n, dist))]
+    bl = param_blocks(model, blocks)
+    counts = _unit_counts(n, len(bl))
+    return [
+        (b.index, directions(b.params, seed, tuple(keys), nk, dist, indices=b.index) if b.params and nk else [])
+        for b, nk in zip(bl, counts)
+    ]
+
+
+def weigh(out: list[torch.Tensor], drawn: Drawn, coefs: Sequence) -> list[torch.Tensor]:
+    """``out[i] += Σ_k coefs[u][k] · v[u, k]`` over the units of ``drawn``: ``combine``
+    without drawing again. ``coefs`` is laid out like ``d`` (one sequence per unit)."""
+    if len(coefs) != len(drawn):
+        raise ConfigError(f"weigh got coefficients for {len(coefs)} units; the directions have {len(drawn)}")
+    for (idx, vs), c in zip(drawn, coefs):
+        c = c.detach().float() if isinstance(c, torch.Tensor) else torch.tensor(np.asarray(c, dtype=np.float32))
+        if vs and c.numel():
+            _weigh(out, idx, c.reshape(-1), vs)
+    return out
+
+
+def _weight_random(model, x, y, loss_fn, seed, keys, n, dist, scope, blocks, chunk_size, update_stats, drawn=None):
     """``(loss, d, drawn)``: ``drawn`` holds per unit ``(parameter indices, directions)``,
     so a caller that also needs the estimate weighs them without drawing them again
-    (drawing costs more than a forward; see :func:`sample`)."""
+    (drawing costs more than a forward; see :func:`sample`). Directions passed in as
+    ``drawn`` are used instead of drawing."""
     params = list(model.parameters())
     if scope == "global":
         (n,) = _unit_counts(n, 1)
         names = [k for k, _ in model.named_parameters()]
         primal = {k: p.detach() for k, p in zip(names, params)}
         bufs = _buffers(model)
-        vs = directions(params, seed, keys, n, dist)
+        vs = drawn[0][1] if drawn is not None else directions(params, seed, keys, n, dist)
         tangents = dict(zip(names, vs))
 
         def f(p):
@@ -235,6 +289,9 @@ def _weight_random(model, x, y, loss_fn, seed, keys, n, dist, scope, blocks, chu
 
     bl = param_blocks(model, blocks)
     counts = _unit_counts(n, len(bl))
+    given = drawn
+    if given is not None and len(given) != len(bl):
+        raise ConfigError(f"drawn directions for {len(given)} units; the model has {len(bl)} blocks")
     ds, drawn = [], []
     with torch.no_grad():
         inputs = [x]
@@ -252,7 +309,7 @@ def _weight_random(model, x, y, loss_fn, seed, keys, n, dist, scope, blocks, chu
                     drawn.append((b.index, []))
                     continue
                 primal = {nm: p.detach() for nm, p in zip(b.names, b.params)}
-                vs = directions(b.params, seed, keys, nk, dist, indices=b.index)
+                vs = given[k][1] if given is not None else directions(b.params, seed, keys, nk, dist, indices=b.index)
                 drawn.append((b.index, vs))
                 tangents = dict(zip(b.names, vs))
                 h = inputs[k]
