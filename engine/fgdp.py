@@ -101,7 +101,7 @@ class FGDPConfig:
     """Settings of the shared-seed data-parallel system; checked on construction."""
 
     workers: int = 2
-    actors: int | None = None  # host processes; None: one per worker, at most 10
+    actors: int | None = None  # host processes; None: one per worker, at most one per CPU
     merge: str = "mean"
     directions: str = "shared"
     guess: str = "random"
@@ -127,13 +127,10 @@ class FGDPConfig:
         if int(self.workers) < 1:
             raise ConfigError(f"workers must be at least 1; got {self.workers}")
         self.workers = int(self.workers)
-        if self.actors is None:
-            # a host process holds torch and a replica (0.3-0.4 GB on CPU): beyond 10 workers
-            # they share hosts rather than fill the machine's memory
-            self.actors = min(self.workers, 10)
-        if not 1 <= int(self.actors) <= self.workers:
-            raise ConfigError(f"actors must be between 1 and workers={self.workers}; got {self.actors}")
-        self.actors = int(self.actors)
+        if self.actors is not None:
+            if not 1 <= int(self.actors) <= self.workers:
+                raise ConfigError(f"actors must be between 1 and workers={self.workers}; got {self.actors}")
+            self.actors = int(self.actors)
         self.merge = choose("merge", self.merge, MERGES)
         self.directions = choose("direction sharing", self.directions, SHARING)
         self.guess = choose("guess", self.guess, fge.GUESSES)
@@ -552,6 +549,17 @@ class ForwardGradientDP:
         self.shard_indices = _split(len(y), N, cfg.shards, cfg.seed)
         self.shard_sizes = [len(s) for s in self.shard_indices]
         self.rounds_per_epoch = max(1, math.ceil((len(y) / N) / cfg.batch_size))
+        self._ray = None
+        self._started_ray = False
+        if self.backend == "ray":
+            import ray
+
+            from .ray_cluster import ensure_ray
+
+            self._started_ray = ensure_ray(address, num_cpus)
+            self._ray = ray
+        if cfg.actors is None:
+            cfg = self.cfg = FGDPConfig(**{**asdict(cfg), "actors": min(N, self._cpus())})
         self.ranks = host_ranks(N, cfg.actors)
         tests: list = [None] * cfg.actors
         if test is not None:
@@ -560,20 +568,11 @@ class ForwardGradientDP:
         model = model.cpu()
         self.num_params = sum(p.numel() for p in model.parameters())
         self.unit_sizes = unit_sizes(model, cfg) if cfg.guess == "random" else []
-        self._ray = None
-        self._started_ray = False
         self.placement_group = None
         self.actors: list = []
         self.coordinator: Any = None
         self.startup_bytes = 0
         self.history: list[dict] = []
-        if self.backend == "ray":
-            import ray
-
-            from .ray_cluster import ensure_ray
-
-            self._started_ray = ensure_ray(address, num_cpus)
-            self._ray = ray
         try:
             host_args = [
                 (h, ranks, model, self.loss_fn,
@@ -596,6 +595,15 @@ class ForwardGradientDP:
         except BaseException:
             self.shutdown()
             raise
+
+    def _cpus(self) -> int:
+        """CPUs to spread hosts over: more host processes than cores would only repeat the
+        per-replica work (drawing directions, the optimizer step) on the same cores."""
+        if self.backend == "ray":
+            return max(1, int(self._ray.cluster_resources().get("CPU", 1)))
+        import os
+
+        return max(1, os.cpu_count() or 1)
 
     def _start_hosts(self, host_args: list[tuple]) -> list:
         cfg = self.cfg

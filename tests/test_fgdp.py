@@ -122,7 +122,7 @@ def test_merge_rules_in_process_match_the_reference(merge, directions):
         _check_against_reference(dp, merge, directions)
 
 
-RAY_CFG = dict(workers=3, merge="mean", batch_size=10, lr=0.05, shards="uneven", projections=2, seed=5)
+RAY_CFG = dict(workers=3, actors=3, merge="mean", batch_size=10, lr=0.05, shards="uneven", projections=2, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +222,7 @@ def test_wire_is_scalars_only_and_o_of_workers_times_projections():
 
     def bytes_per_step(width, workers, directions="shared", projections=4):
         with ForwardGradientDP(
-            tiny(width), (x, y), workers=workers, merge="mean", directions=directions,
+            tiny(width), (x, y), workers=workers, actors=workers, merge="mean", directions=directions,
             batch_size=10, lr=0.01, backend="local", projections=projections,
         ) as dp:
             recs = [dp.step() for _ in range(2)]

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=10, help="logical workers, one data shard each (default 10)")
     p.add_argument("--actors", type=int, default=None,
                    help="host processes the workers live in, several to a host sharing one replica "
-                        "(default: one per worker, at most 10)")
+                        "(default: one per worker, at most one per CPU of the cluster)")
     p.add_argument("--coordinator", default="actor",
                    help="actor (a Ray actor runs the rounds; the driver is off the round path) | driver")
     p.add_argument("--merge", default="mean", help="naive | mean | weighted (default mean)")
@@ -215,7 +215,8 @@ def print_report(report: dict, console) -> None:
         f"merge {cfg['merge']}, guess {cfg['guess']}, directions {cfg['directions']}, "
         f"projections {cfg['projections']}, {cfg['optimizer']} lr {cfg['lr']:g}"
         f"{' ' + cfg['optimizer_kw']['decay'] if cfg['optimizer_kw'].get('decay') else ''}, "
-        f"{report['rounds']} rounds, backend {report['backend']}, coordinator {cfg['coordinator']}"
+        f"{report['rounds']} rounds, backend {report['backend']}, coordinator "
+        f"{cfg['coordinator'] if report['backend'] == 'ray' else 'in-process'}"
     )
     for ep in report["epochs"]:
         console.print(_epoch_line(ep))
