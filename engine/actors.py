@@ -107,6 +107,7 @@ def wait_all(
     on_timeout: Callable[[list[int]], None],
     *,
     poll_s: float = 5.0,
+    on_idle: Callable[[], None] | None = None,
 ) -> list:
     """Results of one call per actor; ``on_error(i, err)`` / ``on_timeout(indices)`` raise.
 
@@ -114,7 +115,9 @@ def wait_all(
     once instead of after the slower actors; ``timeout_s`` bounds the whole wait. In-process
     results (``LocalRef``) are checked in order. ``on_error`` and ``on_timeout`` must raise
     (the caller's own error type, naming the actor); if they return, a RuntimeError is
-    raised.
+    raised. ``on_idle()``, if given, runs after every poll that returned nothing (the Ray
+    backend checks that a joined cluster's head still answers, so a dead head fails in
+    seconds instead of Ray's 60 s reconnect window).
     """
     refs = list(refs)
     if all(isinstance(r, LocalRef) for r in refs):
@@ -136,6 +139,8 @@ def wait_all(
             on_timeout(late)
             raise RuntimeError(f"on_timeout returned for actors {late}")
         ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, poll_s))
+        if not ready and on_idle is not None:
+            on_idle()
         for ref in ready:
             try:
                 results[index[ref]] = ray.get(ref)

@@ -89,6 +89,9 @@ class ClusterConfig:
     timeout_s: float = field(default=300.0, metadata=_help(
         "seconds a step may wait for a stage before the run fails", flag="timeout",
         metavar="SECONDS"))
+    trusted_resource: str | None = field(default=None, metadata=_help(
+        "a Ray custom resource: stages that receive raw inputs or labels run only on nodes "
+        "that carry it (others anywhere)", metavar="NAME", default_help="anywhere"))
 
     def __post_init__(self) -> None:
         check_choices(self)  # placement, transport
@@ -176,6 +179,11 @@ class PipelineConfig:
             raise PipelineConfigError(
                 f"interleaved needs virtual >= 2 stages per worker (got {self.virtual})"
             )
+        if self.cluster.trusted_resource is not None:
+            from .placement import check_trusted_resource
+
+            self.cluster.trusted_resource = check_trusted_resource(
+                self.cluster.trusted_resource, self.backend)
         if self.balance is None:
             _positive("stages", self.stages)
             return

@@ -122,6 +122,9 @@ class Pipeline:
                 "wrap your layers in nn.Sequential so contiguous cuts are stages"
             )
         self.balance = self._balance(model, sample)
+        # BatchNorm1d cannot train on a microbatch of one sample (one value per channel)
+        self._min_microbatch = 2 if any(isinstance(mod, nn.BatchNorm1d)
+                                        for mod in model.modules()) else 1
         self.schedule = self._build(1)
         period = int(self.schedule.options.get("k", 1))  # stale repeats every k steps
         if not self.decoupled and period != 1:  # build one period of the pattern
@@ -259,6 +262,12 @@ class Pipeline:
         xs, ys = [], []
         for x, y in batches:
             x_chunks = split_batch(x, m)
+            if min(c.shape[0] for c in x_chunks) < self._min_microbatch:
+                raise PipelineConfigError(
+                    f"a batch of {x.shape[0]} samples in {m} microbatches gives microbatches "
+                    f"of {min(c.shape[0] for c in x_chunks)} sample, and the model's "
+                    "BatchNorm1d cannot train on one sample; use a batch size >= "
+                    f"{2 * m} or fewer microbatches")
             xs += x_chunks
             ys += list(zip(split_batch(y, m), loss_weights(x_chunks)))
         return xs, ys

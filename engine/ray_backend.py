@@ -38,6 +38,8 @@ from .actors import from_wire, start_actors, to_wire, wait_all
 from .clock import measure_offset, stamp
 from .config import ClusterConfig
 from .errors import PipelineConfigError, PipelineError, StageFailedError
+from .ray_cluster import ClusterLostError, gcs_alive, joined_gcs_address
+from .placement import bundles, fair_share, shortfall, trusted_shortfall, trusted_workers
 from .spec import WorkerSpec, build_worker
 from .worker import StepResult
 
@@ -141,6 +143,40 @@ class _StageActor:
     def pending_messages(self) -> list:
         return self.worker.mailbox.pending()
 
+    def memory(self) -> dict[str, int]:
+        """This process's resident bytes and glibc malloc's bytes in use (heap and mmapped
+        blocks): RSS that grows while malloc's in-use stays flat is the heap's high-water
+        mark (nothing is trimmed, see actor_env), not a leak (``bench/soak.py``)."""
+        import sys
+
+        return {"rss": _rss_bytes(), "malloc_in_use": _malloc_in_use(),
+                "python_blocks": sys.getallocatedblocks(),  # pymalloc: not in malloc's count
+                "pending_messages": len(self.worker.mailbox.pending())}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _malloc_in_use() -> int:
+    """glibc ``mallinfo2``: bytes handed out (uordblks) plus mmapped blocks (hblkhd); -1
+    where it is not glibc."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        info = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return -1
+    return int(info.uordblks + info.hblkhd)
+
 
 class RayBackend:
     """Starts one actor per worker on a Ray cluster and drives them step by step.
@@ -152,15 +188,23 @@ class RayBackend:
     """
 
     def __init__(self, specs: list[WorkerSpec], cluster: ClusterConfig | None = None) -> None:
-        """``cluster``: resources per stage, placement, transport and timeout (checked
-        when it was built)."""
+        """``cluster``: resources per stage, placement, transport, timeout and the trusted
+        resource (checked when it was built)."""
         cluster = cluster or ClusterConfig()
         self.timeout_s = cluster.timeout_s
         self.worker_stages = [sorted(s.modules) for s in specs]
         self.actors: list[Any] = []
-        cpus, gpus = _resources(len(specs), cluster.cpus_per_stage, cluster.gpus_per_stage)
+        self.gcs_address = joined_gcs_address()  # watched: a dead head fails in seconds
+        self.lost = False
+        trusted_resource = cluster.trusted_resource
+        trusted = None
+        if trusted_resource:
+            trusted = trusted_workers(specs[0].method, len(specs))
+        cpus, gpus = _resources(len(specs), cluster.cpus_per_stage, cluster.gpus_per_stage,
+                                cluster.placement, trusted, trusted_resource)
         self.placement_group = _place(len(specs), cpus, gpus, cluster.placement,
-                                      cluster.placement_timeout_s)
+                                      cluster.placement_timeout_s, trusted, trusted_resource,
+                                      specs[0].method)
         try:
             self._start_actors(specs, cpus, gpus)
             self.pids = self._get([a.connect.remote(self.actors) for a in self.actors])
@@ -240,7 +284,10 @@ class RayBackend:
 
     def _get(self, refs: list) -> list:
         """``ray.get`` in completion order, so the first failure is raised at once."""
-        return wait_all(refs, self.timeout_s, self._fail, self._timed_out)
+        return wait_all(
+            refs, self.timeout_s, self._fail, self._timed_out, poll_s=2.0,
+            on_idle=self._check_cluster,
+        )
 
     def _timed_out(self, late: list[int]) -> None:
         self._kill()
@@ -249,7 +296,16 @@ class RayBackend:
             "timeout_s if steps are that slow"
         )
 
+    def _check_cluster(self) -> None:
+        """A joined cluster whose head stopped answering: fail now, naming it (Ray's own
+        reconnect window is 60 s); nothing is sent to the dead GCS on the way out."""
+        if not gcs_alive(self.gcs_address):
+            self.lost = True
+            self._kill()
+            raise ClusterLostError(self.gcs_address)
+
     def _fail(self, worker: int, err: Exception) -> None:
+        self._check_cluster()  # actors die with their head node: say which it was
         self._kill()  # no graceful close: a failure must surface at once
         raise StageFailedError(worker, self.worker_stages[worker], _root_cause(err)) from err
 
@@ -277,7 +333,7 @@ class RayBackend:
         """Close the p2p group (bounded by ``close_timeout_s``), then kill every actor."""
         import ray
 
-        if self.actors and self.transport != "ray":
+        if self.actors and self.transport != "ray" and not self.lost:
             try:
                 refs = [a.close_transport.remote(close_timeout_s) for a in self.actors]
                 ray.wait(refs, num_returns=len(refs), timeout=close_timeout_s + 1.0)
@@ -290,6 +346,9 @@ class RayBackend:
         then hand the placement group's resources back to the cluster."""
         import ray
 
+        if self.lost:  # the GCS is gone: its actors and groups with it; calls would hang
+            self.actors, self.placement_group = [], None
+            return
         for actor in self.actors:
             try:
                 ray.kill(actor)
@@ -319,8 +378,12 @@ def _root_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-def _resources(workers: int, cpus: float | None, gpus: float | None) -> tuple[float, float]:
-    """CPUs and GPUs per actor: as asked, else a fair share of the cluster."""
+def _resources(workers: int, cpus: float | None, gpus: float | None,
+               placement: str = "pack", trusted: list[bool] | None = None,
+               resource: str | None = None) -> tuple[float, float]:
+    """CPUs and GPUs per actor: as asked, else a fair share that the cluster's alive nodes
+    can hold ``workers`` times under ``placement``, the trusted workers on the nodes that
+    carry ``resource`` (:func:`~.placement.fair_share`)."""
     import ray
 
     total = ray.cluster_resources()
@@ -332,8 +395,10 @@ def _resources(workers: int, cpus: float | None, gpus: float | None) -> tuple[fl
             f"{total.get('GPU', 0):g}; pass --gpus-per-stage 0 (gpus_per_stage=0) to run on CPU"
         )
     if cpus is None:
-        cpus = max(total.get("CPU", 1) / workers, 0.01)
-        cpus = float(int(cpus)) if cpus >= 1 else round(cpus, 2)
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        held = [n.get("CPU", 0.0) for n in nodes if resource and n.get(resource, 0) > 0]
+        cpus = fair_share(workers, [n.get("CPU", 0.0) for n in nodes], placement, held,
+                          sum(trusted or []))
     return cpus, gpus
 
 
@@ -365,36 +430,17 @@ def actor_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in _MALLOC_ENV.items()}
 
 
-def _bundle(cpus: float, gpus: float) -> dict[str, float]:
-    """One worker's reservation (Ray refuses bundles of zeros: those are left out)."""
-    return {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
-
-
-def _capacity(node: dict[str, float], bundle: dict[str, float]) -> int:
-    """How many copies of ``bundle`` fit in ``node``'s resources."""
-    return min(int(node.get(k, 0.0) / v + 1e-9) for k, v in bundle.items())
-
-
 def _fmt(res: dict[str, float]) -> str:
     return f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
 
 
-def _shortfall(workers: int, bundle: dict[str, float], strategy: str,
-               nodes: list[dict[str, float]]) -> str | None:
-    """Why the cluster's nodes (whole, not what is free now) cannot ever hold the group."""
-    fits = [_capacity(n, bundle) for n in nodes]
-    if strategy == "strict_pack" and max(fits, default=0) < workers:
-        return "no single node holds them all (strict_pack)"
-    if strategy == "strict_spread" and sum(f > 0 for f in fits) < workers:
-        return f"{sum(f > 0 for f in fits)} node(s) can take one stage each (strict_spread)"
-    if sum(fits) < workers:
-        return f"its nodes can hold {sum(fits)} such stage(s)"
-    return None
-
-
-def _place(workers: int, cpus: float, gpus: float, placement: str, timeout_s: float):
+def _place(workers: int, cpus: float, gpus: float, placement: str, timeout_s: float,
+           trusted: list[bool] | None = None, resource: str | None = None,
+           method: str = "backprop"):
     """Reserve one bundle {CPU: cpus, GPU: gpus} per worker in a placement group, laid out
     by ``placement``; wait up to ``timeout_s`` for it. None when nothing is asked for.
+    Workers flagged in ``trusted`` also ask for a sliver of ``resource``, so that they land
+    only on nodes that carry it.
 
     A cluster that could never hold the group fails at once (PipelineConfigError, the
     user's numbers are wrong); one whose resources are busy fails after ``timeout_s``
@@ -403,21 +449,29 @@ def _place(workers: int, cpus: float, gpus: float, placement: str, timeout_s: fl
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    bundle = _bundle(cpus, gpus)
-    if not bundle:
+    group = bundles(workers, cpus, gpus, trusted, resource)
+    if resource and not all(group):
+        raise PipelineConfigError(
+            f"--trusted-resource {resource} needs every stage to reserve some CPU or GPU "
+            f"(got {cpus:g} CPU, {gpus:g} GPU per stage); raise --cpus-per-stage")
+    if not any(group):
         return None
+    bundle = {k: v for k, v in group[0].items() if k in ("CPU", "GPU")}
     ask = f"{workers} stages x {{{_fmt(bundle)}}} (placement {placement})"
     fix = ("use fewer --stages, a smaller --cpus-per-stage / --gpus-per-stage, "
            "or add nodes to the cluster")
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total, free = ray.cluster_resources(), ray.available_resources()
     has = f"the cluster has {_fmt(total)} on {len(nodes)} node(s) ({_fmt(free)} free now)"
-    why = _shortfall(workers, bundle, placement, nodes)
+    why = shortfall(workers, bundle, placement, nodes) if bundle else None
     if why is not None:
         raise PipelineConfigError(f"cannot place {ask}: {has}; {why}; {fix}")
+    if resource:
+        why = trusted_shortfall(group, resource, placement, nodes, method)
+        if why is not None:
+            raise PipelineConfigError(f"cannot place {ask}: {why}")
     name = f"brigade-{os.getpid()}-{time.monotonic_ns()}"
-    pg = placement_group([dict(bundle) for _ in range(workers)],
-                         strategy=placement.upper(), name=name)
+    pg = placement_group([dict(b) for b in group], strategy=placement.upper(), name=name)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)  # pg.wait takes whole seconds
     if not ready:
         remove_placement_group(pg)

@@ -212,6 +212,10 @@ def _model_kwargs(cfg: TrainConfig, shape, num_classes) -> dict:
 
 def _load(cfg: TrainConfig):
     """Train and test splits of the data set (synthetic data is made, never downloaded)."""
+    from .preflight import take_checked_data
+
+    if (checked := take_checked_data(cfg)) is not None:  # preflight read it already
+        return checked
     extra: dict[str, Any] = {}
     if cfg.data.lower() == "synthetic":
         like = "cifar10" if cfg.model.lower().startswith(("resnet", "revnet")) else "mnist"

@@ -40,17 +40,21 @@ def int_list(flag: str, text: str, example: str, what: str = "comma-separated in
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean 'the user asked for something invalid' (exit 2)."""
+    """Exception types that mean 'the user asked for something invalid' (exit 2).
+
+    Only from modules already imported (an error that was raised comes from one): importing
+    ``brigade.stages`` here would load torch, seconds on a busy machine, before a fast
+    failure such as an unreachable ``--address`` is printed.
+    """
     kinds: list[type[BaseException]] = [UsageError]
     for mod, name in (
         ("brigade.stages.errors", "ConfigError"),
         ("brigade.schedulers.errors", "ScheduleError"),
         ("brigade.engine.errors", "PipelineConfigError"),
     ):
-        try:
-            kinds.append(getattr(importlib.import_module(mod), name))
-        except (ImportError, AttributeError):
-            pass
+        module = sys.modules.get(mod)
+        if module is not None and hasattr(module, name):
+            kinds.append(getattr(module, name))
     return tuple(kinds)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rich.console import Console
 from rich.table import Table
@@ -46,10 +47,23 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    _probe_cluster(args)
     cfg = config_from_args(args)  # bad flags and files fail here, before any process starts
     if cfg.pipeline.backend == "torchrun":
         return _spawn_torchrun(args, cfg)
     return run_here(args, cfg)
+
+
+def _probe_cluster(args: argparse.Namespace) -> None:
+    """An unreachable --address (or RAY_ADDRESS) fails first, before torch is imported:
+    one line within seconds (``preflight`` checks it again, for API callers)."""
+    import os
+
+    address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
+    if getattr(args, "backend", "ray") in (None, "ray") and address:
+        from brigade.engine.ray_cluster import probe_address
+
+        probe_address(address)
 
 
 def _spawn_torchrun(args: argparse.Namespace, cfg) -> int:
@@ -76,6 +90,10 @@ def run_here(args: argparse.Namespace, cfg=None) -> int:
     from brigade.schedulers import write_chrome_trace
 
     cfg = validate(cfg or config_from_args(args))  # every check before any cluster or bar
+    from brigade.engine.preflight import preflight
+
+    for line in preflight(cfg):  # data, split, schedule, checkpoint: before any cluster or bar
+        print(f"brigade train: warning: {line}", file=sys.stderr)
     console = Console(stderr=True)
     log = console.print if is_rank0() else None
     with output.progress_bar(console, "training", disable=args.quiet) as update:
