@@ -1,17 +1,19 @@
-"""Soak: thousands of steps of a 2-stage pipeline per schedule, actor memory sampled.
+"""Soak: thousands of steps of a 2-stage pipeline per schedule and rule, actor memory sampled.
 
-    python bench/soak.py                              # 2,000 steps per schedule
+    python bench/soak.py                              # 2,000 steps of every rule
     python bench/soak.py --steps 300 --schedules 1f1b,dni --json soak.json
 
 Each stage actor's resident memory (VmRSS from /proc, the process ids the Pipeline reports)
-is sampled every ``--every`` steps. After warm-up (step 100) memory must not grow: no
-activations, futures or queue items may leak. Prints, per schedule and stage, RSS at step
-100 and at the last step, the growth, and the mailbox/stored-activation counts at the end.
+is sampled every ``--every`` steps. After warm-up (``--warmup``, step 500) memory must not
+grow: no activations, futures or queue items may leak. Prints, per run and stage, RSS at
+steps 100, 500, 1,000 and the last, and the slope after warm-up (least squares over the
+samples from ``--warmup`` on, MB per 1,000 steps; the target is <= 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -21,19 +23,25 @@ import torch
 from torch import nn
 
 from brigade.engine import Pipeline
+from brigade.stages import fg_optim
 from brigade.stages.data import load_dataset
 from brigade.stages.models import build_model
 
-# schedule -> (method, schedule options, steps per pipelined run)
+# run name -> (schedule, method, schedule options, steps per pipelined run): every
+# backprop schedule and every rule; decoupled ones run windows of steps, as `brigade train`
+# runs them (25, so that the windows end on the sampled steps).
 RUNS = {
-    "gpipe": ("backprop", {}, 1),
-    "1f1b": ("backprop", {}, 1),
-    "zb1p": ("backprop", {}, 1),
-    "interleaved": ("backprop", {}, 1),
-    "stale": ("stale", {"k": 4}, 1),
-    "dni": ("dni", {}, 50),
-    "petra": ("petra", {}, 50),
+    "gpipe": ("gpipe", "backprop", {}, 1),
+    "1f1b": ("1f1b", "backprop", {}, 1),
+    "zb1p": ("zb1p", "backprop", {}, 1),
+    "interleaved": ("interleaved", "backprop", {}, 1),
+    "stale": ("stale", "stale", {"k": 4}, 1),
+    "dni": ("dni", "dni", {}, 25),
+    "cdni": ("dni", "cdni", {}, 25),
+    "petra": ("petra", "petra", {}, 25),
+    "fwdgrad": ("fwdgrad", "fwdgrad", {}, 1),
 }
+MARKS = (100, 500, 1000, 2000)  # steps whose RSS the table shows (those within --steps)
 
 
 def rss_bytes(pid: int) -> int:
@@ -44,8 +52,20 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def soak(schedule: str, args) -> dict:
-    method, sched_opts, window = RUNS[schedule]
+def slope_mb_per_k(samples: list[tuple[int, list[int]]], stage: int, start: int) -> float:
+    """Least-squares slope of one stage's RSS over the samples at or after ``start``, in MB
+    per 1,000 steps (a line through every sample, so one spike does not decide it)."""
+    pts = [(s, rss[stage] / 2**20) for s, rss in samples if s >= start]
+    if len(pts) < 2:
+        return float("nan")
+    mx = sum(s for s, _ in pts) / len(pts)
+    my = sum(r for _, r in pts) / len(pts)
+    var = sum((s - mx) ** 2 for s, _ in pts)
+    return 1000 * sum((s - mx) * (r - my) for s, r in pts) / var
+
+
+def soak(name: str, args) -> dict:
+    schedule, method, sched_opts, window = RUNS[name]
     virtual = 2 if schedule == "interleaved" else 1
     if method == "petra":
         model = build_model("revnet18", width=8, in_channels=1, image_size=28)
@@ -56,10 +76,18 @@ def soak(schedule: str, args) -> dict:
     data = load_dataset("synthetic", like="mnist", size=args.batch_size * 8, seed=0)
     batches = [(data.x[i:i + args.batch_size], data.y[i:i + args.batch_size])
                for i in range(0, len(data), args.batch_size)]
+    import ray
+
     samples: list[tuple[int, list[int]]] = []
+    in_use: list[tuple[int, list[int]]] = []  # glibc malloc's bytes in use, per stage
+    blocks: list[tuple[int, list[int]]] = []  # Python objects' blocks allocated, per stage
+    pending: list[int] = []
     t0 = time.perf_counter()
+    optimizer = lambda p: torch.optim.SGD(p, lr=0.01)  # noqa: E731
+    if method == "fwdgrad":
+        optimizer = functools.partial(fg_optim.make_optimizer, "adam", lr=1e-3)
     with Pipeline(model, stages=2, schedule=schedule, method=method, virtual=virtual,
-                  microbatches=4, optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
+                  microbatches=4, optimizer=optimizer,
                   loss_fn=nn.CrossEntropyLoss(), backend="ray", cpus_per_stage=1,
                   schedule_options=sched_opts) as pipe:
         pids = pipe.worker_pids
@@ -69,21 +97,34 @@ def soak(schedule: str, args) -> dict:
             pipe.run([batches[(done + i) % len(batches)] for i in range(n)])
             done += n
             pipe.reset_timeline()  # the driver's event log is not what we measure
-            if done % args.every == 0 or done == args.steps or done == args.warmup:
+            if done % args.every < n or done == args.steps:  # windows may step past a mark
                 samples.append((done, [rss_bytes(p) for p in pids]))
+                mem = ray.get([a.memory.remote() for a in pipe._backend.actors])
+                in_use.append((done, [m["malloc_in_use"] for m in mem]))
+                blocks.append((done, [m["python_blocks"] for m in mem]))
+                pending = [m["pending_messages"] for m in mem]
     wall = time.perf_counter() - t0
     at_warm = next((r for s, r in samples if s >= args.warmup), samples[0][1])
     last = samples[-1][1]
-    return {"schedule": schedule, "method": method, "steps": args.steps, "wall_s": wall,
-            "rss_at_warmup": at_warm, "rss_at_end": last,
-            "growth_bytes": [b - a for a, b in zip(at_warm, last)], "samples": samples}
+    marks = {m: next(r for s, r in samples if s >= m) for m in MARKS if m <= args.steps}
+    return {"name": name, "schedule": schedule, "method": method, "steps": args.steps,
+            "wall_s": wall, "rss_at_warmup": at_warm, "rss_at_end": last, "rss_at": marks,
+            "growth_bytes": [b - a for a, b in zip(at_warm, last)],
+            "slope_mb_per_1000": [slope_mb_per_k(samples, i, args.warmup)
+                                  for i in range(len(pids))],
+            "in_use_slope_mb_per_1000": [slope_mb_per_k(in_use, i, args.warmup)
+                                         for i in range(len(pids))],
+            "python_blocks_per_1000": [2**20 * slope_mb_per_k(blocks, i, args.warmup)
+                                       for i in range(len(pids))],
+            "pending_messages_at_end": pending, "samples": samples, "malloc_in_use": in_use}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schedules", default=",".join(RUNS))
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=500,
+                        help="step from which the slope is fitted (default 500)")
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", default=None)
@@ -103,18 +144,29 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[-1]
             curve = "  ".join(f"{s}:{'/'.join(f'{b / 2**20:.0f}' for b in rss)}"
                               for s, rss in r["samples"])
-            print(f"{name}: {r['steps']} steps in {r['wall_s']:.0f} s, RSS growth after step "
-                  f"{args.warmup}: {[round(g / 2**20, 1) for g in r['growth_bytes']]} MB; "
-                  f"RSS MB per stage by step: {curve}", file=sys.stderr)
+            print(f"{name}: {r['steps']} steps in {r['wall_s']:.0f} s, slope after step "
+                  f"{args.warmup}: {[round(g, 2) for g in r['slope_mb_per_1000']]} MB/1000 "
+                  f"steps (malloc in use: "
+                  f"{[round(g, 2) for g in r['in_use_slope_mb_per_1000']]}); RSS MB per "
+                  f"stage by step: {curve}", file=sys.stderr, flush=True)
+            if args.json:  # after every run: a long soak keeps what it has measured
+                Path(args.json).write_text(json.dumps(rows, indent=2))
     finally:
         ray.shutdown()
-    table = Table(title=f"actor resident memory, step {args.warmup} -> step {args.steps}")
-    for col in ("schedule", "stage", f"RSS @ {args.warmup}", f"RSS @ {args.steps}", "growth"):
+    marks = [m for m in MARKS if m <= args.steps]
+    table = Table(title=f"actor resident memory (MB) by step; slope fitted from step "
+                        f"{args.warmup} to {args.steps}")
+    for col in ("run", "method", "stage", *(f"@{m}" for m in marks), "MB / 1000 steps",
+                "malloc in use, MB / 1000 steps", "Python blocks / 1000 steps",
+                "messages left"):
         table.add_column(col, justify="right")
     for r in rows:
-        for s, (a, b) in enumerate(zip(r["rss_at_warmup"], r["rss_at_end"])):
-            table.add_row(r["schedule"], str(s), f"{a / 2**20:.1f} MB", f"{b / 2**20:.1f} MB",
-                          f"{(b - a) / 2**20:+.1f} MB")
+        for s, slope in enumerate(r["slope_mb_per_1000"]):
+            table.add_row(r["name"], r["method"], str(s),
+                          *(f"{r['rss_at'][m][s] / 2**20:.1f}" for m in marks), f"{slope:+.2f}",
+                          f"{r['in_use_slope_mb_per_1000'][s]:+.2f}",
+                          f"{r['python_blocks_per_1000'][s]:+.0f}",
+                          str(r["pending_messages_at_end"][s]))
     Console().print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -31,7 +31,7 @@ import torch
 from .errors import PipelineConfigError
 
 __all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint",
-           "latest_checkpoint"]
+           "latest_checkpoint", "read_manifest"]
 
 FORMAT = 1
 
@@ -144,6 +144,12 @@ def load_checkpoint(path: str | Path, identity: dict[str, Any] | None = None) ->
     stages = {s: _load_file(path, f"stage-{s}.pt", manifest) for s in manifest["stages"]}
     driver = _load_file(path, "driver.pt", manifest)
     return Checkpoint(manifest["step"], manifest["identity"], stages, driver, path)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """A checkpoint folder's manifest (step, identity, files), without loading its tensors:
+    what a run checks before it starts anything."""
+    return _read_manifest(Path(path))
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -1,49 +1,58 @@
 """Shared-seed data-parallel forward gradient on Ray (the seed report's system, done right).
 
-N worker actors each hold a replica of the model, an optimizer and a shard of the data. The
-coordinator (this process) and the workers share a seed, so the random direction ``v`` of
-worker ``i`` at round ``t`` is regenerated anywhere from ``(seed, t, i)``
-(``brigade.stages.fwdgrad.directions``). One round:
+N logical workers each hold a shard of the data; they live several to a *host* actor, which
+holds one replica of the model and its optimizer. A *coordinator* actor runs the rounds: the
+driver only starts the system, asks for an epoch of rounds at a time and reads the results,
+so it is off the critical path (a cluster of N nodes runs N hosts of k workers each). All
+share a seed, so the random direction ``v`` of worker ``i`` at round ``t`` is regenerated
+anywhere from ``(seed, t, i)`` (``brigade.stages.fg_directions``). One round:
 
 1. each worker takes its next batch and computes, by forward-mode AD, its loss and its
-   directional derivatives ``d_i = ∇L_i·v_i`` (``projections`` scalars; one per block and
-   projection with ``scope='block'``), and sends back only those scalars, its sample count
-   ``n_i`` and its loss;
+   directional derivatives ``d_i = ∇L_i·v_i`` (``projections`` scalars; one count per block
+   with ``scope='block'``); its host sends back only those scalars, the sample count ``n_i``
+   and the loss, one float32 row per worker;
 2. the coordinator aggregates the scalars (``merge``):
 
    ``naive``     apply each worker's estimate ``d_i v_i`` in turn: N optimizer steps;
    ``mean``      one step on ``(1/N) Σ_i d_i v_i``;
    ``weighted``  one step on ``Σ_i (n_i/Σn) d_i v_i`` (workers with more samples count more);
 
-3. it sends the aggregated coefficients to every worker (folded into the next round's call);
-   each replica regenerates the ``v_i``, forms the same gradient, and takes the same optimizer
-   step. No parameter crosses the wire after start-up, and replicas stay bit-identical
-   (``replicas_identical`` compares a hash of every replica's parameters).
+3. it sends the aggregated coefficients to every host (folded into the next round's call);
+   each replica regenerates the directions, forms the same gradient, and takes the same
+   optimizer step. No parameter crosses the wire after start-up, and the replicas stay
+   bit-identical (``replicas_identical`` compares a hash of every replica's parameters).
 
-``directions='independent'`` (default) gives every worker its own ``v_i``: the mean of N
-independent estimates has 1/N of the variance. ``'shared'`` gives all workers the same
-``v`` (the seed report's scheme): then ``Σ w_i d_i`` is the directional derivative of the
-global batch loss and only ``projections`` scalars go down.
+``directions='shared'`` (default) gives all workers the same ``v`` in a round: then
+``Σ w_i d_i`` is the directional derivative of the merged batch loss, and one vector of
+``projections`` scalars goes down to each host (traffic per round: N rows up, one row down
+per host, ``O(workers x projections)`` floats). ``'independent'`` gives every worker its own
+``v_i``: N times more directions per round, but every host must receive every worker's
+coefficients (``O(workers² x projections)`` floats down) and regenerate N sets of
+directions; measured against shared on the same wire budget in ``bench/fgdp_variance.py``.
 
-Bytes on the wire per round (``bytes_per_step``) are the pickled sizes of each call's
-arguments and result, counted once per worker that receives or sends them: up, N messages of
-``O(projections)`` scalars; down, N copies of the coefficients, ``O(N·projections)`` scalars
-with independent directions, ``O(projections)`` shared. Nothing depends on the parameter
-count. ``guess='local'`` is also offered, for comparison: a local-loss guess ``u_i`` depends
-on the worker's data and cannot be regenerated from a seed, so each worker sends its
-estimate (``O(parameters)``) and the coordinator sends back the aggregate: ordinary
-data-parallel traffic, reported as such.
+Bytes on the wire (``wire_size``: the pickled size of each call's arguments and result,
+counted once per host that receives or sends them) are recorded per round, up and down, and
+at start-up (model and shards). The coordinator's exchanges with the driver (one call per
+epoch) are not on the round path and are not counted. ``guess='local'`` is also offered,
+for comparison: a local-loss guess ``u_i`` depends on the worker's data and cannot be
+regenerated from a seed, so each host sends its workers' estimates (``O(parameters)``) and
+the coordinator sends back the aggregate: ordinary data-parallel traffic, reported as such.
 
-Failures: a worker that raises or dies becomes ``FGWorkerError`` naming the worker; a worker
-that does not answer within ``timeout_s`` too. Actors are killed on ``shutdown()`` (also on
-error, and on leaving the ``with`` block); a Ray cluster this class started is shut down.
+The executor pieces are the engine's (``brigade.engine.actors``): actors started in a
+placement group, one wait loop that fails fast and names the actor, numpy on the wire; the
+in-process backend (``backend='local'``) runs the same hosts and coordinator through
+``LocalActor`` handles, every message pickled as over the wire.
+
+Failures: a worker that raises or dies becomes ``FGWorkerError`` naming the workers of its
+host; one that does not answer within ``timeout_s`` too. Actors are killed on
+``shutdown()`` (also on error, and on leaving the ``with`` block); a Ray cluster this class
+started is shut down.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -52,32 +61,39 @@ import numpy as np
 import torch
 from torch import nn
 
-from brigade.stages import fwdgrad as fg
+from brigade.stages import fg_estimator as fge
 from brigade.stages.errors import ConfigError, choose
+from brigade.stages.fg_directions import DISTRIBUTIONS, make_generator
 from brigade.stages.fg_optim import FGOptimizer, make_optimizer
+from brigade.stages.heads import LocalHeads, param_blocks
 
+from .actors import LocalActor, from_wire, start_actors, to_wire, wait_all, wire_size
 from .errors import PipelineError
 
-__all__ = ["BACKENDS", "MERGES", "SHARING", "SHARDS", "FGDPConfig", "default_lr", "FGWorkerError", "ForwardGradientDP", "wire_size"]
+__all__ = [
+    "BACKENDS", "COORDINATORS", "MERGES", "SHARING", "SHARDS", "FGDPConfig", "default_lr",
+    "FGWorkerError", "ForwardGradientDP", "merge_scalars", "host_ranks", "auto_projections", "wire_size",
+]
 
 MERGES = ("naive", "mean", "weighted")
 SHARING = ("independent", "shared")
 SHARDS = ("equal", "uneven")
-
-
-def wire_size(obj: Any) -> int:
-    """Bytes of ``obj`` pickled (protocol 5): what one message carries over the wire."""
-    return len(pickle.dumps(obj, protocol=5))
+BACKENDS = ("ray", "local")
+COORDINATORS = ("actor", "driver")
+PLACEMENTS = ("pack", "spread", "strict_pack", "strict_spread")
 
 
 class FGWorkerError(PipelineError):
-    """A data-parallel worker raised, died or did not answer; names the worker."""
+    """A data-parallel worker (or the coordinator) raised, died or did not answer; names it."""
 
-    def __init__(self, worker: int | list[int], cause: str) -> None:
+    def __init__(self, worker: int | list[int], cause: str, who: str = "worker") -> None:
         self.workers = [worker] if isinstance(worker, int) else list(worker)
-        self.cause = cause
-        who = ", ".join(str(w) for w in self.workers)
-        super().__init__(f"fgdp worker {who} failed: {cause}")
+        self.reason = cause
+        names = ", ".join(str(w) for w in self.workers)
+        super().__init__(f"fgdp {who} {names} failed: {cause}".replace("  ", " "))
+
+    def __reduce__(self):  # travels from the coordinator actor to the driver intact
+        return (FGWorkerError, (self.workers, self.reason))
 
 
 @dataclass
@@ -85,8 +101,9 @@ class FGDPConfig:
     """Settings of the shared-seed data-parallel system; checked on construction."""
 
     workers: int = 2
+    actors: int | None = None  # host processes; None: one per worker, at most one per CPU
     merge: str = "mean"
-    directions: str = "independent"
+    directions: str = "shared"
     guess: str = "random"
     projections: int | tuple[int, ...] = 1
     dist: str = "rademacher"
@@ -102,30 +119,46 @@ class FGDPConfig:
     timeout_s: float = 600.0
     threads_per_worker: int = 1
     cpus_per_worker: float = 0.0
+    coordinator: str = "actor"
+    placement: str = "pack"
+    placement_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if int(self.workers) < 1:
             raise ConfigError(f"workers must be at least 1; got {self.workers}")
+        self.workers = int(self.workers)
+        if self.actors is not None:
+            if not 1 <= int(self.actors) <= self.workers:
+                raise ConfigError(f"actors must be between 1 and workers={self.workers}; got {self.actors}")
+            self.actors = int(self.actors)
         self.merge = choose("merge", self.merge, MERGES)
         self.directions = choose("direction sharing", self.directions, SHARING)
-        self.guess = choose("guess", self.guess, fg.GUESSES)
-        self.dist = choose("direction distribution", self.dist, fg.DISTRIBUTIONS)
-        self.scope = choose("scope", self.scope, fg.SCOPES)
+        self.guess = choose("guess", self.guess, fge.GUESSES)
+        self.dist = choose("direction distribution", self.dist, DISTRIBUTIONS)
+        self.scope = choose("scope", self.scope, fge.SCOPES)
         self.shards = choose("shards", self.shards, SHARDS)
+        self.coordinator = choose("coordinator", self.coordinator, COORDINATORS)
+        self.placement = choose("placement", self.placement, PLACEMENTS)
         if self.blocks is not None:
             self.blocks = tuple(int(b) for b in self.blocks)
-        _, _, _, _, self.projections = fg._check(self.guess, "weight", self.scope, self.dist, self.projections)
+        _, _, _, _, self.projections = fge._check(self.guess, "weight", self.scope, self.dist, self.projections)
         if int(self.batch_size) < 1:
             raise ConfigError(f"batch_size must be at least 1; got {self.batch_size}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be positive; got {self.lr}")
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s must be positive; got {self.timeout_s}")
+        if self.cpus_per_worker < 0:
+            raise ConfigError(f"cpus_per_worker must be >= 0; got {self.cpus_per_worker}")
         # build one optimizer on a dummy parameter: an unknown name or option fails here
-        opt = make_optimizer(self.optimizer, [nn.Parameter(torch.zeros(1))], self.lr, guess=self.guess, **self.optimizer_kw)
+        # (a cosine schedule's length is the run's, known once fit() is called)
+        kw = dict(self.optimizer_kw)
+        if kw.get("decay") == "cosine":
+            kw.setdefault("total_steps", 1)
+        opt = make_optimizer(self.optimizer, [nn.Parameter(torch.zeros(1))], self.lr, guess=self.guess, **kw)
         self.optimizer = opt.kind
         if self.lr is None:
-            self.lr = default_lr(self.optimizer, self.guess, self.merge, int(self.workers))
+            self.lr = default_lr(self.optimizer, self.guess, self.merge, self.workers)
 
 
 def default_lr(optimizer: str, guess: str, merge: str, workers: int) -> float:
@@ -147,13 +180,58 @@ def default_lr(optimizer: str, guess: str, merge: str, workers: int) -> float:
     return lr * (math.sqrt(workers) if optimizer in ("adam", "rmsprop") else workers)
 
 
-def _pack(units) -> list[bytes]:
-    """Per-unit scalars as float32 bytes: 4 bytes a scalar on the wire, not 9 (pickled float)."""
-    return [np.asarray(u, dtype=np.float32).tobytes() for u in units]
+AUTO_LAST = 192
 
 
-def _unpack(blobs: list[bytes]) -> list[np.ndarray]:
-    return [np.frombuffer(b, dtype=np.float32) for b in blobs]
+def auto_projections(model: nn.Module, blocks=None, last: int = AUTO_LAST) -> tuple[int, ...]:
+    """Projections per block for the shared-seed system (``--projections auto``).
+
+    The last block gets ``last`` (its jvps run through that block alone, so they are cheap,
+    and they train the read-out); every other block 1, except blocks holding a convolution,
+    which get 0 and stay as initialised (random features): a convolution's jvp runs through
+    the whole conv stack, costing more than the rest of the step, for a direction that moves
+    a 37k-dimensional block by next to nothing (measured in ``bench/fwdgrad_mnist.py``'s
+    CNN plan). ``last=192`` keeps the default traffic of 10 workers under 20 KB a round:
+    each worker sends ``2 + Σ projections`` float32 and each host receives ``Σ projections``.
+    """
+    bl = param_blocks(model, blocks)
+    conv = (nn.modules.conv._ConvNd,)
+    counts = [0 if any(isinstance(m, conv) for m in b.module.modules()) else 1 for b in bl[:-1]]
+    return tuple(counts) + (int(last),)
+
+
+def host_ranks(workers: int, actors: int) -> list[list[int]]:
+    """Logical workers per host actor: contiguous, as even as possible (``[[0, 1], [2]]``)."""
+    return [[int(r) for r in part] for part in np.array_split(np.arange(workers), actors)]
+
+
+def merge_scalars(merge: str, directions: str, rows: list[tuple[int, int, np.ndarray]],
+                  unit_sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The coefficients every replica applies, from each worker's ``(rank, n, d)``.
+
+    ``d`` is the worker's row of directional derivatives (units concatenated); each unit is
+    divided by its projection count (the estimate averages over projections). Returns
+    ``(who, coefs)``: ``who[s, e]`` is the worker whose directions entry ``e`` of optimizer
+    step ``s`` weighs, ``coefs[s, e]`` its coefficients (float32). Workers with no samples
+    this round take no part.
+    """
+    live = [(r, n, d) for r, n, d in rows if n > 0]
+    if not live:
+        return np.zeros((0, 0), np.int32), np.zeros((0, 0, sum(unit_sizes)), np.float32)
+    scale = np.concatenate([np.full(u, 1.0 / max(u, 1)) for u in unit_sizes])
+    scaled = [(r, d.astype(np.float64) * scale) for r, _, d in live]
+    total = sum(n for _, n, _ in live)
+    w = [n / total if merge == "weighted" else 1.0 / len(live) for _, n, _ in live]
+    if merge == "naive":
+        who = np.array([[r] for r, _ in scaled], np.int32)
+        coefs = np.stack([c for _, c in scaled])[:, None, :]
+    elif directions == "shared":
+        who = np.zeros((1, 1), np.int32)
+        coefs = sum(wi * c for wi, (_, c) in zip(w, scaled))[None, None, :]
+    else:
+        who = np.array([[r for r, _ in scaled]], np.int32)
+        coefs = np.stack([wi * c for wi, (_, c) in zip(w, scaled)])[None, :, :]
+    return who, coefs.astype(np.float32)
 
 
 def _hash_tensors(tensors) -> str:
@@ -163,112 +241,147 @@ def _hash_tensors(tensors) -> str:
     return h.hexdigest()
 
 
-class _FGWorker:
-    """One replica: model, optimizer, data shard. Plain class; ``ray.remote`` wraps it."""
+def _describe(err: BaseException) -> str:
+    """'SomeError: message' of a local or remote failure (the remote cause, not Ray's wrapper)."""
+    cause = err if isinstance(err, FGWorkerError) else (getattr(err, "cause", None) or err)
+    if isinstance(cause, FGWorkerError):
+        return str(cause)
+    return f"{type(cause).__name__}: {cause}"
 
-    def __init__(
-        self,
-        rank: int,
-        model: nn.Module,
-        loss_fn: Callable,
-        train: tuple[torch.Tensor, torch.Tensor],
-        test: tuple[torch.Tensor, torch.Tensor] | None,
-        cfg: FGDPConfig,
-        rounds_per_epoch: int,
-    ) -> None:
+
+class _FGHost:
+    """One replica (model, optimizer) and the data shards of its logical workers.
+
+    A plain class; ``ray.remote`` (or ``LocalActor``) wraps it.
+    """
+
+    def __init__(self, host: int, ranks: list[int], model: nn.Module, loss_fn: Callable, shards: list,
+                 test, cfg: FGDPConfig, rounds_per_epoch: int) -> None:
         torch.set_num_threads(max(1, int(cfg.threads_per_worker)))
-        self.rank, self.cfg, self.loss_fn = rank, cfg, loss_fn
+        self.host, self.ranks, self.cfg, self.loss_fn = host, list(ranks), cfg, loss_fn
         self.model = model.train()
-        self.x, self.y = train
-        self.test = test
+        self.shards = [from_wire(s) for s in shards]
+        self.test = None if test is None else from_wire(test)
         self.rounds = int(rounds_per_epoch)
-        self.bs = max(1, math.ceil(len(self.y) / self.rounds))
-        self.opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, guess=cfg.guess, **cfg.optimizer_kw)
+        self.bs = [max(1, math.ceil(len(y) / self.rounds)) for _, y in self.shards]
+        kw = dict(cfg.optimizer_kw)
+        if kw.get("decay") == "cosine":
+            kw.setdefault("total_steps", 1)  # the run's length comes with set_total_steps
+        self.opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, guess=cfg.guess, **kw)
         self.heads = self.head_opt = None
         if cfg.guess == "local":
             torch.manual_seed(cfg.seed)  # identical heads on every replica
-            self.heads = fg.LocalHeads(self.model, self.x[:2], blocks=cfg.blocks)
+            self.heads = LocalHeads(self.model, self.shards[0][0][:2], blocks=cfg.blocks)
             self.head_opt = FGOptimizer(self.heads.parameters(), "adam", cfg.head_lr)
-        self._order: tuple[int, torch.Tensor] | None = None
+        self._orders: dict[int, tuple[int, torch.Tensor]] = {}
+        self._drawn: dict[tuple, Any] = {}  # this round's directions, kept for the update
         # BatchNorm running statistics cannot be regenerated from a seed: as DDP does
         # (broadcast_buffers), worker 0's buffers travel with each update to every replica.
         self.sync_buffers = any(True for _ in self.model.buffers())
 
-    # -- data ---------------------------------------------------------------------------
-    def _batch(self, epoch: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._order is None or self._order[0] != epoch:
-            g = fg.make_generator(self.cfg.seed, 0xDA7A, self.rank, epoch)
-            self._order = (epoch, torch.randperm(len(self.y), generator=g))
-        idx = self._order[1][b * self.bs : (b + 1) * self.bs]
-        return self.x[idx], self.y[idx]
+    # -- data -------------------------------------------------------------------------------
+    def batch(self, j: int, epoch: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logical worker ``ranks[j]``'s batch ``b`` of ``epoch`` (its own shuffle per epoch)."""
+        x, y = self.shards[j]
+        if j not in self._orders or self._orders[j][0] != epoch:
+            g = make_generator(self.cfg.seed, 0xDA7A, self.ranks[j], epoch)
+            self._orders[j] = (epoch, torch.randperm(len(y), generator=g))
+        idx = self._orders[j][1][b * self.bs[j] : (b + 1) * self.bs[j]]
+        return x[idx], y[idx]
 
     def _keys(self, t: int, worker: int) -> tuple[int, int]:
-        return (t, 0 if self.cfg.directions == "shared" else worker)
+        return (int(t), 0 if self.cfg.directions == "shared" else int(worker))
 
-    # -- a round --------------------------------------------------------------------------
-    def step(self, t: int, epoch: int, b: int, update: dict | None) -> dict:
+    def _directions(self, keys: tuple[int, int]):
+        cfg = self.cfg
+        drawn = self._drawn.get(keys)
+        if drawn is None:
+            drawn = fge.draw(self.model, seed=cfg.seed, keys=keys, projections=cfg.projections,
+                             dist=cfg.dist, scope=cfg.scope, blocks=cfg.blocks)
+        return drawn
+
+    # -- a round ----------------------------------------------------------------------------
+    def set_total_steps(self, n: int) -> None:
+        """The run's optimizer steps, for a cosine schedule (its length is the run's)."""
+        if self.opt.decay == "cosine" and "total_steps" not in self.cfg.optimizer_kw:
+            self.opt.total_steps = max(1, int(n))
+
+    def step(self, t: int, update: Any) -> Any:
         """Apply the previous round's update, then compute this round's message."""
         if update is not None:
             self.apply(update)
-        return self.compute(t, epoch, b)
+        return self.compute(t)
 
-    def compute(self, t: int, epoch: int, b: int) -> dict:
-        x, y = self._batch(epoch, b)
-        if len(y) == 0:
-            return {"d": None, "n": 0, "loss": 0.0}
+    def compute(self, t: int) -> Any:
+        epoch, b = divmod(int(t), self.rounds)
+        rows = [self.compute_one(j, int(t), epoch, b) for j in range(len(self.ranks))]
+        buffers = None
+        if self.sync_buffers and self.host == 0:
+            buffers = [to_wire(buf.detach().clone()) for buf in self.model.buffers()]
+        if self.cfg.guess == "random":
+            return np.stack(rows).astype(np.float32), buffers
+        return {"rows": rows, "buffers": buffers}
+
+    def compute_one(self, j: int, t: int, epoch: int, b: int):
+        """Logical worker ``ranks[j]``'s message: ``[n, loss, d...]`` (random guess)."""
         cfg = self.cfg
+        x, y = self.batch(j, epoch, b)
+        stats = j == 0  # running statistics move once per replica per round
         if cfg.guess == "random":
-            loss, d = fg.directional_derivatives(
-                self.model, x, y, self.loss_fn, seed=cfg.seed, keys=self._keys(t, self.rank),
-                projections=cfg.projections, dist=cfg.dist, scope=cfg.scope, blocks=cfg.blocks,
+            if len(y) == 0:
+                return np.zeros(2 + self._width(), np.float32)
+            keys = self._keys(t, self.ranks[j])
+            drawn = self._directions(keys)
+            self._drawn[keys] = drawn
+            loss, d = fge.directional_derivatives(
+                self.model, x, y, self.loss_fn, seed=cfg.seed, keys=keys, projections=cfg.projections,
+                dist=cfg.dist, scope=cfg.scope, blocks=cfg.blocks, update_stats=stats, drawn=drawn,
             )
-            return self._with_buffers({"d": _pack([du.numpy() for du in d]), "n": int(len(y)), "loss": float(loss)})
-        est = fg.forward_gradient(
-            self.model, x, y, self.loss_fn, guess="local", heads=self.heads, scope=cfg.scope, blocks=cfg.blocks
-        )
-        return self._with_buffers({
-            "g": [g.numpy() for g in est.grads],
-            "h": [g.numpy() for g in est.head_grads],
-            "n": int(len(y)),
-            "loss": float(est.loss),
-        })
+            return np.concatenate([[len(y), loss], torch.cat(d).numpy()]).astype(np.float32)
+        if len(y) == 0:
+            return {"n": 0, "loss": 0.0, "g": None, "h": None}
+        est = fge.forward_gradient(self.model, x, y, self.loss_fn, guess="local", heads=self.heads,
+                                   scope=cfg.scope, blocks=cfg.blocks, update_stats=stats)
+        return {"n": int(len(y)), "loss": float(est.loss), "g": [to_wire(g) for g in est.grads],
+                "h": [to_wire(g) for g in est.head_grads]}
 
-    def _with_buffers(self, msg: dict) -> dict:
-        if self.sync_buffers and self.rank == 0:
-            msg["buffers"] = [b.detach().numpy().copy() for b in self.model.buffers()]
-        return msg
+    def _width(self) -> int:
+        return sum(unit_sizes(self.model, self.cfg))
 
-    def apply(self, update: dict) -> None:
+    def apply(self, update: Any) -> None:
         """Take the optimizer step(s) that every replica takes from this update."""
-        cfg = self.cfg
-        if update["kind"] == "scalars":
-            t = update["t"]
-            for entries in update["steps"]:
-                g = [torch.zeros_like(p) for p in self.model.parameters()]
-                for worker, coefs in entries:
-                    fg.combine(self.model, _unpack(coefs), cfg.seed, self._keys(t, worker), cfg.dist, cfg.scope, cfg.blocks, out=g)
+        kind, t, who, body, buffers = update
+        params = list(self.model.parameters())
+        if kind == "scalars":
+            coefs = body  # (steps, entries, scalars); who[s, e] the worker, None: shared directions
+            sizes = unit_sizes(self.model, self.cfg)
+            cuts = np.cumsum(sizes)[:-1]
+            for s in range(coefs.shape[0]):
+                g = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+                for e in range(coefs.shape[1]):
+                    drawn = self._directions(self._keys(t, 0 if who is None else int(who[s, e])))
+                    fge.weigh(g, drawn, np.split(coefs[s, e], cuts))
                 self.opt.step(grads=g)
+            self._drawn.clear()
         else:
-            for gs, hs in zip(update["steps"], update["heads"]):
-                self.opt.step(grads=[torch.tensor(a) for a in gs])
-                self.head_opt.step(grads=[torch.tensor(a) for a in hs])
-        if update.get("buffers") is not None:
+            steps, heads = body
+            for gs, hs in zip(steps, heads):
+                self.opt.step(grads=[from_wire(a) for a in gs])
+                self.head_opt.step(grads=[from_wire(a) for a in hs])
+        if buffers is not None:
             with torch.no_grad():
-                for b, a in zip(self.model.buffers(), update["buffers"]):
-                    b.copy_(torch.from_numpy(np.array(a)))
+                for buf, a in zip(self.model.buffers(), buffers):
+                    buf.copy_(from_wire(a))
 
-    # -- checks and reports ---------------------------------------------------------------
+    # -- checks and reports -------------------------------------------------------------------
     def param_hash(self) -> str:
         ts = list(self.model.parameters()) + list(self.model.buffers())
         if self.heads is not None:
             ts += list(self.heads.parameters())
         return _hash_tensors(ts)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
     def evaluate(self) -> tuple[int, int, float]:
-        """(correct, count, summed loss) on this worker's slice of the test set."""
+        """(correct, count, summed loss) on this host's slice of the test set."""
         if self.test is None or len(self.test[1]) == 0:
             return 0, 0, 0.0
         x, y = self.test
@@ -287,43 +400,109 @@ class _FGWorker:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def ping(self) -> int:
-        return self.rank
+        return self.host
 
 
-class _LocalRef:
-    """The already-computed result (or error) of an in-process call."""
-
-    def __init__(self, fn: Callable, args: tuple) -> None:
-        try:
-            # a pickle round trip, as over the wire: no object is shared with the caller
-            self.value, self.error = fn(*pickle.loads(pickle.dumps(args, protocol=5))), None
-        except Exception as err:  # noqa: BLE001 - re-raised by the coordinator, naming the worker
-            self.value, self.error = None, err
+def unit_sizes(model: nn.Module, cfg: FGDPConfig) -> list[int]:
+    """Scalars per unit in one worker's row: the projection count of each unit."""
+    if cfg.scope == "global":
+        return [int(cfg.projections) if not isinstance(cfg.projections, tuple) else int(cfg.projections[0])]
+    n = len(param_blocks(model, cfg.blocks))
+    return fge._unit_counts(cfg.projections, n)
 
 
-class _LocalMethod:
-    def __init__(self, fn: Callable) -> None:
-        self.fn = fn
+class _FGCoordinator:
+    """Runs rounds: calls every host, merges the scalars, keeps the update for the next call.
 
-    def remote(self, *args) -> _LocalRef:
-        return _LocalRef(self.fn, args)
+    A plain class: a Ray actor (``coordinator='actor'``, the driver off the round path) or an
+    object in the driver (``'driver'``, or the local backend).
+    """
 
+    def __init__(self, hosts: list, ranks: list[list[int]], cfg: FGDPConfig, sizes: list[int]) -> None:
+        self.hosts, self.ranks, self.cfg, self.sizes = list(hosts), ranks, cfg, list(sizes)
+        self.t = 0
+        self.pending: Any = None
 
-class _LocalActor:
-    """An in-process stand-in for a Ray actor handle: ``h.method.remote(...)`` runs at once."""
+    def _get(self, refs: list, what: str) -> list:
+        def failed(i: int, err: BaseException) -> None:
+            raise FGWorkerError(self.ranks[i], f"{what}: {_describe(err)}") from err
 
-    def __init__(self, cls: type, args: tuple) -> None:
-        self.obj = cls(*pickle.loads(pickle.dumps(args, protocol=5)))
+        def silent(late: list[int]) -> None:
+            raise FGWorkerError(sorted(r for i in late for r in self.ranks[i]),
+                                f"no answer to {what} within {self.cfg.timeout_s:g} s")
 
-    def __getattr__(self, name: str) -> _LocalMethod:
-        return _LocalMethod(getattr(self.obj, name))
+        return wait_all(refs, self.cfg.timeout_s, failed, silent)
 
+    def run(self, rounds: int) -> list[dict]:
+        """``rounds`` rounds; one record each (loss, samples, bytes up/down, seconds)."""
+        return [self._round() for _ in range(int(rounds))]
 
-BACKENDS = ("ray", "local")
+    def _round(self) -> dict:
+        t = self.t
+        t0 = time.perf_counter()
+        args = (t, self.pending)
+        down = wire_size(args) * len(self.hosts)
+        results = self._get([h.step.remote(*args) for h in self.hosts], f"round {t}")
+        up = sum(wire_size(r) for r in results)
+        self.pending, n, loss = self._merge(results, t)
+        self.t += 1
+        return {"t": t, "epoch": None, "loss": loss, "samples": n, "bytes_up": up, "bytes_down": down,
+                "bytes": up + down, "seconds": time.perf_counter() - t0}
+
+    def _merge(self, results: list, t: int) -> tuple[Any, int, float]:
+        cfg = self.cfg
+        if cfg.guess == "random":
+            rows = [(r, int(row[0]), row[2:]) for (mat, _), ranks in zip(results, self.ranks)
+                    for r, row in zip(ranks, mat)]
+            losses = [(int(row[0]), float(row[1])) for (mat, _) in results for row in mat]
+            who, coefs = merge_scalars(cfg.merge, cfg.directions, rows, self.sizes)
+            # shared directions: every entry weighs the round's one set; no worker ids travel
+            update = ("scalars", t, None if cfg.directions == "shared" else who, coefs, results[0][1])
+        else:
+            rows = [(r, row) for res, ranks in zip(results, self.ranks) for r, row in zip(ranks, res["rows"])]
+            live = [row for _, row in rows if row["n"] > 0]
+            losses = [(row["n"], row["loss"]) for _, row in rows]
+            total = sum(row["n"] for row in live)
+            w = [row["n"] / total if cfg.merge == "weighted" else 1.0 / len(live) for row in live]
+            if cfg.merge == "naive":
+                steps, heads = [row["g"] for row in live], [row["h"] for row in live]
+            else:
+                steps = [[sum(wi * row["g"][j] for wi, row in zip(w, live)).astype(np.float32)
+                          for j in range(len(live[0]["g"]))]]
+                heads = [[sum(wi * row["h"][j] for wi, row in zip(w, live)).astype(np.float32)
+                          for j in range(len(live[0]["h"]))]]
+            update = ("tensors", t, None, (steps, heads), results[0]["buffers"])
+        n = sum(k for k, _ in losses)
+        loss = sum(k * v for k, v in losses) / max(n, 1)
+        return update, n, loss
+
+    def flush(self) -> None:
+        """Apply the last aggregated update on every replica (before evaluating or saving)."""
+        if self.pending is not None:
+            upd, self.pending = self.pending, None
+            self._get([h.apply.remote(upd) for h in self.hosts], "apply")
+
+    def set_total_steps(self, n: int) -> None:
+        self._get([h.set_total_steps.remote(n) for h in self.hosts], "set_total_steps")
+
+    def evaluate(self) -> dict:
+        """Test accuracy and loss, each host scoring its slice of the test set."""
+        self.flush()
+        parts = self._get([h.evaluate.remote() for h in self.hosts], "evaluate")
+        correct, count, loss = (sum(p[i] for p in parts) for i in range(3))
+        return {"accuracy": correct / count if count else float("nan"), "loss": loss / count if count else float("nan")}
+
+    def hashes(self) -> list[str]:
+        self.flush()
+        return self._get([h.param_hash.remote() for h in self.hosts], "param_hash")
+
+    def state_dict(self) -> dict:
+        self.flush()
+        return self._get([self.hosts[0].state_dict.remote()], "state_dict")[0]
 
 
 def _split(n: int, parts: int, how: str, seed: int) -> list[torch.Tensor]:
-    perm = torch.randperm(n, generator=fg.make_generator(seed, 0x5A4D))
+    perm = torch.randperm(n, generator=make_generator(seed, 0x5A4D))
     if how == "equal":
         return [c for c in torch.tensor_split(perm, parts)]
     weights = np.arange(1, parts + 1, dtype=np.float64)  # shard i holds (i+1)/Σ of the data
@@ -332,15 +511,16 @@ def _split(n: int, parts: int, how: str, seed: int) -> list[torch.Tensor]:
 
 
 class ForwardGradientDP:
-    """The coordinator: starts the workers, runs rounds, aggregates scalars, checks replicas.
+    """The driver's handle: starts hosts and coordinator, runs epochs, checks replicas.
 
-    ``model`` is copied to every worker once (start-up traffic, ``startup_bytes``);
-    ``train`` and ``test`` are ``(x, y)`` pairs or objects with ``.x`` and ``.y``, split
-    into one shard per worker (``shards='uneven'``: shard i holds a share proportional to
-    i+1, so that ``weighted`` and ``mean`` differ). ``address`` joins an existing Ray
-    cluster; without it a local one is started if none is running (``num_cpus``).
-    ``backend='local'`` runs the same workers in this process, one after another (the seed
-    report's simulation): same messages, same bytes, same replicas, no Ray.
+    ``model`` is copied to every host once (start-up traffic, ``startup_bytes``); ``train``
+    and ``test`` are ``(x, y)`` pairs or objects with ``.x`` and ``.y``; the training set is
+    split into one shard per worker (``shards='uneven'``: shard i holds a share proportional
+    to i+1, so that ``weighted`` and ``mean`` differ; ``shard_indices`` says which samples
+    each worker holds), the test set into one slice per host. ``address`` joins an existing
+    Ray cluster; without it a local one is started if none is running (``num_cpus``).
+    ``backend='local'`` runs the same hosts and coordinator in this process, one after
+    another (the seed report's simulation): same messages, same bytes, same replicas, no Ray.
     """
 
     def __init__(
@@ -366,22 +546,11 @@ class ForwardGradientDP:
         N = cfg.workers
         if len(y) < N:
             raise ConfigError(f"{len(y)} training samples cannot feed {N} workers; use at most {len(y)} workers")
-        shards = _split(len(y), N, cfg.shards, cfg.seed)
-        sizes = [len(s) for s in shards]
+        self.shard_indices = _split(len(y), N, cfg.shards, cfg.seed)
+        self.shard_sizes = [len(s) for s in self.shard_indices]
         self.rounds_per_epoch = max(1, math.ceil((len(y) / N) / cfg.batch_size))
-        tests: list = [None] * N
-        if test is not None:
-            tx, ty = (test.x, test.y) if hasattr(test, "x") else test
-            tests = [(tx[c], ty[c]) for c in torch.tensor_split(torch.arange(len(ty)), N)]
-        self.shard_sizes = sizes
-        self.num_params = sum(p.numel() for p in model.parameters())
         self._ray = None
         self._started_ray = False
-        self.actors: list = []
-        self.startup_bytes = 0
-        self.t = 0
-        self._pending: dict | None = None
-        self.history: list[dict] = []
         if self.backend == "ray":
             import ray
 
@@ -389,130 +558,117 @@ class ForwardGradientDP:
 
             self._started_ray = ensure_ray(address, num_cpus)
             self._ray = ray
+        if cfg.actors is None:
+            cfg = self.cfg = FGDPConfig(**{**asdict(cfg), "actors": min(N, self._cpus())})
+        self.ranks = host_ranks(N, cfg.actors)
+        tests: list = [None] * cfg.actors
+        if test is not None:
+            tx, ty = (test.x, test.y) if hasattr(test, "x") else test
+            tests = [to_wire((tx[c], ty[c])) for c in torch.tensor_split(torch.arange(len(ty)), cfg.actors)]
+        model = model.cpu()
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.unit_sizes = unit_sizes(model, cfg) if cfg.guess == "random" else []
+        self.placement_group = None
+        self.actors: list = []
+        self.coordinator: Any = None
+        self.startup_bytes = 0
+        self.history: list[dict] = []
         try:
-            if self.backend == "ray":
-                remote_cls = self._ray.remote(_FGWorker).options(
-                    num_cpus=cfg.cpus_per_worker, max_restarts=0, max_task_retries=0
-                )
-                start = remote_cls.remote
+            host_args = [
+                (h, ranks, model, self.loss_fn,
+                 [to_wire((x[self.shard_indices[r]], y[self.shard_indices[r]])) for r in ranks],
+                 tests[h], cfg, self.rounds_per_epoch)
+                for h, ranks in enumerate(self.ranks)
+            ]
+            self.startup_bytes = sum(wire_size(a) for a in host_args)
+            self.actors = self._start_hosts(host_args)
+            # a process start imports torch: on a loaded machine that alone can take a minute
+            self._get([a.ping.remote() for a in self.actors], "start", self.ranks,
+                      timeout_s=cfg.timeout_s + cfg.placement_timeout_s + 120)
+            coord_args = (self.actors, self.ranks, cfg, self.unit_sizes)
+            if self.backend == "ray" and cfg.coordinator == "actor":
+                from .ray_backend import actor_env
+
+                (self.coordinator,) = start_actors(_FGCoordinator, [coord_args], cpus=0, env=actor_env())
             else:
-                def start(*args):
-                    return _LocalActor(_FGWorker, args)
-            model = model.cpu()
-            for i in range(N):
-                args = (i, model, self.loss_fn, (x[shards[i]], y[shards[i]]), tests[i], cfg, self.rounds_per_epoch)
-                self.startup_bytes += wire_size(args)
-                self.actors.append(start(*args))
-            self._get([a.ping.remote() for a in self.actors], "start")
+                self.coordinator = LocalActor(_FGCoordinator, coord_args, copy=False)
         except BaseException:
             self.shutdown()
             raise
 
-    # -- remote calls -----------------------------------------------------------------------
-    def _get(self, refs: list, what: str) -> list:
-        """Results of one call per worker; a failure or a silence names the worker."""
+    def _cpus(self) -> int:
+        """CPUs to spread hosts over: more host processes than cores would only repeat the
+        per-replica work (drawing directions, the optimizer step) on the same cores."""
+        if self.backend == "ray":
+            return max(1, int(self._ray.cluster_resources().get("CPU", 1)))
+        import os
+
+        return max(1, os.cpu_count() or 1)
+
+    def _start_hosts(self, host_args: list[tuple]) -> list:
+        cfg = self.cfg
         if self.backend == "local":
-            for i, ref in enumerate(refs):
-                if ref.error is not None:
-                    err = ref.error
-                    raise FGWorkerError(i, f"{what}: {type(err).__name__}: {err}") from err
-            return [ref.value for ref in refs]
-        ray = self._ray
-        index = {ref: i for i, ref in enumerate(refs)}
-        results: list = [None] * len(refs)
-        pending = list(refs)
-        deadline = time.monotonic() + self.cfg.timeout_s
-        while pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                late = sorted(index[r] for r in pending)
-                raise FGWorkerError(late, f"no answer to {what} within {self.cfg.timeout_s:g} s")
-            ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, 5.0))
-            for ref in ready:
-                try:
-                    results[index[ref]] = ray.get(ref)
-                except Exception as err:  # noqa: BLE001 - becomes our own error, naming the worker
-                    cause = getattr(err, "cause", None) or err
-                    raise FGWorkerError(index[ref], f"{what}: {type(cause).__name__}: {cause}") from err
-        return results
+            return [LocalActor(_FGHost, a) for a in host_args]
+        from .ray_backend import _place, actor_env
+
+        self.placement_group = _place(len(host_args), cfg.cpus_per_worker, 0.0, cfg.placement,
+                                      cfg.placement_timeout_s)
+        return start_actors(_FGHost, host_args, cpus=cfg.cpus_per_worker, placement_group=self.placement_group,
+                            env=actor_env())
+
+    # -- remote calls -----------------------------------------------------------------------
+    def _get(self, refs: list, what: str, ranks: list[list[int]] | None = None, timeout_s: float | None = None) -> list:
+        """Results of one call per actor; a failure or a silence names the workers."""
+        names = ranks if ranks is not None else [[]] * len(refs)
+
+        def failed(i: int, err: BaseException) -> None:
+            cause = err if isinstance(err, FGWorkerError) else getattr(err, "cause", None)
+            if isinstance(cause, FGWorkerError):  # the coordinator named the workers
+                raise FGWorkerError(cause.workers, cause.reason) from err
+            who = "worker" if names[i] else "coordinator"
+            raise FGWorkerError(names[i], f"{what}: {_describe(err)}", who) from err
+
+        def silent(late: list[int]) -> None:
+            raise FGWorkerError(sorted(r for i in late for r in names[i]),
+                                f"no answer to {what} within {timeout:g} s")
+
+        timeout = timeout_s or self.cfg.timeout_s
+        return wait_all(refs, timeout, failed, silent)
+
+    def _ask(self, method: str, *args, rounds: int = 0):
+        """One call to the coordinator, given time for ``rounds`` rounds."""
+        ref = getattr(self.coordinator, method).remote(*args)
+        return self._get([ref], method, timeout_s=self.cfg.timeout_s * (rounds + 1) + 60)[0]
 
     # -- rounds -----------------------------------------------------------------------------
-    def _aggregate(self, results: list[dict], t: int) -> dict:
-        update = self._merge(results, t)
-        update["buffers"] = results[0].get("buffers")
-        return update
-
-    def _merge(self, results: list[dict], t: int) -> dict:
-        cfg = self.cfg
-        live = [(i, r) for i, r in enumerate(results) if r["n"] > 0]
-        total = sum(r["n"] for _, r in live)
-        if cfg.merge == "weighted":
-            w = {i: r["n"] / total for i, r in live}
-        else:
-            w = {i: 1.0 / len(live) for i, r in live}
-        if cfg.guess == "random":
-            # per worker, per unit: d / n (the average over that unit's projections)
-            scaled = {i: [du.astype(np.float64) / max(len(du), 1) for du in _unpack(r["d"])] for i, r in live}
-            units = len(live[0][1]["d"])
-            if cfg.merge == "naive":
-                steps = [[(i, _pack(scaled[i]))] for i, _ in live]
-            elif cfg.directions == "shared":
-                steps = [[(0, _pack([sum(w[i] * scaled[i][u] for i, _ in live) for u in range(units)]))]]
-            else:
-                steps = [[(i, _pack([w[i] * c for c in scaled[i]])) for i, _ in live]]
-            return {"kind": "scalars", "t": t, "steps": steps}
-        if cfg.merge == "naive":
-            return {"kind": "tensors", "steps": [r["g"] for _, r in live], "heads": [r["h"] for _, r in live]}
-        g = [sum(w[i] * r["g"][j] for i, r in live).astype(np.float32) for j in range(len(live[0][1]["g"]))]
-        h = [sum(w[i] * r["h"][j] for i, r in live).astype(np.float32) for j in range(len(live[0][1]["h"]))]
-        return {"kind": "tensors", "steps": [g], "heads": [h]}
+    def run(self, rounds: int) -> list[dict]:
+        """``rounds`` rounds run by the coordinator, one driver call; their records."""
+        recs = self._ask("run", int(rounds), rounds=int(rounds))
+        for r in recs:
+            r["epoch"] = r["t"] // self.rounds_per_epoch
+        self.history.extend(recs)
+        return recs
 
     def step(self) -> dict:
         """One round; returns loss, samples and bytes on the wire (up, down, total)."""
-        t = self.t
-        epoch, b = divmod(t, self.rounds_per_epoch)
-        up = down = 0
-        refs = []
-        for a in self.actors:
-            args = (t, epoch, b, self._pending)
-            down += wire_size(args)
-            refs.append(a.step.remote(*args))
-        results = self._get(refs, f"round {t}")
-        up = sum(wire_size(r) for r in results)
-        self._pending = self._aggregate(results, t)
-        self.t += 1
-        n = sum(r["n"] for r in results)
-        loss = sum(r["loss"] * r["n"] for r in results) / max(n, 1)
-        rec = {"t": t, "epoch": epoch, "loss": loss, "samples": n, "bytes_up": up, "bytes_down": down, "bytes": up + down}
-        self.history.append(rec)
-        return rec
+        return self.run(1)[0]
 
     def flush(self) -> None:
-        """Apply the last aggregated update on every replica (before evaluating or saving)."""
-        if self._pending is not None:
-            upd, self._pending = self._pending, None
-            self._get([a.apply.remote(upd) for a in self.actors], "apply")
+        self._ask("flush")
 
     def evaluate(self) -> dict:
-        """Test accuracy and loss, each worker scoring its slice of the test set."""
-        self.flush()
-        parts = self._get([a.evaluate.remote() for a in self.actors], "evaluate")
-        correct = sum(p[0] for p in parts)
-        count = sum(p[1] for p in parts)
-        loss = sum(p[2] for p in parts)
-        return {"accuracy": correct / count if count else float("nan"), "loss": loss / count if count else float("nan")}
+        return self._ask("evaluate")
 
     def hashes(self) -> list[str]:
-        self.flush()
-        return self._get([a.param_hash.remote() for a in self.actors], "param_hash")
+        """Every replica's hash (parameters, buffers, heads), one per host."""
+        return self._ask("hashes")
 
     def replicas_identical(self) -> bool:
         """True when every replica's parameters (and buffers, heads) hash the same."""
         return len(set(self.hashes())) == 1
 
     def state_dict(self) -> dict:
-        self.flush()
-        return self._get([self.actors[0].state_dict.remote()], "state_dict")[0]
+        return self._ask("state_dict")
 
     def fit(
         self,
@@ -520,21 +676,23 @@ class ForwardGradientDP:
         *,
         on_round: Callable[[dict], None] | None = None,
         on_epoch: Callable[[int, dict], None] | None = None,
-        evaluate_each_epoch: bool = False,
+        evaluate_each_epoch: bool = True,
     ) -> dict:
-        """Run ``epochs`` epochs of rounds; returns the report (see ``report``)."""
+        """Run ``epochs`` epochs (one coordinator call each); returns the report."""
+        steps = int(epochs) * self.rounds_per_epoch * (self.cfg.workers if self.cfg.merge == "naive" else 1)
+        self._ask("set_total_steps", steps)
         t0 = time.perf_counter()
         per_epoch: list[dict] = []
         for e in range(int(epochs)):
-            recs = []
-            for _ in range(self.rounds_per_epoch):
-                recs.append(self.step())
-                if on_round is not None:
-                    on_round(recs[-1])
+            recs = self.run(self.rounds_per_epoch)
+            if on_round is not None:
+                for r in recs:
+                    on_round(r)
             n = sum(r["samples"] for r in recs)
-            ep = {"epoch": e, "train_loss": sum(r["loss"] * r["samples"] for r in recs) / max(n, 1)}
+            ep = {"epoch": e + 1, "train_loss": sum(r["loss"] * r["samples"] for r in recs) / max(n, 1)}
             if evaluate_each_epoch:
-                ep["test_accuracy"] = self.evaluate()["accuracy"]
+                ev = self.evaluate()
+                ep.update(test_accuracy=ev["accuracy"], test_loss=ev["loss"])
             per_epoch.append(ep)
             if on_epoch is not None:
                 on_epoch(e, ep)
@@ -544,37 +702,60 @@ class ForwardGradientDP:
     def report(self, per_epoch: list[dict], wall_s: float) -> dict:
         ev = self.evaluate()
         hs = self.hashes()
-        steps = max(len(self.history), 1)
+        hist = self.history
+        steps = max(len(hist), 1)
+        up = sum(r["bytes_up"] for r in hist) / steps
+        down = sum(r["bytes_down"] for r in hist) / steps
+        N = self.cfg.workers
         return {
             "final_test_accuracy": ev["accuracy"],
             "final_test_loss": ev["loss"],
             "train_loss": [e["train_loss"] for e in per_epoch],
+            "test_accuracy": [e.get("test_accuracy") for e in per_epoch],
             "epochs": per_epoch,
             "wall_s": wall_s,
-            "rounds": len(self.history),
-            "bytes_per_step": sum(r["bytes"] for r in self.history) / steps,
-            "bytes_up_per_step": sum(r["bytes_up"] for r in self.history) / steps,
-            "bytes_down_per_step": sum(r["bytes_down"] for r in self.history) / steps,
+            "rounds": len(hist),
+            "rounds_per_s": len(hist) / wall_s if wall_s > 0 else float("nan"),
+            "round_s_median": float(np.median([r["seconds"] for r in hist])) if hist else float("nan"),
+            "bytes_per_step": up + down,
+            "bytes_up_per_step": up,
+            "bytes_down_per_step": down,
+            "bytes_per_worker_per_step": (up + down) / N,
+            "bytes_up_per_worker_per_step": up / N,
+            "bytes_down_per_worker_per_step": down / N,
             "startup_bytes": self.startup_bytes,
+            "startup_bytes_per_worker": self.startup_bytes / N,
+            "scalars_per_worker_per_step": sum(self.unit_sizes),
             "num_params": self.num_params,
             "param_bytes": 4 * self.num_params,
+            "hosts": len(self.ranks),
             "replicas_identical": len(set(hs)) == 1,
             "param_hash": hs[0],
+            "param_hashes": hs,
             "shard_sizes": self.shard_sizes,
             "config": asdict(self.cfg),
         }
 
     # -- lifetime ---------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Kill the worker actors; shut Ray down if this object started it."""
+        """Kill the coordinator and host actors; shut Ray down if this object started it."""
         ray = self._ray
         if ray is not None:
-            for a in self.actors:
+            for a in ([self.coordinator] if self.coordinator is not None else []) + list(self.actors):
+                if isinstance(a, LocalActor):
+                    continue
                 try:
                     ray.kill(a, no_restart=True)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
+            pg, self.placement_group = self.placement_group, None
+            if pg is not None:
+                try:
+                    ray.util.remove_placement_group(pg)
+                except Exception:  # noqa: BLE001 - Ray already shut down
+                    pass
         self.actors = []
+        self.coordinator = None
         if self._started_ray and ray is not None and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False
@@ -584,3 +765,4 @@ class ForwardGradientDP:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+

@@ -9,6 +9,7 @@ simulator, so a measured timeline and its prediction print side by side.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import deque
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ from brigade.stages.rules import get_method
 from brigade.stages.stage import make_stage_module
 
 from .config import PipelineConfig
+from .flags import accepts
 from .errors import PipelineConfigError, PipelineError
 from .microbatch import loss_weights, split_batch
 from .spec import WorkerSpec
@@ -51,6 +53,28 @@ def _concatenate(base: schedulers.Schedule, steps: int, phase: int) -> list[list
     return program
 
 
+_POSITIONAL_DEFAULTS = dict(stages=2, schedule=None, method="backprop", microbatches=4,
+                           virtual=1, backend="ray")
+
+
+def _config(config: PipelineConfig | None, keys: dict[str, Any], **named: Any) -> PipelineConfig:
+    """The pipeline's config: ``config`` as given, or built from the keywords (config keys
+    to the config, the rest to the stage options)."""
+    given = {k: v for k, v in keys.items() if accepts(PipelineConfig, k)}
+    options = {k: v for k, v in keys.items() if k not in given}
+    if config is None:
+        options = {**given.pop("options", {}), **options}
+        return PipelineConfig(**named, **given, options=options)
+    clash = sorted(given) + [k for k, v in named.items() if v != _POSITIONAL_DEFAULTS[k]]
+    if clash:
+        raise PipelineConfigError(
+            f"give the configuration either as config= or as keywords, not both "
+            f"({', '.join(clash)} given beside config=)")
+    if options:
+        config = dataclasses.replace(config, options={**config.options, **options})
+    return config
+
+
 class Pipeline:
     """A model trained by a pipeline of stages (the README's "Python API" is the contract).
 
@@ -63,7 +87,7 @@ class Pipeline:
         self,
         model: nn.Sequential,
         stages: int | list[int] = 2,
-        schedule: str = "1f1b",
+        schedule: str | None = None,
         method: str = "backprop",
         microbatches: int = 4,
         virtual: int = 1,
@@ -71,35 +95,30 @@ class Pipeline:
         loss_fn: nn.Module | None = None,
         backend: str = "ray",
         *,
-        balance_by: str = "uniform",
+        config: PipelineConfig | None = None,
         sample: torch.Tensor | None = None,
-        address: str | None = None,
-        cpus_per_stage: float | None = None,
-        gpus_per_stage: float | None = None,
-        placement: str = "pack",
-        placement_timeout_s: float = 30.0,
-        transport: str = "p2p",
-        timeout_s: float = 300.0,
-        schedule_options: dict[str, Any] | None = None,
-        **options: Any,
+        **keys: Any,
     ) -> None:
-        self.config = PipelineConfig(
-            stages=stages, schedule=schedule, method=method, microbatches=microbatches,
-            virtual=virtual, backend=backend, balance_by=balance_by, address=address,
-            cpus_per_stage=cpus_per_stage, gpus_per_stage=gpus_per_stage,
-            placement=placement, placement_timeout_s=placement_timeout_s, transport=transport,
-            timeout_s=timeout_s, options=options, schedule_options=dict(schedule_options or {}),
-        )
+        """``config``: the whole configuration as one object; without it, the keywords
+        build one (``balance_by``, ``autocast``, the cluster's ``address``,
+        ``cpus_per_stage``, ``gpus_per_stage``, ``placement``, ``placement_timeout_s``,
+        ``transport``, ``timeout_s``, ``schedule_options``; any other keyword is an option
+        of the method's stage class, e.g. ``sg_lr``)."""
+        self.config = _config(config, keys, stages=stages, schedule=schedule, method=method,
+                              microbatches=microbatches, virtual=virtual, backend=backend)
         if not isinstance(model, nn.Sequential):
             raise PipelineConfigError(
                 f"model must be an nn.Sequential of blocks (got {type(model).__name__}); "
                 "wrap your layers in nn.Sequential so contiguous cuts are stages"
             )
         self.rule = get_method(self.config.method)  # the rule's declaration
-        self.rule_options = self._rule_options(options, self.config.schedule_options)
+        self.rule_options = self._rule_options(self.config.options, self.config.schedule_options)
         self.config.schedule_options = {**self.rule.schedule_options(self.rule_options),
                                         **self.config.schedule_options}
         self.balance = self._balance(model, sample)
+        # BatchNorm1d cannot train on a microbatch of one sample (one value per channel)
+        self._min_microbatch = 2 if any(isinstance(mod, nn.BatchNorm1d)
+                                        for mod in model.modules()) else 1
         self.schedule = self._build(1)
         period = int(self.schedule.options.get("k", 1))  # stale repeats every k steps
         if not self.decoupled and period != 1:  # build one period of the pattern
@@ -125,8 +144,8 @@ class Pipeline:
     def _balance(self, model: nn.Sequential, sample: torch.Tensor | None) -> list[int]:
         """Blocks per model stage: as given, or by the chosen balancer."""
         n = self.config.num_model_stages
-        if isinstance(self.config.stages, list):
-            balance = list(self.config.stages)
+        if self.config.balance is not None:
+            balance = list(self.config.balance)
             if sum(balance) != len(model):
                 raise PipelineConfigError(
                     f"balance {balance} sums to {sum(balance)} but the model has "
@@ -155,11 +174,14 @@ class Pipeline:
     def _rule_options(self, options: dict[str, Any], schedule_options: dict[str, Any]) -> Any:
         """The rule's typed options, checked here, on the driver, before any process starts:
         the stage options, and the schedule options that are the rule's own (stale's k)."""
-        import dataclasses
+        from brigade.stages.errors import ConfigError
 
         own = {f.name for f in dataclasses.fields(self.rule.options) if f.metadata.get("schedule")}
-        return self.rule.make_options(
-            **options, **{k: v for k, v in schedule_options.items() if k in own})
+        given = {**options, **{k: v for k, v in schedule_options.items() if k in own}}
+        try:
+            return self.rule.make_options(**given)
+        except ConfigError as err:
+            raise PipelineConfigError(str(err)) from None
 
     def _specs(self, model, optimizer, loss_fn) -> list[WorkerSpec]:
         """Cut the model (a private copy) and assign each stage to its worker."""
@@ -176,7 +198,7 @@ class Pipeline:
             specs.append(WorkerSpec(
                 index=w, modules=mods, worker_of=worker_of, rule=self.rule,
                 optimizer_factory=optimizer, loss_fn=loss_fn, options=self._stage_options,
-                labels_to=self.labels_to,
+                labels_to=self.labels_to, autocast=self.config.autocast,
             ))
         return specs
 
@@ -189,18 +211,13 @@ class Pipeline:
         if self.config.backend == "torchrun":
             from .torchrun_backend import TorchrunBackend
 
-            return TorchrunBackend(specs, self.config.timeout_s, self.config.transport)
+            return TorchrunBackend(specs, self.config.cluster)
         from .ray_backend import RayBackend
         from .ray_cluster import ensure_ray
 
-        self._owns_ray = ensure_ray(self.config.address)
+        self._owns_ray = ensure_ray(self.config.cluster.address)
         try:
-            return RayBackend(
-                specs, self.config.cpus_per_stage, self.config.gpus_per_stage,
-                self.config.timeout_s, placement=self.config.placement,
-                placement_timeout_s=self.config.placement_timeout_s,
-                transport=self.config.transport,
-            )
+            return RayBackend(specs, self.config.cluster)
         except BaseException:
             self._release_ray()
             raise
@@ -241,6 +258,12 @@ class Pipeline:
         xs, ys = [], []
         for x, y in batches:
             x_chunks = split_batch(x, m)
+            if min(c.shape[0] for c in x_chunks) < self._min_microbatch:
+                raise PipelineConfigError(
+                    f"a batch of {x.shape[0]} samples in {m} microbatches gives microbatches "
+                    f"of {min(c.shape[0] for c in x_chunks)} sample, and the model's "
+                    "BatchNorm1d cannot train on one sample; use a batch size >= "
+                    f"{2 * m} or fewer microbatches")
             xs += x_chunks
             ys += list(zip(split_batch(y, m), loss_weights(x_chunks)))
         return xs, ys

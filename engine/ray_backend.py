@@ -30,42 +30,20 @@ import time
 import warnings
 from typing import Any
 
-import numpy as np
 import torch
 
 from brigade.schedulers import Action
 
+from .actors import from_wire, start_actors, to_wire, wait_all
 from .clock import measure_offset, stamp
+from .config import ClusterConfig
 from .errors import PipelineConfigError, PipelineError, StageFailedError
+from .ray_cluster import ClusterLostError, gcs_alive, joined_gcs_address
+from .placement import bundles, fair_share, shortfall, trusted_shortfall, trusted_workers
 from .spec import WorkerSpec, build_worker
 from .worker import StepResult
 
 __all__ = ["RayBackend", "actor_env", "to_wire", "from_wire"]
-
-
-def to_wire(value: Any) -> Any:
-    """Tensors become numpy arrays (zero-copy reads on the far side); tuples recurse."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the tensor itself
-            return t
-        return t.numpy()
-    if isinstance(value, tuple):
-        return tuple(to_wire(v) for v in value)
-    return value
-
-
-def from_wire(value: Any, device: torch.device | str = "cpu") -> Any:
-    """The inverse of :func:`to_wire`: numpy arrays become owned torch tensors."""
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.array(value, copy=True)).to(device)
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(from_wire(v, device) for v in value)
-    return value
 
 
 class _StageActor:
@@ -165,6 +143,40 @@ class _StageActor:
     def pending_messages(self) -> list:
         return self.worker.mailbox.pending()
 
+    def memory(self) -> dict[str, int]:
+        """This process's resident bytes and glibc malloc's bytes in use (heap and mmapped
+        blocks): RSS that grows while malloc's in-use stays flat is the heap's high-water
+        mark (nothing is trimmed, see actor_env), not a leak (``bench/soak.py``)."""
+        import sys
+
+        return {"rss": _rss_bytes(), "malloc_in_use": _malloc_in_use(),
+                "python_blocks": sys.getallocatedblocks(),  # pymalloc: not in malloc's count
+                "pending_messages": len(self.worker.mailbox.pending())}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _malloc_in_use() -> int:
+    """glibc ``mallinfo2``: bytes handed out (uordblks) plus mmapped blocks (hblkhd); -1
+    where it is not glibc."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        info = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return -1
+    return int(info.uordblks + info.hblkhd)
+
 
 def _ship_by_value(rule: Any) -> None:
     """A rule declared outside brigade (a user's module, or ``__main__``) reaches the actors
@@ -196,27 +208,30 @@ class RayBackend:
     actor calls carrying numpy arrays.
     """
 
-    def __init__(
-        self,
-        specs: list[WorkerSpec],
-        cpus_per_stage: float | None,
-        gpus_per_stage: float | None,
-        timeout_s: float,
-        transport: str = "p2p",
-        placement: str = "pack",
-        placement_timeout_s: float = 30.0,
-    ) -> None:
-        self.timeout_s = timeout_s
+    def __init__(self, specs: list[WorkerSpec], cluster: ClusterConfig | None = None) -> None:
+        """``cluster``: resources per stage, placement, transport, timeout and the trusted
+        resource (checked when it was built)."""
+        cluster = cluster or ClusterConfig()
+        self.timeout_s = cluster.timeout_s
         self.worker_stages = [sorted(s.modules) for s in specs]
         self.actors: list[Any] = []
-        cpus, gpus = _resources(len(specs), cpus_per_stage, gpus_per_stage)
-        self.placement_group = _place(len(specs), cpus, gpus, placement, placement_timeout_s)
+        self.gcs_address = joined_gcs_address()  # watched: a dead head fails in seconds
+        self.lost = False
+        trusted_resource = cluster.trusted_resource
+        trusted = None
+        if trusted_resource:
+            trusted = trusted_workers(specs[0].method, len(specs))
+        cpus, gpus = _resources(len(specs), cluster.cpus_per_stage, cluster.gpus_per_stage,
+                                cluster.placement, trusted, trusted_resource)
+        self.placement_group = _place(len(specs), cpus, gpus, cluster.placement,
+                                      cluster.placement_timeout_s, trusted, trusted_resource,
+                                      specs[0].method)
         try:
             self._start_actors(specs, cpus, gpus)
             self.pids = self._get([a.connect.remote(self.actors) for a in self.actors])
             self.transport = "ray"
-            if transport != "ray" and len(self.actors) > 1:
-                self._setup_p2p(transport)
+            if cluster.transport != "ray" and len(self.actors) > 1:
+                self._setup_p2p(cluster.transport)
             self.offsets = self._clock_offsets()
         except BaseException:
             self._kill()  # also removes the placement group: nothing outlives a failed start
@@ -224,22 +239,15 @@ class RayBackend:
 
     def _start_actors(self, specs: list[WorkerSpec], cpus: float, gpus: float) -> None:
         """One actor per worker, worker i in bundle i of the placement group."""
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         threads = max(1, int(cpus)) if cpus >= 1 else 1
-        remote_cls = ray.remote(_StageActor)
         for spec in specs[:1]:
             _ship_by_value(spec.rule)
-        for i, spec in enumerate(specs):
+        for spec in specs:
             spec.num_threads = threads
             spec.device = "cuda" if gpus > 0 else "cpu"
-            options: dict[str, Any] = dict(num_cpus=cpus, num_gpus=gpus, max_concurrency=8,
-                                           runtime_env={"env_vars": actor_env()})
-            if self.placement_group is not None:
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    self.placement_group, placement_group_bundle_index=i)
-            self.actors.append(remote_cls.options(**options).remote(spec))
+        self.actors = start_actors(_StageActor, [(spec,) for spec in specs], cpus=cpus, gpus=gpus,
+                                   placement_group=self.placement_group, max_concurrency=8,
+                                   env=actor_env())
 
     def _setup_p2p(self, transport: str) -> None:
         """Connect the actors' transports ("p2p": same host, socket and shared memory,
@@ -299,29 +307,28 @@ class RayBackend:
 
     def _get(self, refs: list) -> list:
         """``ray.get`` in completion order, so the first failure is raised at once."""
-        import ray
+        return wait_all(
+            refs, self.timeout_s, self._fail, self._timed_out, poll_s=2.0,
+            on_idle=self._check_cluster,
+        )
 
-        index = {ref: i for i, ref in enumerate(refs)}
-        results: list[Any] = [None] * len(refs)
-        pending = list(refs)
-        deadline = time.monotonic() + self.timeout_s
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=5.0)
-            for ref in ready:
-                try:
-                    results[index[ref]] = ray.get(ref)
-                except Exception as err:  # noqa: BLE001 - becomes our own error below
-                    self._fail(index[ref], err)
-            if time.monotonic() > deadline:
-                self._kill()
-                raise PipelineError(
-                    f"no progress for {self.timeout_s:.0f} s: workers "
-                    f"{[index[r] for r in pending]} did not finish; raise timeout_s if "
-                    "steps are that slow"
-                )
-        return results
+    def _timed_out(self, late: list[int]) -> None:
+        self._kill()
+        raise PipelineError(
+            f"no progress for {self.timeout_s:.0f} s: workers {late} did not finish; raise "
+            "timeout_s if steps are that slow"
+        )
+
+    def _check_cluster(self) -> None:
+        """A joined cluster whose head stopped answering: fail now, naming it (Ray's own
+        reconnect window is 60 s); nothing is sent to the dead GCS on the way out."""
+        if not gcs_alive(self.gcs_address):
+            self.lost = True
+            self._kill()
+            raise ClusterLostError(self.gcs_address)
 
     def _fail(self, worker: int, err: Exception) -> None:
+        self._check_cluster()  # actors die with their head node: say which it was
         self._kill()  # no graceful close: a failure must surface at once
         raise StageFailedError(worker, self.worker_stages[worker], _root_cause(err)) from err
 
@@ -349,7 +356,7 @@ class RayBackend:
         """Close the p2p group (bounded by ``close_timeout_s``), then kill every actor."""
         import ray
 
-        if self.actors and self.transport != "ray":
+        if self.actors and self.transport != "ray" and not self.lost:
             try:
                 refs = [a.close_transport.remote(close_timeout_s) for a in self.actors]
                 ray.wait(refs, num_returns=len(refs), timeout=close_timeout_s + 1.0)
@@ -362,6 +369,9 @@ class RayBackend:
         then hand the placement group's resources back to the cluster."""
         import ray
 
+        if self.lost:  # the GCS is gone: its actors and groups with it; calls would hang
+            self.actors, self.placement_group = [], None
+            return
         for actor in self.actors:
             try:
                 ray.kill(actor)
@@ -391,8 +401,12 @@ def _root_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-def _resources(workers: int, cpus: float | None, gpus: float | None) -> tuple[float, float]:
-    """CPUs and GPUs per actor: as asked, else a fair share of the cluster."""
+def _resources(workers: int, cpus: float | None, gpus: float | None,
+               placement: str = "pack", trusted: list[bool] | None = None,
+               resource: str | None = None) -> tuple[float, float]:
+    """CPUs and GPUs per actor: as asked, else a fair share that the cluster's alive nodes
+    can hold ``workers`` times under ``placement``, the trusted workers on the nodes that
+    carry ``resource`` (:func:`~.placement.fair_share`)."""
     import ray
 
     total = ray.cluster_resources()
@@ -404,8 +418,10 @@ def _resources(workers: int, cpus: float | None, gpus: float | None) -> tuple[fl
             f"{total.get('GPU', 0):g}; pass --gpus-per-stage 0 (gpus_per_stage=0) to run on CPU"
         )
     if cpus is None:
-        cpus = max(total.get("CPU", 1) / workers, 0.01)
-        cpus = float(int(cpus)) if cpus >= 1 else round(cpus, 2)
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        held = [n.get("CPU", 0.0) for n in nodes if resource and n.get(resource, 0) > 0]
+        cpus = fair_share(workers, [n.get("CPU", 0.0) for n in nodes], placement, held,
+                          sum(trusted or []))
     return cpus, gpus
 
 
@@ -437,36 +453,17 @@ def actor_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in _MALLOC_ENV.items()}
 
 
-def _bundle(cpus: float, gpus: float) -> dict[str, float]:
-    """One worker's reservation (Ray refuses bundles of zeros: those are left out)."""
-    return {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
-
-
-def _capacity(node: dict[str, float], bundle: dict[str, float]) -> int:
-    """How many copies of ``bundle`` fit in ``node``'s resources."""
-    return min(int(node.get(k, 0.0) / v + 1e-9) for k, v in bundle.items())
-
-
 def _fmt(res: dict[str, float]) -> str:
     return f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
 
 
-def _shortfall(workers: int, bundle: dict[str, float], strategy: str,
-               nodes: list[dict[str, float]]) -> str | None:
-    """Why the cluster's nodes (whole, not what is free now) cannot ever hold the group."""
-    fits = [_capacity(n, bundle) for n in nodes]
-    if strategy == "strict_pack" and max(fits, default=0) < workers:
-        return "no single node holds them all (strict_pack)"
-    if strategy == "strict_spread" and sum(f > 0 for f in fits) < workers:
-        return f"{sum(f > 0 for f in fits)} node(s) can take one stage each (strict_spread)"
-    if sum(fits) < workers:
-        return f"its nodes can hold {sum(fits)} such stage(s)"
-    return None
-
-
-def _place(workers: int, cpus: float, gpus: float, placement: str, timeout_s: float):
+def _place(workers: int, cpus: float, gpus: float, placement: str, timeout_s: float,
+           trusted: list[bool] | None = None, resource: str | None = None,
+           method: str = "backprop"):
     """Reserve one bundle {CPU: cpus, GPU: gpus} per worker in a placement group, laid out
     by ``placement``; wait up to ``timeout_s`` for it. None when nothing is asked for.
+    Workers flagged in ``trusted`` also ask for a sliver of ``resource``, so that they land
+    only on nodes that carry it.
 
     A cluster that could never hold the group fails at once (PipelineConfigError, the
     user's numbers are wrong); one whose resources are busy fails after ``timeout_s``
@@ -475,21 +472,29 @@ def _place(workers: int, cpus: float, gpus: float, placement: str, timeout_s: fl
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    bundle = _bundle(cpus, gpus)
-    if not bundle:
+    group = bundles(workers, cpus, gpus, trusted, resource)
+    if resource and not all(group):
+        raise PipelineConfigError(
+            f"--trusted-resource {resource} needs every stage to reserve some CPU or GPU "
+            f"(got {cpus:g} CPU, {gpus:g} GPU per stage); raise --cpus-per-stage")
+    if not any(group):
         return None
+    bundle = {k: v for k, v in group[0].items() if k in ("CPU", "GPU")}
     ask = f"{workers} stages x {{{_fmt(bundle)}}} (placement {placement})"
     fix = ("use fewer --stages, a smaller --cpus-per-stage / --gpus-per-stage, "
            "or add nodes to the cluster")
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total, free = ray.cluster_resources(), ray.available_resources()
     has = f"the cluster has {_fmt(total)} on {len(nodes)} node(s) ({_fmt(free)} free now)"
-    why = _shortfall(workers, bundle, placement, nodes)
+    why = shortfall(workers, bundle, placement, nodes) if bundle else None
     if why is not None:
         raise PipelineConfigError(f"cannot place {ask}: {has}; {why}; {fix}")
+    if resource:
+        why = trusted_shortfall(group, resource, placement, nodes, method)
+        if why is not None:
+            raise PipelineConfigError(f"cannot place {ask}: {why}")
     name = f"brigade-{os.getpid()}-{time.monotonic_ns()}"
-    pg = placement_group([dict(bundle) for _ in range(workers)],
-                         strategy=placement.upper(), name=name)
+    pg = placement_group([dict(b) for b in group], strategy=placement.upper(), name=name)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)  # pg.wait takes whole seconds
     if not ready:
         remove_placement_group(pg)

@@ -1,13 +1,114 @@
-"""Joining a Ray cluster, or starting a local one on demand."""
+"""Joining a Ray cluster, or starting a local one on demand; failing fast when it is not there.
+
+Why the probes: ``ray.init(address="127.0.0.1:1")`` retries its GCS connection for minutes
+before it gives up, and a driver whose head node died waits out Ray's 60 s reconnect window.
+So before ``ray.init`` the address is resolved (``auto`` included) and its TCP port tried
+(:func:`probe_address`, a second at most), Ray's own connect timeouts are bounded where the
+user has not set them, and :func:`gcs_alive` lets the backend's wait loop notice a dead
+head node within seconds.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 
-from .errors import PipelineConfigError
+from .errors import PipelineConfigError, PipelineError
+from .quiet import quiet_ray
 
-__all__ = ["ensure_ray"]
+__all__ = ["ensure_ray", "probe_address", "resolve_address", "gcs_alive", "ClusterGoneError",
+           "ClusterLostError", "joined_gcs_address", "CONNECT_TIMEOUT_S"]
+
+CONNECT_TIMEOUT_S = 2.0  # a TCP connect on a LAN takes milliseconds; a dead host, forever
+
+# Ray's GCS connect budgets while a driver joins a cluster, bounded so that a port that
+# accepts connections but is no GCS (a proxy, another service) is an error within seconds,
+# not ~20 one-second retries; an exported RAY_<name> wins. Set for the ray.init call only
+# (a local head started later in the same process keeps Ray's defaults).
+_JOIN_TIMEOUTS = {
+    "RAY_gcs_server_port_wait_time_s": "4",   # GCS client attempts, about 1 s each
+    "RAY_gcs_rpc_server_connect_timeout_s": "4",
+    "RAY_py_gcs_connect_timeout_s": "4",
+}
+
+
+class ClusterGoneError(PipelineConfigError):
+    """The Ray cluster named by an address does not answer (nothing listens there)."""
+
+
+class ClusterLostError(PipelineError):
+    """The head node of the cluster a run joined stopped answering mid-run."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        port = address.rpartition(":")[2]
+        super().__init__(
+            f"the Ray cluster at {address} stopped answering mid-run (its head node is gone); "
+            f"restart it (`ray start --head --port {port}`) and run again, with --resume "
+            "where the run saved a --checkpoint")
+
+
+def resolve_address(address: str) -> str:
+    """``auto`` (the cluster ``ray start`` left on this machine) or ``[ray://]host:port`` ->
+    ``host:port``; a ClusterGoneError when ``auto`` finds none."""
+    text = address.strip()
+    if text.startswith("ray://"):
+        text = text[len("ray://"):]
+    if text == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            found = canonicalize_bootstrap_address("auto")
+        except (ConnectionError, ValueError) as err:
+            raise ClusterGoneError(
+                f"--address auto: no running Ray cluster found on this machine ({err}); "
+                "start one with `ray start --head`, name one with --address HOST:PORT, or "
+                "omit --address to start a local cluster") from None
+        if not found:
+            raise ClusterGoneError(
+                "--address auto: no running Ray cluster found on this machine; start one "
+                "with `ray start --head`, or omit --address to start a local cluster")
+        return found
+    return text
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise PipelineConfigError(
+            f"--address {address!r} must be auto or HOST:PORT (e.g. 127.0.0.1:6379)")
+    return host.strip("[]"), int(port)
+
+
+def probe_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> str:
+    """Resolve ``address`` and open (then close) a TCP connection to it; returns
+    ``host:port``. A ClusterGoneError naming the address and the fix when nothing listens."""
+    resolved = resolve_address(address)
+    host, port = _split(resolved)
+    shown = address if resolved == address else f"{address} ({resolved})"
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as err:
+        why = "timed out" if isinstance(err, socket.timeout) else (err.strerror or str(err))
+        raise ClusterGoneError(
+            f"no Ray cluster answers at --address {shown}: {why}; start its head node "
+            f"(`ray start --head --port {port}`), pass the address `ray start` printed, or "
+            "omit --address to start a local cluster") from None
+    return resolved
+
+
+def gcs_alive(address: str | None, timeout_s: float = 1.0) -> bool:
+    """Whether the GCS at ``host:port`` still accepts connections (None: unknown, True)."""
+    if not address:
+        return True
+    try:
+        host, port = _split(address)
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except (OSError, PipelineConfigError):
+        return False
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -17,7 +118,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     it costs a process and seconds of start-up), even where ``ray start --head`` runs on
     this machine (plain ``ray.init()`` would join that one), unless ``RAY_ADDRESS`` names
     a cluster: a ``ray job submit`` entrypoint runs with it set, and joins that cluster.
-    ``"auto"`` or ``host:port`` joins an existing cluster, as ``ray.init`` does.
+    ``"auto"`` or ``host:port`` joins an existing cluster, as ``ray.init`` does, once its
+    port answers (:func:`probe_address`).
     """
     import ray
 
@@ -28,11 +130,39 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
     if address is None:
         kwargs.update(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
+    else:
+        probe_address(address)  # seconds, not Ray's minutes of retries
+    quiet_ray()
+    added = [k for k in _JOIN_TIMEOUTS if address is not None and k not in os.environ]
+    os.environ.update({k: _JOIN_TIMEOUTS[k] for k in added})
     try:
         ray.init(address="local" if address is None else address, **kwargs)
     except ConnectionError as err:
-        raise PipelineConfigError(
-            f"cannot reach a Ray cluster at address={address!r} ({err}); start one with "
-            "`ray start --head` or omit --address to start a local cluster"
+        raise ClusterGoneError(
+            f"no Ray cluster answers at --address {address} ({err}); check the address "
+            "`ray start --head` printed, or omit --address to start a local cluster"
         ) from err
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
     return True
+
+
+def joined_gcs_address() -> str | None:
+    """The GCS address of the cluster this driver joined, None for a private one that it
+    started (its head dies with the driver, nothing to watch)."""
+    import ray
+
+    try:
+        ctx = ray.get_runtime_context()
+        return ctx.gcs_address if not _is_private() else None
+    except Exception:  # noqa: BLE001 - not initialised
+        return None
+
+
+def _is_private() -> bool:
+    """Whether this process started the cluster it runs on (ray.init(address="local"))."""
+    import ray
+
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    return bool(node is not None and getattr(node, "head", False))

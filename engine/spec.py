@@ -34,6 +34,7 @@ class WorkerSpec:
     labels_to: frozenset[int] = field(default_factory=frozenset)  # earlier stages shown labels
     device: str = "cpu"
     num_threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    autocast: str | None = None  # run forward actions under torch.autocast ("bf16")
 
     @property
     def method(self) -> str:
@@ -58,4 +59,5 @@ def build_worker(spec: WorkerSpec, send: Send | None) -> Worker:
             **spec.options,
         )
     return Worker(spec.index, stages, spec.worker_of, send=send,
-                  handlers=dict(spec.rule.handlers), labels_to=spec.labels_to)
+                  handlers=dict(spec.rule.handlers), labels_to=spec.labels_to,
+                  autocast=spec.autocast)

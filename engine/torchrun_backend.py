@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from brigade.schedulers import Action
 
+from .config import ClusterConfig
 from .errors import PipelineConfigError, StageFailedError
 from .spec import WorkerSpec, build_worker
 from .worker import StepResult
@@ -63,10 +64,12 @@ def broadcast_object(obj: Any) -> Any:
 class TorchrunBackend:
     """Runs this rank's worker; gathers every rank's results."""
 
-    def __init__(self, specs: list[WorkerSpec], timeout_s: float, transport: str = "p2p") -> None:
-        """``transport``: "p2p" or "gloo" (``PipelineConfig`` has checked it)."""
+    def __init__(self, specs: list[WorkerSpec], cluster: ClusterConfig | None = None) -> None:
+        """``cluster.transport``: "p2p" or "gloo" (``PipelineConfig`` has checked it)."""
         from .transport import P2PTransport, free_port
 
+        cluster = cluster or ClusterConfig()
+        timeout_s, transport = cluster.timeout_s, cluster.transport
         self.rank, self.world = init_torchrun()
         if self.world != len(specs):
             raise PipelineConfigError(

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,186 +23,170 @@ from brigade.stages.data import Batches, load_dataset
 from brigade.stages.models import build_model, shape_kwargs
 
 from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from brigade.stages.rules import get_method
+from brigade.stages.rules import flag_key, get_method, methods_taking, option_classes
 
-from .config import check_method_schedule, check_placement
+from .config import PipelineConfig
 from .errors import PipelineConfigError, StageFailedError
+from .flags import flat_dict, flat_init
+from .optim import OPTIMIZERS, OptimConfig, OptimizerFactory, default_optimizer, make_optimizer
 from .pipeline import Pipeline
 from .torchrun_backend import broadcast_object, is_rank0
 
 __all__ = ["TrainConfig", "run_training", "make_optimizer", "default_optimizer", "OPTIMIZERS",
-           "pipeline_accuracy"]
+           "pipeline_accuracy", "validate"]
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
+DATASETS = ("synthetic", "mnist", "cifar10", "digits")
 
 
+def _help(text: str, **more) -> dict:
+    return {"help": text, **more}
+
+
+@flat_init
 @dataclass
 class TrainConfig:
-    """One training job; every field is a ``brigade train`` flag."""
+    """One training job; every leaf is a ``brigade train`` flag and a config-file key.
 
-    model: str = "mlp"
-    width: int | None = None
-    data: str = "synthetic"
-    data_dir: str | None = None
-    stages: int = 2
-    balance: list[int] | None = None
-    balance_by: str = "uniform"
-    schedule: str | None = None
-    method: str = "backprop"
-    microbatches: int = 4
-    virtual: int = 1
-    batch_size: int = 64
-    epochs: int = 1
-    steps: int | None = None
-    lr: float | None = None  # default: 0.05 for pipelines, the measured default for fwdgrad
-    optimizer: str | None = None  # default: see default_optimizer
-    seed: int = 0
-    backend: str = "ray"
-    address: str | None = None
-    cpus_per_stage: float | None = None  # default: a fair share of the cluster's CPUs
-    gpus_per_stage: float | None = None  # default: one each where the cluster has enough
-    placement: str = "pack"  # pack | spread | strict_pack | strict_spread
-    placement_timeout: float = 30.0  # seconds to wait for the cluster to place the stages
-    synthetic_size: int = 2048
-    window: int | None = None  # steps per pipelined run; default by schedule (see window_steps)
-    checkpoint: str | None = None  # folder of checkpoints
-    checkpoint_every: int | None = None  # steps between saves (and one at the end)
-    resume: bool = False
-    max_restarts: int = 0
-    guess: str = "random"  # fwdgrad: random | local
-    projections: int | str = "auto"  # fwdgrad: directions per step (an integer, or auto)
-    options: dict = field(default_factory=dict)  # the method's stage options (sg_lr, ...)
-    schedule_options: dict = field(default_factory=dict)  # e.g. {"k": 4} for stale
+    Nested: ``pipeline`` (a :class:`PipelineConfig`, with its ``cluster``), ``optim`` (an
+    :class:`OptimConfig`), ``options`` (the method's own options by key, e.g.
+    ``{"sg_lr": 1e-3}``; checked against the rule's options class). Keys of the nested
+    configs are keywords here too: ``TrainConfig(method="dni", lr=0.1)``.
+    """
+
+    model: str = field(default="mlp", metadata=_help("built-in model (see `brigade models`)"))
+    width: int | None = field(default=None, metadata=_help(
+        "base width (channels / units)", default_help="the model's own"))
+    data: str = field(default="synthetic", metadata=_help(
+        "synthetic | mnist | cifar10 | digits"))
+    data_dir: str | None = field(default=None, metadata=_help(
+        "folder holding the data set's files", metavar="DIR"))
+    synthetic_size: int = field(default=2048, metadata=_help(
+        "training samples of --data synthetic (test: an eighth, at least 256)"))
+    batch_size: int = field(default=64, metadata=_help("samples per step"))
+    epochs: int = field(default=1, metadata=_help("passes over the training set"))
+    steps: int | None = field(default=None, metadata=_help(
+        "stop after this many steps", default_help="--epochs worth"))
+    seed: int = field(default=0, metadata=_help("seed of weights, data order and methods"))
+    window: int | None = field(default=None, metadata=_help(
+        "steps per pipelined run", default_help="1; 32 for dni and petra, which do not "
+                                                "flush between the steps of a run"))
+    checkpoint: str | None = field(default=None, metadata=_help(
+        "save checkpoints in DIR (atomically; at the end and every N steps)", metavar="DIR"))
+    checkpoint_every: int | None = field(default=None, metadata=_help(
+        "steps between checkpoints", metavar="N", default_help="only at the end"))
+    resume: bool = field(default=False, metadata=_help(
+        "continue from the latest checkpoint in --checkpoint DIR"))
+    max_restarts: int = field(default=0, metadata=_help(
+        "when a stage fails, restart from the last checkpoint up to K times", metavar="K"))
+    eval_every_epoch: bool = field(default=True, metadata=_help(
+        "evaluate test accuracy and loss after every epoch (else only at the end)"))
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    options: dict = field(default_factory=dict, metadata={"keys_from": option_classes})
 
     def __post_init__(self) -> None:
-        for name in ("stages", "microbatches", "virtual", "batch_size", "epochs"):
+        """Every check of a training job, once, before any data, process or bar."""
+        for name in ("batch_size", "epochs", "synthetic_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PipelineConfigError(f"--{name.replace('_', '-')} {value} must be >= 1")
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise PipelineConfigError(f"--checkpoint-every {self.checkpoint_every} must be >= 1")
+        for name in ("steps", "window", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise PipelineConfigError(f"--{name.replace('_', '-')} {value} must be >= 1")
         if self.max_restarts < 0:
             raise PipelineConfigError(f"--max-restarts {self.max_restarts} must be >= 0")
-        for flag in ("cpus_per_stage", "gpus_per_stage"):
-            value = getattr(self, flag)
-            if value is not None and not (value >= 0 and math.isfinite(value)):
-                raise PipelineConfigError(f"--{flag.replace('_', '-')} {value:g} must be >= 0")
-        if not (self.placement_timeout > 0 and math.isfinite(self.placement_timeout)):
-            raise PipelineConfigError(
-                f"--placement-timeout {self.placement_timeout:g} must be a positive number of seconds")
-        self.placement = check_placement(self.placement)
         if (self.resume or self.max_restarts or self.checkpoint_every) and not self.checkpoint:
             raise PipelineConfigError(
                 "--resume, --max-restarts and --checkpoint-every need --checkpoint DIR")
-        if self.window is not None and self.window < 1:
-            raise PipelineConfigError(f"--window {self.window} must be >= 1")
-        if self.steps is not None and self.steps < 1:
-            raise PipelineConfigError(f"--steps {self.steps} must be >= 1")
-        method = check_method_schedule(self.method, self.schedule)  # before data, processes
-        rule = get_method(method)
-        if self.lr is None:
-            self.lr = rule.default_optimizer[1]  # None: the optimizer's own (fwdgrad)
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise PipelineConfigError(f"--lr {self.lr} must be a positive number")
-        if self.optimizer is None:
-            self.optimizer = default_optimizer(self.method)
-        if rule.optimizers is None and self.optimizer.lower() not in OPTIMIZERS:
+        pipe, optim = self.pipeline, self.optim
+        rule = get_method(pipe.method)  # PipelineConfig checked the method and schedule
+        self.rule_options = self._rule_options(rule)
+        if optim.lr is None:
+            optim.lr = rule.default_optimizer[1]  # None: the optimizer's own (fwdgrad)
+        if optim.optimizer is None:
+            optim.optimizer = rule.default_optimizer[0]
+        if rule.optimizers is not None and optim.optimizer not in rule.optimizers:
             raise PipelineConfigError(
-                f"unknown optimizer {self.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
-            )
-        if rule.optimizers is not None and self.optimizer.lower() not in rule.optimizers:
-            raise PipelineConfigError(
-                f"--optimizer {self.optimizer} is not a {rule.optimizer_kind or rule.name} "
+                f"--optimizer {optim.optimizer} is not a {rule.optimizer_kind or rule.name} "
                 f"optimizer; valid for {rule.name}: {', '.join(rule.optimizers)}")
-        if self.batch_size < self.microbatches:
+        if self.batch_size < pipe.microbatches:
             raise PipelineConfigError(
                 f"--batch-size {self.batch_size} is smaller than --microbatches "
-                f"{self.microbatches}; each microbatch needs at least one sample"
+                f"{pipe.microbatches}; each microbatch needs at least one sample"
             )
-        if "projections" in rule.config_fields:
-            self.projections = _projections(self.projections)  # fails before any process starts
-        rule.make_options(**_stage_options(self), **{  # the rule's checks, before data
-            k: v for k, v in self.schedule_options.items() if k in _schedule_fields(rule)})
+        if rule.check_training is not None:
+            _as_config_error(rule.check_training, self)
         if self.single_process and self.checkpoint:  # --resume/--max-restarts need one
             raise PipelineConfigError(
                 f"the single-process {rule.single_process} (--stages 1 --backend local) "
                 "does not checkpoint; drop --checkpoint/--resume/--max-restarts, or run the "
                 "pipelined form (--stages 2 or more)")
-        if self.single_process:
-            return
-        if self.schedule is None:
-            self.schedule = rule.default_schedule
+        pipe.options = {f.name: getattr(self.rule_options, f.name)
+                        for f in fields(self.rule_options)}
+
+    def _rule_options(self, rule):
+        """The rule's options object from ``options`` (flag keys) and the settings it takes
+        from the job (``config_fields``: the seed), checked once; a key of another rule is
+        refused, naming the rules it belongs to."""
+        given = {k.replace("-", "_"): v for k, v in self.options.items()}
+        by_key = {flag_key(f): f.name for f in fields(rule.options) if flag_key(f)}
+        stray = [k for k in given if k not in by_key]
+        if stray:
+            flags = ", ".join("--" + k.replace("_", "-") for k in stray)
+            verb = "applies" if len(stray) == 1 else "apply"
+            owners = methods_taking(stray[0])
+            raise PipelineConfigError(
+                f"{flags} {verb} to --method {' or '.join(owners) or '(none)'}, not "
+                f"{rule.name!r}")
+        kwargs = {f: getattr(self, f) for f in rule.config_fields}
+        kwargs.update({by_key[k]: v for k, v in given.items()})
+        obj = _as_config_error(rule.make_options, **kwargs)
+        self.options = {k: getattr(obj, name) for k, name in by_key.items()}  # resolved
+        return obj
 
     @property
     def single_process(self) -> bool:
         """One stage on the local backend of a rule with a whole-model trainer (fwdgrad's
         single-process estimator: full batches, every guess); any other run pipelines."""
-        return (bool(get_method(self.method).single_process) and self.stages == 1
-                and not self.balance and self.backend == "local")
+        p = self.pipeline
+        return (bool(get_method(p.method).single_process) and p.stages == 1
+                and not p.balance and p.backend == "local")
 
 
-def _schedule_fields(rule) -> set[str]:
-    """The rule's options that belong to its schedule (stale's k, petra's accumulate)."""
-    import dataclasses
+def _as_config_error(fn, *args, **kwargs):
+    """A rule's own check (a ``ConfigError`` of brigade.stages) as the engine's config
+    error, so the CLI reports it as one line."""
+    from brigade.stages.errors import ConfigError
 
-    return {f.name for f in dataclasses.fields(rule.options) if f.metadata.get("schedule")}
-
-
-def default_optimizer(method: str) -> str:
-    """The optimizer a method trains best with when the user names none (measured).
-
-    Backprop: SGD with momentum 0.9 (MNIST MLP, 1 epoch: 94.3%; plain SGD 90.4% after 5).
-    DNI and cDNI update once per microbatch from a biased synthetic gradient, and momentum
-    piles that bias up: plain SGD reached 90.6% / 90.6% after 1 epoch where momentum 0.9
-    reached 45.4% / 48.3% at the same lr (`bench/unlocked_mnist.py` compares all methods
-    with one shared optimizer). Forward gradients: Adam (stages/fg_optim.py).
-    """
-    return get_method(method).default_optimizer[0]
+    try:
+        return fn(*args, **kwargs)
+    except PipelineConfigError:
+        raise
+    except ConfigError as err:
+        raise PipelineConfigError(str(err)) from None
 
 
-def make_optimizer(name: str, lr: float):
-    """A picklable factory ``params -> torch optimizer`` (shipped to every stage actor)."""
-    name = name.lower()
-    table = {
-        "sgd": (torch.optim.SGD, {}),
-        "momentum": (torch.optim.SGD, {"momentum": 0.9}),
-        "nesterov": (torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
-        "adam": (torch.optim.Adam, {}),
-        "adamw": (torch.optim.AdamW, {}),
-        "rmsprop": (torch.optim.RMSprop, {}),
-    }
-    if name not in table:
-        raise PipelineConfigError(
-            f"unknown optimizer {name!r}; valid optimizers: {', '.join(table)}"
-        )
-    cls, kwargs = table[name]
-    return functools.partial(cls, lr=lr, **kwargs)
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """The one place a job is checked before any side effect (cluster, bar, file): the
+    config's own checks ran when it was built; what needs the outside world (the data
+    folder, the model's shape) is checked here, cheaply."""
+    from brigade.stages.models import model_config
+
+    model_config(cfg.model, **({} if cfg.width is None else {"width": cfg.width}))
+    return cfg
 
 
-def _optimizer_factory(cfg: TrainConfig):
+def _optimizer_factory(cfg: TrainConfig, total_steps: int):
     """The stages' optimizer: built by the rule where it says how (fwdgrad's come from
-    ``fg_optim``, with its measured defaults), else by ``make_optimizer``."""
-    rule = get_method(cfg.method)
+    ``fg_optim``, with its measured defaults), else by :class:`OptimizerFactory`, whose
+    schedule runs at the rule's updates per step."""
+    optim = cfg.optim
+    rule = get_method(cfg.pipeline.method)
     if rule.optimizer_factory is not None:
-        return rule.optimizer_factory(cfg.optimizer, cfg.lr, cfg)
-    return make_optimizer(cfg.optimizer, cfg.lr)
-
-
-def _stage_options(cfg: TrainConfig) -> dict[str, Any]:
-    """The rule's options: the ``brigade train`` settings it takes (``config_fields``:
-    fwdgrad's projections, seed, guess), then the method flags given."""
-    rule = get_method(cfg.method)
-    return {**{f: getattr(cfg, f) for f in rule.config_fields}, **cfg.options}
-
-
-def _projections(value: str) -> int | str:
-    """``--projections``: a positive integer, or ``"auto"``."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return text
-    if not (text.isdigit() and int(text) >= 1):
-        raise PipelineConfigError(f"--projections {value} must be a positive integer or auto")
-    return int(text)
+        return rule.optimizer_factory(optim.optimizer, optim.lr, cfg, total_steps)
+    per_step = rule.updates_per_step(cfg.rule_options, cfg.pipeline.microbatches)
+    return OptimizerFactory(optim, total_steps, per_step)
 
 
 def _model_kwargs(cfg: TrainConfig, shape, num_classes) -> dict:
@@ -214,6 +198,10 @@ def _model_kwargs(cfg: TrainConfig, shape, num_classes) -> dict:
 
 def _load(cfg: TrainConfig):
     """Train and test splits of the data set (synthetic data is made, never downloaded)."""
+    from .preflight import take_checked_data
+
+    if (checked := take_checked_data(cfg)) is not None:  # preflight read it already
+        return checked
     extra: dict[str, Any] = {}
     if cfg.data.lower() == "synthetic":
         like = "cifar10" if cfg.model.lower().startswith(("resnet", "revnet")) else "mnist"
@@ -227,31 +215,34 @@ def _load(cfg: TrainConfig):
     return train, test
 
 
-def run_training(cfg: TrainConfig, progress=None) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, progress=None, log=None) -> dict[str, Any]:
     """Train as ``cfg`` says; returns the report (the README lists the JSON fields).
 
     ``progress`` is an optional callable ``(done_steps, total_steps, info_dict)`` that the
-    CLI turns into a progress bar. With ``cfg.checkpoint`` the run saves every
+    CLI turns into a progress bar; ``log`` an optional callable taking one line of text
+    (the evaluation line of each epoch). With ``cfg.checkpoint`` the run saves every
     ``cfg.checkpoint_every`` steps and at the end; ``cfg.resume`` continues from the latest
     checkpoint there; ``cfg.max_restarts`` restarts the pipeline from the last checkpoint
     when a stage fails (a killed process, an exception), up to that many times.
     """
+    validate(cfg)
     torch.manual_seed(cfg.seed)
     train, test = _load(cfg)
     model_kwargs = _model_kwargs(cfg, train.shape, train.num_classes)
+    log = log or (lambda line: None)
     if cfg.single_process:
-        report = _train_forward_gradient(cfg, train, test, model_kwargs, progress)
-        report["config"] = asdict(cfg)
+        report = _train_forward_gradient(cfg, train, test, model_kwargs, progress, log)
+        report["config"] = flat_dict(cfg)
         report["model_kwargs"] = model_kwargs
         return report
-    run = _Run(cfg, train, model_kwargs, progress)
+    run = _Run(cfg, train, test, model_kwargs, progress, log)
     restarts = 0
     while True:
         pipe = run.start_pipeline()
         try:
             with pipe:
                 run.train(pipe)
-                report = run.report(pipe, test)
+                report = run.report(pipe)
             break
         except StageFailedError as err:
             if restarts >= cfg.max_restarts or not cfg.checkpoint:
@@ -259,25 +250,37 @@ def run_training(cfg: TrainConfig, progress=None) -> dict[str, Any]:
                 raise StageFailedError(err.worker, err.stages, err.cause + where) from err
             restarts += 1
             run.restarts.append({"step": run.done, "error": str(err)})
-    report["config"] = asdict(cfg)
+    report["config"] = flat_dict(cfg)
     report["model_kwargs"] = model_kwargs
     report["restarts"] = run.restarts
     return report
 
 
+def epoch_line(rec: dict[str, Any]) -> str:
+    """One epoch's evaluation as the CLI prints it."""
+    tail = "" if rec["complete"] else " (part of the epoch)"
+    return (f"epoch {rec['epoch']}: {rec['steps']} steps  train loss {rec['train_loss']:.4f}"
+            f"  test loss {rec['test_loss']:.4f}  test accuracy {rec['test_accuracy']:.4f}"
+            f"{tail}")
+
+
 class _Run:
     """The state of one training job that survives pipeline restarts."""
 
-    def __init__(self, cfg: TrainConfig, train, model_kwargs: dict, progress) -> None:
+    def __init__(self, cfg: TrainConfig, train, test, model_kwargs: dict, progress,
+                 log) -> None:
         self.cfg = cfg
+        self.test = test
         self.model_kwargs = model_kwargs
         self.progress = progress
+        self.log = log
         self.loader = Batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed)
         self.total = cfg.steps if cfg.steps is not None else len(self.loader) * cfg.epochs
         self.sample = train.x[: cfg.batch_size]
         self.done = 0
         self.train_s = 0.0
         self.epoch_losses: dict[int, list[float]] = {}
+        self.epochs: list[dict[str, Any]] = []  # one evaluation per finished epoch
         self.last_saved: str | None = None
         self.restarts: list[dict] = []
         self.resume = cfg.resume
@@ -287,15 +290,8 @@ class _Run:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, **self.model_kwargs)
-        pipe = Pipeline(
-            model, stages=cfg.balance or cfg.stages, schedule=cfg.schedule, method=cfg.method,
-            microbatches=cfg.microbatches, virtual=cfg.virtual,
-            optimizer=_optimizer_factory(cfg), loss_fn=nn.CrossEntropyLoss(),
-            backend=cfg.backend, balance_by=cfg.balance_by, address=cfg.address,
-            cpus_per_stage=cfg.cpus_per_stage, gpus_per_stage=cfg.gpus_per_stage,
-            placement=cfg.placement, placement_timeout_s=cfg.placement_timeout,
-            sample=self.sample, schedule_options=cfg.schedule_options, **_stage_options(cfg),
-        )
+        pipe = Pipeline(model, config=cfg.pipeline, optimizer=_optimizer_factory(cfg, self.total),
+                        loss_fn=nn.CrossEntropyLoss(), sample=self.sample)
         if cfg.checkpoint and (self.resume or self.restarts):
             try:
                 self._restore(pipe)
@@ -308,7 +304,7 @@ class _Run:
 
     def identity(self, pipe: Pipeline) -> dict[str, Any]:
         return {**pipe.identity(), "model": self.cfg.model, "model_kwargs": self.model_kwargs,
-                "optimizer": self.cfg.optimizer, "batch_size": self.cfg.batch_size,
+                "optimizer": self.cfg.optim.optimizer, "batch_size": self.cfg.batch_size,
                 "seed": self.cfg.seed, "data": self.cfg.data}
 
     def _restore(self, pipe: Pipeline) -> None:
@@ -318,7 +314,7 @@ class _Run:
             if self.resume and not self.restarts:
                 raise CheckpointError(f"--resume: no checkpoint under {str(root)!r} yet; run "
                                       "without --resume to start")
-            self.done, self.train_s, self.epoch_losses = 0, 0.0, {}
+            self.done, self.train_s, self.epoch_losses, self.epochs = 0, 0.0, {}, []
             self.loader.load_state_dict({"epoch": 0, "index": 0})
             return
         ckpt = load_checkpoint(root, identity=_jsonable(self.identity(pipe)))
@@ -327,13 +323,14 @@ class _Run:
         self.loader.load_state_dict(d["loader"])
         self.done, self.train_s = ckpt.step, float(d["train_s"])
         self.epoch_losses = {int(k): list(v) for k, v in d["epoch_losses"].items()}
+        self.epochs = list(d.get("epochs", []))
         torch.set_rng_state(d["rng"])
         self.last_saved = str(ckpt.path)
 
     def save(self, pipe: Pipeline) -> None:
         driver = {"loader": self.loader.state_dict(), "train_s": self.train_s,
                   "epoch_losses": {str(k): v for k, v in self.epoch_losses.items()},
-                  "rng": torch.get_rng_state()}
+                  "epochs": self.epochs, "rng": torch.get_rng_state()}
         ckpt = Checkpoint(self.done, _jsonable(self.identity(pipe)), pipe.checkpoint_state(),
                           driver)  # checkpoint_state is collective under torchrun: all ranks
         if is_rank0():
@@ -341,7 +338,8 @@ class _Run:
         self.last_saved = broadcast_object(self.last_saved)
 
     def train(self, pipe: Pipeline) -> None:
-        """Pipelined runs of ``window`` steps until the step budget is spent."""
+        """Pipelined runs of ``window`` steps (never across an epoch's end) until the step
+        budget is spent; an evaluation after every epoch."""
         window = window_steps(self.cfg, pipe)
         every = self.cfg.checkpoint_every
         while self.done < self.total:
@@ -353,16 +351,29 @@ class _Run:
                 _check_finite(out["loss"], self.done, pipe)
                 self.epoch_losses.setdefault(epoch, []).append(out["loss"])
                 self.done += 1
+            epoch = chunk[-1][0]
+            if self.loader.epoch > epoch and self.cfg.eval_every_epoch:
+                self._evaluate(pipe, epoch, complete=True)
             if self.cfg.checkpoint and (self.done == self.total or
                                         (every and self.done // every > (self.done - len(outs)) // every)):
                 self.save(pipe)
             if self.progress:
-                self.progress(self.done, self.total,
-                              {"epoch": chunk[-1][0] + 1, "loss": outs[-1]["loss"]})
+                self.progress(self.done, self.total, {"epoch": epoch + 1, "loss": outs[-1]["loss"]})
+
+    def _evaluate(self, pipe: Pipeline, epoch: int, complete: bool) -> dict[str, Any]:
+        """Test loss and accuracy now, as the record of ``epoch`` (logged)."""
+        losses = self.epoch_losses.get(epoch, [])
+        rec = {"epoch": epoch + 1, "steps": self.done, "complete": complete,
+               "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+               **pipeline_evaluate(pipe, self.test)}
+        self.epochs.append(rec)
+        self.log(epoch_line(rec))
+        return rec
 
     def _next_batches(self, n: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """The next ``n`` batches big enough to split, with the epoch each belongs to."""
-        out = []
+        """The next ``n`` batches big enough to split, with the epoch each belongs to; fewer
+        where the epoch ends first (so that its evaluation comes right after it)."""
+        out: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         while len(out) < n:
             epoch = self.loader.epoch
             for x, y in self.loader:
@@ -370,17 +381,25 @@ class _Run:
                     out.append((epoch, x, y))
                 if len(out) == n:
                     break
+            if out and self.loader.epoch > epoch:
+                break
         return out
 
-    def report(self, pipe: Pipeline, test) -> dict[str, Any]:
+    def report(self, pipe: Pipeline) -> dict[str, Any]:
         losses = [sum(v) / len(v) for _, v in sorted(self.epoch_losses.items()) if v]
         samples = pipe.timeline().samples
+        last = self.epochs[-1] if self.epochs else None
+        if last is None or last["steps"] != self.done:  # the last epoch is not evaluated yet
+            epoch = max(self.epoch_losses) if self.epoch_losses else 0
+            last = self._evaluate(pipe, epoch, complete=self.loader.position == (epoch + 1, 0))
         report = {
             "train_loss": losses,
             "steps": self.done,
             "wall_s": self.train_s,
             "samples_per_s": samples / self.train_s if self.train_s > 0 else 0.0,
-            "final_test_accuracy": pipeline_accuracy(pipe, test),
+            "final_test_accuracy": last["test_accuracy"],
+            "final_test_loss": last["test_loss"],
+            "epochs": list(self.epochs),
             "checkpoint": self.last_saved,
         }
         report.update(_timeline_figures(pipe))
@@ -388,19 +407,29 @@ class _Run:
         return report
 
 
-def _train_forward_gradient(cfg, train, test, model_kwargs, progress) -> dict[str, Any]:
+def _train_forward_gradient(cfg, train, test, model_kwargs, progress, log) -> dict[str, Any]:
     """Single-process forward-gradient training (no backward pass): the baseline that the
     data-parallel ``brigade fwdgrad`` and the pipelined form are compared with (the rule's
     ``single_process`` trainer)."""
     from brigade.stages.fwdgrad import ForwardGradient
 
+    opts = cfg.rule_options
     model = build_model(cfg.model, **model_kwargs)
-    fg = ForwardGradient(model, nn.CrossEntropyLoss(), guess=cfg.guess,
-                         projections=cfg.projections, seed=cfg.seed)
-    opt = _optimizer_factory(cfg)(model.parameters())
+    fg = ForwardGradient(model, nn.CrossEntropyLoss(), guess=opts.guess,
+                         projections=opts.projections, seed=cfg.seed)
     loader = Batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed)
     total = cfg.steps if cfg.steps is not None else len(loader) * cfg.epochs
-    done, samples, train_s, epoch_losses = 0, 0, 0.0, {}
+    opt = _optimizer_factory(cfg, total)(model.parameters())
+    done, samples, train_s, epoch_losses, epochs = 0, 0, 0.0, {}, []
+
+    def evaluate(epoch: int, complete: bool) -> None:
+        losses = epoch_losses.get(epoch, [])
+        rec = {"epoch": epoch + 1, "steps": done, "complete": complete,
+               "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+               **model_evaluate(model, test)}
+        epochs.append(rec)
+        log(epoch_line(rec))
+
     while done < total:
         epoch = loader.epoch
         for x, y in loader:
@@ -415,13 +444,17 @@ def _train_forward_gradient(cfg, train, test, model_kwargs, progress) -> dict[st
                 progress(done, total, {"epoch": epoch + 1, "loss": loss})
             if done == total:
                 break
-    from brigade.stages.trainer import evaluate
+        if loader.epoch > epoch and (cfg.eval_every_epoch or done == total):
+            evaluate(epoch, complete=True)
+    if not epochs or epochs[-1]["steps"] != done:
+        evaluate(max(epoch_losses), complete=False)
 
     return {
         "train_loss": [sum(v) / len(v) for _, v in sorted(epoch_losses.items())],
         "steps": done, "wall_s": train_s,
         "samples_per_s": samples / train_s if train_s else 0.0,
-        "final_test_accuracy": evaluate(model, test.x, test.y),
+        "final_test_accuracy": epochs[-1]["test_accuracy"],
+        "final_test_loss": epochs[-1]["test_loss"], "epochs": epochs,
         "bubble_fraction": 0.0, "balance": [len(model)], "timeline": None,
         "stages": [{"worker": 0, "stages": [0], "busy_s": train_s, "idle_fraction": 0.0,
                     "peak_stored_activation_bytes": 0}],
@@ -453,11 +486,33 @@ def _check_finite(loss: float, step: int, pipe: Pipeline | None) -> None:
 
 def pipeline_accuracy(pipe: Pipeline, test, batch_size: int = 500) -> float:
     """Top-1 accuracy on a data set, forward-only through the pipeline, in chunks."""
-    correct = 0
+    return pipeline_evaluate(pipe, test, batch_size)["test_accuracy"]
+
+
+def pipeline_evaluate(pipe: Pipeline, test, batch_size: int = 500) -> dict[str, float]:
+    """Test accuracy and mean cross-entropy loss, forward-only through the pipeline."""
+    return _evaluate(pipe.predict, test, batch_size)
+
+
+@torch.no_grad()
+def model_evaluate(model: nn.Module, test, batch_size: int = 500) -> dict[str, float]:
+    """The same figures for a model in this process (eval mode, then back to train)."""
+    model.eval()
+    try:
+        return _evaluate(model, test, batch_size)
+    finally:
+        model.train()
+
+
+def _evaluate(forward, test, batch_size: int) -> dict[str, float]:
+    correct, loss_sum = 0, 0.0
     for i in range(0, len(test), batch_size):
         x, y = test.x[i : i + batch_size], test.y[i : i + batch_size]
-        correct += int((pipe.predict(x).argmax(1) == y).sum())
-    return correct / max(1, len(test))
+        logits = forward(x).float()
+        correct += int((logits.argmax(1) == y).sum())
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+    n = max(1, len(test))
+    return {"test_accuracy": correct / n, "test_loss": loss_sum / n}
 
 
 def _timeline_figures(pipe: Pipeline) -> dict[str, Any]:

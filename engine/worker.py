@@ -21,7 +21,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 
-from brigade.schedulers import Action
+from brigade.schedulers import FORWARD_KINDS, Action
 from brigade.stages.base import StageBase
 from brigade.stages.handlers import BACKPROP_HANDLERS, Handler
 
@@ -38,6 +38,11 @@ __all__ = ["Worker", "StepResult", "Send", "MODES"]
 # snapshot is restored at its end. Record then replay is an in-place profile: every action timed where
 # and as it runs, sends and receives paid as in a run, without waiting on anyone.
 MODES = ("run", "record", "replay")
+
+# Under ``autocast`` the forward kinds (the kinds table's FORWARD_KINDS: F, DNI's S) run in
+# a torch.autocast region, as a one-process model's forward would; backward follows the
+# dtypes autograd recorded (torch's advice: no backward inside the region).
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 
 # send(dest_worker, key, payload): hand a message (a tensor, or a tuple of tensors) on.
 Send = Callable[[int, Hashable, Any], None]
@@ -66,6 +71,7 @@ class Worker:
         clock: Callable[[], float] = time.perf_counter,
         handlers: dict[str, Handler] | None = None,
         labels_to: frozenset[int] = frozenset(),
+        autocast: str | None = None,
     ) -> None:
         self.index = index
         self.stages = stages
@@ -84,6 +90,7 @@ class Worker:
         # action kind -> handler: the rule's declaration (backprop's by default)
         self._handlers: dict[str, Handler] = dict(BACKPROP_HANDLERS if handlers is None
                                                   else handlers)
+        self._autocast = _AUTOCAST_DTYPES[autocast] if autocast else None
 
     # -- the step protocol ----------------------------------------------------------------
     def begin(
@@ -179,7 +186,12 @@ class Worker:
         events = self._result.events
         mark = len(events)
         t0 = self._clock()
-        handler.run(self, action)
+        if self._autocast is not None and action.kind in FORWARD_KINDS:
+            stage = self.stages[action.stage]
+            with torch.autocast(torch.device(stage.device).type, dtype=self._autocast):
+                handler.run(self, action)
+        else:
+            handler.run(self, action)
         t1 = self._clock()
         # A handler's sends come last (each recorded as its own "send" span): the compute
         # span ends where the first send starts, as the simulator's lowering charges them.

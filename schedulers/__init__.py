@@ -26,29 +26,34 @@ from .costs import Costs
 from .deps import Dependencies
 from .errors import ScheduleError
 from .generators import interleaved_rounds
+from .kinds import ActionKind, Need, kind_of, register_action_kind, unregister_action_kind
 from .lowering import lower, unlower
 from .plot import plot_gantt
-from .registry import DECOUPLED, build, names, options_of
+from .registry import (DECOUPLED, ScheduleSpec, build, names, options_of, register_schedule,
+                       schedule_spec, specs)
 from .report import compare_table, grid_text, side_by_side, summary_table
 from .schedule import Schedule
 from .simulate import simulate
 from .timeline import CATEGORIES, Event, Timeline
-from .trace import chrome_trace, write_chrome_trace
+from .trace import chrome_trace, read_chrome_trace, write_chrome_trace
 from .validate import validate
 
 __all__ = [
     # actions
     "Action", "parse_actions", "KINDS", "COMPUTE_KINDS", "COMM_KINDS", "FORWARD_KINDS",
     "BACKWARD_KINDS", "KIND_NAMES",
+    # the table of kinds
+    "ActionKind", "Need", "kind_of", "register_action_kind", "unregister_action_kind",
     # schedules
-    "Schedule", "build", "names", "options_of", "DECOUPLED", "interleaved_rounds",
+    "Schedule", "build", "names", "options_of", "DECOUPLED", "ScheduleSpec",
+    "register_schedule", "schedule_spec", "specs", "interleaved_rounds",
     "validate", "Dependencies", "lower", "unlower",
     # simulation
     "Costs", "simulate", "Timeline", "Event", "CATEGORIES",
     "costs_from_timeline", "predict", "predict_from_profile", "schedule_of",
     # reports
     "compare_table", "side_by_side", "summary_table", "grid_text", "plot_gantt",
-    "write_chrome_trace", "chrome_trace",
+    "write_chrome_trace", "chrome_trace", "read_chrome_trace",
     # errors
     "ScheduleError",
 ]

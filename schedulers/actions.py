@@ -21,6 +21,9 @@ Kinds (letters between the two numbers, so every text form parses one way)::
         travels backward
     SF RF   send / receive a forward activation (added by the lowering pass only)
     SB RB   send / receive a backward gradient (added by the lowering pass only)
+
+What each kind means to the passes (what it waits for, what it costs, ...) is one record
+in :mod:`.kinds`; a rule adds a kind with :func:`.kinds.register_action_kind`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import re
 from dataclasses import dataclass
 
 from .errors import ScheduleError
+from .kinds import (BACKWARD_KINDS, COMM_KINDS, COMPUTE_KINDS, FORWARD_KINDS, KIND_NAMES,
+                    KINDS)
 
 __all__ = [
     "Action",
@@ -40,29 +45,6 @@ __all__ = [
     "KIND_NAMES",
     "parse_actions",
 ]
-
-KIND_NAMES: dict[str, str] = {
-    "F": "forward",
-    "B": "backward",
-    "I": "backward (input)",
-    "W": "backward (weights)",
-    "U": "update",
-    "S": "forward + synthetic-gradient update (DNI)",
-    "T": "train synthetic-gradient module (DNI)",
-    "R": "reconstruct + backward (PETRA)",
-    "D": "add d = ∇L·v to the step's coefficients (forward gradients)",
-    "SF": "send activation",
-    "RF": "receive activation",
-    "SB": "send gradient",
-    "RB": "receive gradient",
-}
-COMPUTE_KINDS: frozenset[str] = frozenset({"F", "B", "I", "W", "U", "S", "T", "R", "D"})
-COMM_KINDS: frozenset[str] = frozenset({"SF", "RF", "SB", "RB"})
-KINDS: frozenset[str] = COMPUTE_KINDS | COMM_KINDS
-# Kinds that run a microbatch forward through a stage (and so may store its activations).
-FORWARD_KINDS: frozenset[str] = frozenset({"F", "S"})
-# Kinds that are backward work of a microbatch: an update waits for these.
-BACKWARD_KINDS: frozenset[str] = frozenset({"B", "I", "W", "R", "T", "D"})
 
 _TEXT = re.compile(r"^\s*(\d+)([A-Z]{1,2})(\d+)\s*$")
 

@@ -19,8 +19,9 @@ import statistics
 from collections import defaultdict
 
 from .actions import Action
-from .costs import Costs
+from .costs import LINKED_FIELDS, Costs
 from .deps import Dependencies
+from .kinds import kind_of, kinds
 from .registry import build
 from .schedule import Schedule
 from .simulate import simulate
@@ -29,8 +30,11 @@ from .timeline import Event, Timeline
 __all__ = ["costs_from_spans", "costs_from_timeline", "schedule_of", "predict", "send_cost",
            "action_seconds", "predict_from_profile"]
 
-# Cost field of each compute kind (S folds forward, backward and update: charged as f).
-_FIELD = {"F": "f", "B": "b", "I": "i", "W": "w", "U": "u", "T": "sg", "S": "f", "R": "b"}
+
+def _fields() -> dict[str, str]:
+    """The Costs field a measured span of each kind calibrates (the kinds' ``measured_as``;
+    DNI's S folds forward, backward and update: charged as f)."""
+    return {k.code: k.measured_as for k in kinds() if k.measured_as}
 
 
 def schedule_of(timeline: Timeline) -> Schedule:
@@ -81,7 +85,7 @@ def _latency(timeline: Timeline, schedule: Schedule) -> float:
             released[(e.stage, e.kind, e.microbatch)].append(e.end)
     samples = []
     for e in timeline.events:
-        if e.category != "wait" or e.kind == "U":
+        if e.category != "wait" or kind_of(e.kind).index == "update":
             continue
         for dep in deps.of(Action(e.stage, e.kind, e.microbatch % m if m else 0)):
             if not deps.crosses(dep, Action(e.stage, e.kind, 0)):
@@ -96,27 +100,29 @@ def _latency(timeline: Timeline, schedule: Schedule) -> float:
 def _folded(seconds: dict[tuple[int, str], float], n: int) -> dict[str, list[float]]:
     """Zero the parts an action that folds several phases already paid for.
 
-    The simulator charges DNI's S as f + b + u and PETRA's R as r + b. A measured S span is
-    the whole of it (charged as f), so a run without B leaves b (and its halves) at 0 rather
-    than the 2f default; a measured R span is the whole reverse (charged as b), so r is 0.
+    The simulator charges a kind the sum of its cost fields (DNI's S: f + b + u; PETRA's R:
+    r + b) but a measured span is the whole of it, charged to one field (``measured_as``).
+    Each other field it folds is 0 unless a kind that ran is measured as that field (or one
+    linked to it: b, i, w), rather than its default (b = 2f; r = f).
     """
-    kinds = {k for _, k in seconds}
+    present = {k for _, k in seconds}
+    measured = {kind_of(k).measured_as for k in present}
     out: dict[str, list[float]] = {}
-    if "S" in kinds and not kinds & {"B", "I", "W"}:
-        out.update(b=[0.0] * n, i=[0.0] * n, w=[0.0] * n)
-        if "U" not in kinds:
-            out["u"] = [0.0] * n
-    if "R" in kinds:
-        out["r"] = [0.0] * n
+    for code in present:
+        kind = kind_of(code)
+        for name in kind.cost:
+            linked = LINKED_FIELDS.get(name, (name,))
+            if name != kind.measured_as and not measured & set(linked):
+                out.update({x: [0.0] * n for x in linked})
     return out
 
 
 def costs_from_spans(seconds: dict[tuple[int, str], float], stages: int, **others) -> Costs:
     """Costs from each (stage, action kind)'s seconds, measured or profiled: every kind
-    charged to its field (``_FIELD``), folded actions charged once (``_folded``); a kind a
+    charged to its field (the kinds' ``measured_as``), folded actions charged once (``_folded``); a kind a
     stage never ran costs it 0. ``others`` are further Costs fields (latency, ...)."""
     fields: dict[str, list[float]] = {}
-    for kind, name in _FIELD.items():
+    for kind, name in _fields().items():
         values = [seconds.get((s, kind)) for s in range(stages)]
         if any(v is not None for v in values) and name not in fields:
             fields[name] = [v or 0.0 for v in values]

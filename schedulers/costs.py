@@ -4,7 +4,7 @@ Per-stage fields take a scalar (every stage the same) or a list with one value p
 Backward: give ``b`` alone (then ``i = w = b/2``), or ``i`` and ``w`` (then ``b = i + w``);
 with none of them, ``b = 2f`` (the usual rule of thumb) and ``i = w = f``.
 
-Durations the simulator charges::
+Durations the simulator charges (each kind's ``cost`` fields in :mod:`.kinds`, summed)::
 
     F  f          B  b          I  i          W  w          U  u
     S  f + b + u  (DNI: forward, backward from the synthetic gradient, update)
@@ -25,8 +25,9 @@ A message between workers arrives ``latency + bytes / bandwidth`` after its prod
 PETRA (reconstructed input and its gradient), none for fwdgrad's d (a few scalars).
 
 ``stores_activations`` (per stage) says whether a stage keeps the activations of in-flight
-microbatches; ``None`` means "by schedule": PETRA's reversible stages and fwdgrad's
-forward-only stages store nothing, every other schedule stores.
+microbatches; ``None`` means "by schedule": its declaration's ``stores_activations``
+(PETRA's reversible stages and fwdgrad's forward-only stages store nothing, every other
+schedule stores).
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ from typing import Any, Sequence
 
 from .errors import ScheduleError
 
-__all__ = ["Costs", "PER_STAGE"]
+__all__ = ["Costs", "PER_STAGE", "LINKED_FIELDS"]
 
 PerStage = float | Sequence[float]
 # Fields that take one value per stage.
 PER_STAGE = ("f", "b", "i", "w", "u", "sg", "r", "activation_bytes")
+# Fields derived from each other (b = i + w): a field given or zeroed settles the others.
+LINKED_FIELDS = {"b": ("b", "i", "w"), "i": ("b", "i", "w"), "w": ("b", "i", "w")}
 _SCALARS = ("latency", "bandwidth", "microbatch_size")
 _KEYS = PER_STAGE + _SCALARS + ("stores_activations",)
 
@@ -112,7 +115,7 @@ class Costs:
         out.update(b=b, i=i, w=w, r=out.get("r", list(f)))
         stores = self.stores_activations
         if stores is None:
-            stores = schedule.lower() not in ("petra", "fwdgrad")
+            stores = _stores_by_schedule(schedule)
         out["stores_activations"] = _broadcast("stores_activations", stores, num_stages)
         return replace(self, **out)
 
@@ -194,6 +197,16 @@ class Costs:
                 value = value[0]
             out[key] = value
         return out
+
+
+def _stores_by_schedule(name: str) -> bool:
+    """The schedule's declared fact (forward-only and reversible ones store nothing); a
+    schedule that is not registered (a hand-written one) stores."""
+    from .registry import names, schedule_spec
+
+    if str(name).strip().lower() not in names():
+        return True
+    return bool(schedule_spec(name).stores_activations)
 
 
 def _number(name: str, value: Any, allow_inf: bool = False) -> float:

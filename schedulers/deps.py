@@ -26,6 +26,7 @@ Forward gradients (fwdgrad)::
                                      sends it to every stage at once, not stage by stage)
     sUt      needs every sDj of step t
 
+The rules are data: each kind's ``needs`` in :mod:`.kinds`, which this module interprets.
 Lowered schedules (with send/receive actions) route every edge between workers through
 them: ``sSFj`` needs the stage's forward of j, ``sRFj`` needs ``(s-1)SFj``; ``sSBj`` needs
 the stage's backward of j (B, I, R or DNI's S; fwdgrad's last stage: its F), ``sRBj``
@@ -37,38 +38,40 @@ instead.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from .actions import BACKWARD_KINDS, COMM_KINDS, Action
+from .actions import Action
+from .kinds import BACKWARD_KINDS, COMM_KINDS, KIND_NAMES, Need, kind_of, message_kinds
 
 if TYPE_CHECKING:  # pragma: no cover
     from .schedule import Schedule
 
 __all__ = ["Dependencies", "RULES"]
 
-# Why each kind waits for what it waits for; error messages quote these.
-RULES: dict[str, str] = {
-    "F": "a forward needs the previous stage's forward of the same microbatch",
-    "B": "a backward needs its own forward and the next stage's backward of the same microbatch",
-    "I": "a backward needs its own forward and the next stage's backward of the same microbatch",
-    "W": "a weight-gradient backward needs the input-gradient backward (I) of its microbatch",
-    "U": "an update needs all of its stage's backward work of the microbatches it applies",
-    "S": "a DNI forward needs the previous stage's forward of the same microbatch",
-    "T": "training the synthetic-gradient module needs the gradient that the next stage's "
-         "forward (S) returns",
-    "R": "a PETRA backward needs its own forward and the next stage's reconstruction (R)",
-    "D": "folding d = ∇L·v into a stage's gradient needs the last stage's forward of the "
-         "same microbatch, which computes d (forward gradients)",
-    "SF": "a send needs the forward that produced the activation",
-    "RF": "a receive needs the previous stage's send",
-    "SB": "a send needs the backward that produced the gradient",
-    "RB": "a receive needs the next stage's send",
-}
+
+class _Rules(Mapping):
+    """Why each kind waits for what it waits for (the table's ``rule``); errors quote it."""
+
+    def __getitem__(self, code: str) -> str:
+        if code not in KIND_NAMES:
+            raise KeyError(code)
+        return kind_of(code).rule
+
+    def __iter__(self):
+        return iter(KIND_NAMES)
+
+    def __len__(self) -> int:
+        return len(KIND_NAMES)
+
+
+RULES: Mapping[str, str] = _Rules()
 
 
 class Dependencies:
     """The dependency rules applied to one schedule (which actions exist decides, e.g.,
-    whether the next stage's backward is a ``B`` or an ``I``)."""
+    whether the next stage's backward is a ``B`` or an ``I``). The rules are the kinds'
+    :class:`~.kinds.Need` records; this class interprets them."""
 
     def __init__(self, schedule: "Schedule") -> None:
         self.schedule = schedule
@@ -90,7 +93,7 @@ class Dependencies:
 
     def rule(self, action: Action) -> str:
         """Why ``action`` waits for what it waits for, in words."""
-        return RULES[action.kind]
+        return kind_of(action.kind).rule
 
     def crosses(self, dep: Action, action: Action) -> bool:
         """Whether the edge dep -> action goes between two workers (a message)."""
@@ -98,49 +101,42 @@ class Dependencies:
         return s.worker_of(dep.stage) != s.worker_of(action.stage)
 
     # -- the rules -------------------------------------------------------------------------
-    def _first(self, stage: int, kinds: str, j: int) -> Action:
+    def _first(self, stage: int, kinds: tuple[str, ...], j: int) -> Action:
         """The first of ``kinds`` that exists for (stage, j); the first kind if none does."""
-        for kind in kinds.split():
+        for kind in kinds:
             a = Action(stage, kind, j)
             if a in self.present:
                 return a
-        return Action(stage, kinds.split()[0], j)
+        return Action(stage, kinds[0], j)
+
+    def _stage(self, on: str, s: int) -> int:
+        """The stage a Need names, relative to stage s."""
+        return {"self": s, "prev": s - 1, "next": s + 1,
+                "last": self.schedule.num_stages - 1}[on]
 
     def _base(self, a: Action) -> list[Action]:
-        """The rules of the module docstring, before routing through receives."""
-        s, k, j = a.stage, a.kind, a.microbatch
-        last = s == self.schedule.num_stages - 1
-        if k in ("F", "S"):
-            return [Action(s - 1, k, j)] if s > 0 else []
-        if k in ("B", "I"):
-            return [Action(s, "F", j)] + ([] if last else [self._first(s + 1, "B I", j)])
-        if k == "W":
-            return [Action(s, "I", j)]
-        if k == "R":
-            return [Action(s, "F", j)] + ([] if last else [Action(s + 1, "R", j)])
-        if k == "T":
-            return [Action(s, "S", j)] + ([] if last else [Action(s + 1, "S", j)])
-        if k == "D":
-            return [Action(self.schedule.num_stages - 1, "F", j)]
-        if k == "U":
-            group = self.schedule.update_microbatches(j)
-            found = [b for b in self._backward_of.get(s, ()) if b.microbatch in group]
-            return sorted(found, key=lambda b: (b.microbatch, b.kind))
-        return self._comm(a)
+        """The kind's needs (module docstring), before routing through receives."""
+        out: list[Action] = []
+        for need in kind_of(a.kind).needs:
+            out += self._apply(need, a)
+        return out
 
-    def _comm(self, a: Action) -> list[Action]:
-        """Sends follow their producer; receives follow the neighbour's send."""
-        s, k, j = a.stage, a.kind, a.microbatch
-        if k == "SF":
-            return [self._first(s, "F S", j)]
-        if k == "SB":
-            return [self._first(s, "B I R S F", j)]
-        if k == "RF":
-            return [Action(s - 1, "SF", j)] if s > 0 else []
-        last = self.schedule.num_stages - 1
-        if Action(s, "D", j) in self.present:  # d comes from the last stage directly
-            return [Action(last, "SB", j)] if s < last else []
-        return [Action(s + 1, "SB", j)] if s < last else []
+    def _apply(self, need: Need, a: Action) -> list[Action]:
+        """What one Need of ``a`` resolves to (nothing where it does not apply)."""
+        s, j = a.stage, a.microbatch
+        if need.when is not None and Action(s, need.when, j) not in self.present:
+            return []
+        if need.unless is not None and Action(s, need.unless, j) in self.present:
+            return []
+        stage = self._stage(need.on, s)
+        if not 0 <= stage < self.schedule.num_stages or (need.other and stage == s):
+            return []
+        if need.group == "update":
+            group = self.schedule.update_microbatches(j)
+            found = [b for b in self._backward_of.get(stage, ()) if b.microbatch in group
+                     and (not need.kinds or b.kind in need.kinds)]
+            return sorted(found, key=lambda b: (b.microbatch, b.kind))
+        return [self._first(stage, need.kinds, j)]
 
     def _route(self, a: Action, dep: Action) -> Action:
         """In a lowered schedule, wait for the receive rather than the remote producer."""
@@ -148,8 +144,7 @@ class Dependencies:
             return dep
         if not self.crosses(dep, a):
             return dep
-        kind = "RF" if dep.stage < a.stage else "RB"
-        recv = Action(a.stage, kind, a.microbatch)
+        recv = Action(a.stage, message_kinds(forward=dep.stage < a.stage)[1], a.microbatch)
         return recv if recv in self.present else dep
 
     def _valid(self, dep: Action) -> bool:

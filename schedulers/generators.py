@@ -4,6 +4,9 @@
 microbatches per step, ``S`` the steps, ``v`` the stages per worker. Microbatch indices are
 global: step ``t`` runs microbatches ``t*m .. t*m+m-1``.
 
+Each generator declares itself (``@register_schedule``, :mod:`.registry`) with its facts:
+options, decoupled, forward-only, stores activations.
+
 Flush schedules (gpipe, 1f1b, interleaved, zb1p, fwdgrad) repeat one step's pattern S
 times; each stage ends every step with ``U`` after all its backward work, and the next step
 starts from an empty pipeline. Decoupled schedules (dni, petra) have no flush: over S steps the
@@ -17,6 +20,7 @@ from typing import Callable
 
 from .actions import Action
 from .errors import ScheduleError
+from .registry import register_schedule
 from .schedule import Schedule
 
 __all__ = [
@@ -90,6 +94,7 @@ def _b(s: int, j: int) -> Action:
 
 
 # -- backprop with a flush --------------------------------------------------------------------
+@register_schedule("gpipe")
 def gpipe(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) -> Schedule:
     """GPipe: all forwards, then all backwards (in microbatch order), then the update."""
     _sizes(stages, microbatches, virtual, steps)
@@ -102,6 +107,7 @@ def gpipe(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) -> S
     return _flush("gpipe", stages, m, 1, steps, pattern)
 
 
+@register_schedule("1f1b")
 def one_f_one_b(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) -> Schedule:
     """1F1B (PipeDream-Flush): p-1-s warm-up forwards, then one forward, one backward."""
     _sizes(stages, microbatches, virtual, steps)
@@ -149,6 +155,7 @@ def interleaved_rounds(stages: int, microbatches: int, virtual: int) -> int:
     return m // rounds
 
 
+@register_schedule("interleaved", default_virtual=2)
 def interleaved(stages: int, microbatches: int, virtual: int = 2, steps: int = 1) -> Schedule:
     """Interleaved 1F1B (Megatron-LM order): worker w holds stages w, w+p, ...; it runs
     ``(v-1)*g + 2*(p-1-w)`` warm-up forwards, then alternates, chunk by chunk in rounds of
@@ -174,6 +181,7 @@ def interleaved(stages: int, microbatches: int, virtual: int = 2, steps: int = 1
     return _flush("interleaved", p, m, v, steps, pattern)
 
 
+@register_schedule("zb1p")
 def zb1p(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) -> Schedule:
     """Zero-bubble H1 (Qi et al. 2023): 1F1B with B split into I (input gradient, on the
     critical path) and W (weight gradient, deferred). Stage s defers s of its W's to the
@@ -200,35 +208,8 @@ def zb1p(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) -> Sc
     return _flush("zb1p", p, m, 1, steps, pattern)
 
 
-# -- forward only: forward gradients ---------------------------------------------------------
-def fwdgrad(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) -> Schedule:
-    """The forward-only pipeline (forward gradients, Baydin 2022): ``F`` pushes a
-    microbatch's activation and its tangent downstream; on the last stage it also yields
-    ``d = ∇L·v``, one scalar per projection, which goes straight back to every stage;
-    ``D`` adds it to the stage's coefficients for the step; ``U`` forms the gradient
-    ``Σ d·v / n`` from the directions drawn during F, and steps. No activation gradient travels backward: GPipe with B replaced by D::
-
-        w0 | 0F0 0F1 0F2 0F3 0D0 0D1 0D2 0D3 0U0
-        w1 |     1F0 1F1 1F2 1F3 1D0 1D1 1D2 1D3 1U0
-        w2 |         2F0 2F1 2F2 2F3 2D0 2D1 2D2 2D3 2U0
-
-    (unit slots; the simulator charges ``D`` nothing). A flush per step, because the
-    estimator is synchronous: step t+1's forward on stage s must see the weights after
-    update t, which needs d of all step t's microbatches, which exists only once the last
-    stage has run them. So every stage idles p-1 forward slots per step, as in GPipe, but
-    the slots are forwards only. Running on without the flush would mean forwards with
-    weights one update old, a different (delayed-gradient) algorithm."""
-    _sizes(stages, microbatches, virtual, steps)
-    _one_stage_per_worker("fwdgrad", virtual)
-    m = microbatches
-
-    def pattern(s: int) -> list[Action]:
-        return [_f(s, j) for j in range(m)] + [Action(s, "D", j) for j in range(m)]
-
-    return _flush("fwdgrad", stages, m, 1, steps, pattern)
-
-
 # -- decoupled: no flush ---------------------------------------------------------------------
+@register_schedule("dni", decoupled=True)
 def dni(stages: int, microbatches: int, virtual: int = 1, steps: int = 1,
         lag: int = 1) -> Schedule:
     """Decoupled neural interfaces (Jaderberg 2016): ``S`` runs forward, backward from the
@@ -256,6 +237,8 @@ def dni(stages: int, microbatches: int, virtual: int = 1, steps: int = 1,
                     options={"lag": lag})
 
 
+# reversible stages rebuild their input: they store no activations
+@register_schedule("petra", decoupled=True, stores_activations=False)
 def petra(stages: int, microbatches: int, virtual: int = 1, steps: int = 1,
           accumulate: int | None = None) -> Schedule:
     """PETRA (Rivaud et al. 2025): every tick a stage runs one forward and one delayed
@@ -289,6 +272,7 @@ def petra(stages: int, microbatches: int, virtual: int = 1, steps: int = 1,
                     options={"accumulate": k})
 
 
+@register_schedule("stale")
 def stale(stages: int, microbatches: int, virtual: int = 1, steps: int = 1,
           k: int = 4) -> Schedule:
     """The synthetic-gradients blog's baseline: every k-th step (0, k, 2k, ...) is a gpipe
@@ -314,6 +298,38 @@ def stale(stages: int, microbatches: int, virtual: int = 1, steps: int = 1,
                     options={"k": k})
 
 
+# -- forward only: forward gradients ---------------------------------------------------------
+# not in compare's default list: its F is a forward with tangents, which the same
+# costs as the others' F would misprice
+@register_schedule("fwdgrad", forward_only=True, compared=False)
+def fwdgrad(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) -> Schedule:
+    """The forward-only pipeline (forward gradients, Baydin 2022): ``F`` pushes a
+    microbatch's activation and its tangent downstream; on the last stage it also yields
+    ``d = ∇L·v``, one scalar per projection, which goes straight back to every stage;
+    ``D`` adds it to the stage's coefficients for the step; ``U`` forms the gradient
+    ``Σ d·v / n`` from the directions drawn during F, and steps. No activation gradient travels backward: GPipe with B replaced by D::
+
+        w0 | 0F0 0F1 0F2 0F3 0D0 0D1 0D2 0D3 0U0
+        w1 |     1F0 1F1 1F2 1F3 1D0 1D1 1D2 1D3 1U0
+        w2 |         2F0 2F1 2F2 2F3 2D0 2D1 2D2 2D3 2U0
+
+    (unit slots; the simulator charges ``D`` nothing). A flush per step, because the
+    estimator is synchronous: step t+1's forward on stage s must see the weights after
+    update t, which needs d of all step t's microbatches, which exists only once the last
+    stage has run them. So every stage idles p-1 forward slots per step, as in GPipe, but
+    the slots are forwards only. Running on without the flush would mean forwards with
+    weights one update old, a different (delayed-gradient) algorithm."""
+    _sizes(stages, microbatches, virtual, steps)
+    _one_stage_per_worker("fwdgrad", virtual)
+    m = microbatches
+
+    def pattern(s: int) -> list[Action]:
+        return [_f(s, j) for j in range(m)] + [Action(s, "D", j) for j in range(m)]
+
+    return _flush("fwdgrad", stages, m, 1, steps, pattern)
+
+
+@register_schedule("dgl", decoupled=True, stores_activations=False)
 def dgl(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) -> Schedule:
     """Decoupled greedy learning (Belilovsky et al. 2020): each stage trains on the loss of
     its own auxiliary head, so ``F`` is the forward, the local loss and its backward in one,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from .actions import COMM_KINDS, Action
 from .deps import Dependencies
 from .errors import ScheduleError
+from .kinds import message_kinds
 
 if TYPE_CHECKING:  # pragma: no cover
     from .schedule import Schedule
@@ -41,11 +42,11 @@ def lower(schedule: "Schedule") -> "Schedule":
     for _, a in schedule:
         for d in deps.of(a):
             if deps.crosses(d, a):
-                forward = d.stage < a.stage
-                send = Action(d.stage, "SF" if forward else "SB", a.microbatch)
+                send_kind, recv_kind = message_kinds(forward=d.stage < a.stage)
+                send = Action(d.stage, send_kind, a.microbatch)
                 if send not in sends[d]:  # one send may reach several stages (fwdgrad's d)
                     sends[d].append(send)
-                recvs[a].append(Action(a.stage, "RF" if forward else "RB", a.microbatch))
+                recvs[a].append(Action(a.stage, recv_kind, a.microbatch))
     rows = [[x for a in row for x in (*recvs[a], a, *sends[a])] for row in schedule.workers]
     return replace(schedule, workers=rows)
 

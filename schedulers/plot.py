@@ -8,27 +8,41 @@ matplotlib is imported inside :func:`plot_gantt` (with the Agg canvas), so impor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .actions import KIND_NAMES
+from .kinds import kind_of
+from .kinds import kinds as all_kinds
 from .errors import ScheduleError
 from .timeline import Timeline
 
 __all__ = ["plot_gantt", "KIND_COLORS"]
 
-KIND_COLORS: dict[str, str] = {
-    "F": "#4878CF",   # forward: blue
-    "B": "#EE8434",   # backward: orange
-    "I": "#D65F5F",   # backward (input): red
-    "W": "#F2C14E",   # backward (weights): yellow
-    "U": "#2B2B2B",   # update: near black
-    "S": "#3AA67A",   # DNI forward + synthetic update: green
-    "T": "#9B6FC3",   # DNI synthetic-gradient training: purple
-    "R": "#20A3B5",   # PETRA reconstruct + backward: teal
-    "D": "#C4507A",   # fwdgrad: fold d into the gradient: magenta
-    "send": "#B8B8B8",
-    "recv": "#D9D9D9",
-}
+
+
+class _Colours(Mapping):
+    """Live ``kind -> colour`` of the compute kinds (:mod:`.kinds`), then ``send`` and
+    ``recv`` (the message kinds' colours), in table order: the legend's order."""
+
+    def _items(self) -> dict[str, str]:
+        out = {k.code: k.colour for k in all_kinds() if k.is_compute}
+        for k in all_kinds():
+            if not k.is_compute:
+                out.setdefault(k.category, k.colour)
+        return out
+
+    def __getitem__(self, key: str) -> str:
+        return self._items()[key]
+
+    def __iter__(self):
+        return iter(self._items())
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+
+KIND_COLORS: Mapping[str, str] = _Colours()
 _FORMATS = (".png", ".svg", ".pdf")
 _ROW = 0.34       # inches per worker row
 _PANEL = 0.75     # inches per panel for title and margins
@@ -67,7 +81,7 @@ def plot_gantt(timelines: Timeline | Mapping[str, Timeline], path: str | Path,
 def _panel(ax: Any, name: str, tl: Timeline, end: float, fig: Any) -> dict[str, None]:
     """One schedule: hatched idle background, coloured spans, update ticks, title."""
     t0, t1 = tl.window
-    kinds: dict[str, None] = {}
+    seen: dict[str, None] = {}
     virtual = max(1, tl.num_stages // tl.num_workers)
     px_per_unit = fig.get_figwidth() * 0.9 * fig.dpi / end
     for w in range(tl.num_workers):
@@ -79,14 +93,14 @@ def _panel(ax: Any, name: str, tl: Timeline, end: float, fig: Any) -> dict[str, 
                 continue
             key = e.kind if e.category == "compute" else e.category
             if e.duration <= 0:
-                if e.kind == "U":
-                    ax.vlines(e.start - t0, w - 0.45, w + 0.45, color=KIND_COLORS["U"],
+                if e.kind in KIND_NAMES and kind_of(e.kind).index == "update":
+                    ax.vlines(e.start - t0, w - 0.45, w + 0.45, color=KIND_COLORS[e.kind],
                               linewidth=1.4)
-                    kinds["U"] = None
+                    seen[e.kind] = None
                 continue
             chunk = e.stage // tl.num_workers
             spans.setdefault((key, chunk), []).append((e.start - t0, e.duration))
-            kinds[key] = None
+            seen[key] = None
             if e.category == "compute" and e.duration * px_per_unit >= 16:
                 ax.text(e.start - t0 + e.duration / 2, w, str(e.microbatch), ha="center",
                         va="center", fontsize=7, color="white" if key != "W" else "black")
@@ -103,7 +117,7 @@ def _panel(ax: Any, name: str, tl: Timeline, end: float, fig: Any) -> dict[str, 
                  f"throughput {tl.throughput:.3g} samples per unit time"
                  + ("   (lighter tints: later chunks)" if virtual > 1 else ""), loc="left",
                  fontsize=10.5)
-    return kinds
+    return seen
 
 
 def _shade(colour: str, chunk: int, virtual: int) -> str:

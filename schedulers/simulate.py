@@ -19,6 +19,7 @@ from .costs import Costs
 from .dataflow import run_in_order
 from .deps import Dependencies
 from .errors import ScheduleError
+from .kinds import KINDS, kind_of
 from .timeline import Event, Timeline
 from .validate import validate
 
@@ -27,32 +28,19 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["simulate", "duration"]
 
-_CATEGORY = {"SF": "send", "SB": "send", "RF": "recv", "RB": "recv"}
-
-
 def duration(action: Action, costs: Costs, deps: Dependencies | None = None) -> float:
-    """How long ``action`` keeps its worker busy under resolved ``costs`` (sends need
-    ``deps`` to size PETRA's double message)."""
-    s, k, c = action.stage, action.kind, costs
-    if k in ("SF", "SB"):
-        return c.transfer_time(_send_bytes(action, c, deps))
-    table = {
-        "F": c.f, "B": c.b, "I": c.i, "W": c.w, "U": c.u, "T": c.sg,
-    }
-    if k in table:
-        return table[k][s]
-    if k == "S":
-        return c.f[s] + c.b[s] + c.u[s]
-    if k == "R":
-        return c.r[s] + c.b[s]
-    # D (fwdgrad: add a few scalars) costs nothing; receives: the wait before them is the
-    # message's latency
-    return 0.0
+    """How long ``action`` keeps its worker busy under resolved ``costs``: the sum of its
+    kind's cost fields (:mod:`.kinds`) on its stage; a send, its bytes on the wire (``deps``
+    sizes PETRA's double message); a receive nothing (the wait before it is the latency)."""
+    kind = kind_of(action.kind)
+    if kind.category == "send":
+        return costs.transfer_time(_send_bytes(action, costs, deps))
+    return sum(getattr(costs, name)[action.stage] for name in kind.cost)
 
 
 def _send_bytes(send: Action, c: Costs, deps: Dependencies | None) -> float:
     """Bytes a lowered send puts on the wire."""
-    if send.kind == "SF":
+    if kind_of(send.kind).direction == "forward":
         return c.activation_bytes[send.stage]
     if send.stage == 0:
         return 0.0
@@ -60,21 +48,19 @@ def _send_bytes(send: Action, c: Costs, deps: Dependencies | None) -> float:
     return _grad_bytes(send.stage - 1, producer, c)
 
 
-# Backward messages per producer, in activations of the receiving stage's output: PETRA's R
-# also sends the input back; fwdgrad's F sends d, a few scalars (charged as none).
-_GRAD_SIZE = {"R": 2, "F": 0}
-
-
 def _grad_bytes(stage: int, producer_kind: str, c: Costs) -> float:
-    """Bytes of what travels back to ``stage`` from an action of ``producer_kind``."""
-    return c.activation_bytes[stage] * _GRAD_SIZE.get(producer_kind, 1)
+    """Bytes of what travels back to ``stage`` from an action of ``producer_kind``, in
+    activations of its output (the kind's ``grad_size``: PETRA's R also sends the input
+    back; fwdgrad's F sends d, a few scalars, charged as none)."""
+    size = kind_of(producer_kind).grad_size if producer_kind in KINDS else 1.0
+    return c.activation_bytes[stage] * size
 
 
 def _delay(dep: Action, action: Action, deps: Dependencies, c: Costs) -> float:
     """Message time of the edge dep -> action (0 on one worker)."""
     if not deps.crosses(dep, action):
         return 0.0
-    if dep.kind in ("SF", "SB"):  # lowered: the send already paid for the bytes
+    if kind_of(dep.kind).category == "send":  # lowered: the send already paid for the bytes
         return c.latency
     if dep.stage < action.stage:
         return c.message_time(c.activation_bytes[dep.stage])
@@ -117,7 +103,7 @@ def _events(schedule: "Schedule", run) -> list[Event]:
             start, end = run.start[a], run.end[a]
             if start > free:
                 events.append(Event(w, a.stage, a.kind, a.microbatch, free, start, "wait"))
-            category = _CATEGORY.get(a.kind, "compute")
+            category = kind_of(a.kind).category
             events.append(Event(w, a.stage, a.kind, a.microbatch, start, end, category))
             free = end
     return events

@@ -6,11 +6,12 @@ the first compute start to the last compute end:
 
 - ``busy(w)``: time worker w spends inside compute events; ``idle(w) = makespan - busy(w)``;
 - ``bubble_fraction`` = total idle / (workers x makespan) = 1 - ideal / makespan;
-- ``throughput`` = samples / makespan;
+- ``throughput`` = samples / makespan = (1 - bubble) / work per sample (compute time per
+  sample per worker);
 - ``peak_activations(s)``: the most microbatches whose activations stage s holds at once.
-  A microbatch is held from the start of its forward (F, or DNI's S) to the end of the
-  last backward that needs them (B, I, W or R; for S, and for a forward-only F, the
-  forward itself). Stages with ``meta["stores_activations"][s]`` false hold nothing.
+  A microbatch is held from the start of its forward (a forward kind: F, or DNI's S) to
+  the end of the last action that frees them (B, I, W or R: the kinds' ``frees``; for S,
+  and for a forward-only F, the forward itself). Stages with ``meta["stores_activations"][s]`` false hold nothing.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import ScheduleError
+from .kinds import FORWARD_KINDS, FREEING_KINDS
 
 __all__ = ["Event", "Timeline", "CATEGORIES"]
 
 CATEGORIES = ("compute", "wait", "send", "recv")
-_FORWARD = ("F", "S")
-_RELEASE = ("B", "I", "W", "R")
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,16 @@ class Timeline:
         span = self.makespan
         return self.samples / span if span > 0 else 0.0
 
+    @property
+    def work_per_sample(self) -> float:
+        """Compute time per sample per worker: total busy / (samples x workers). With the
+        bubble it gives the throughput: ``throughput = (1 - bubble) / work_per_sample``, so
+        a schedule whose actions cost more is slower at the same bubble."""
+        if self.samples <= 0:
+            return 0.0
+        busy = sum(self.busy(w) for w in range(self.num_workers))
+        return busy / (self.samples * self.num_workers)
+
     # -- memory -----------------------------------------------------------------------------
     def peak_activations(self, stage: int) -> int:
         """Most microbatches whose activations ``stage`` holds at one time."""
@@ -200,10 +210,19 @@ class Timeline:
 
     @classmethod
     def from_json(cls, source: Mapping[str, Any] | str | Path) -> "Timeline":
-        """Read what :meth:`to_json` wrote: a dict, JSON text, or a file path."""
+        """Read what :meth:`to_json` wrote, or a Chrome trace of one timeline that
+        :func:`~.trace.write_chrome_trace` wrote (``brigade train --trace``): a dict, JSON
+        text, or a file path."""
         from .schedule import _load_json
+        from .trace import is_chrome_trace, read_chrome_trace
 
         data = _load_json(source)
+        if is_chrome_trace(data):
+            found = read_chrome_trace(data)
+            if len(found) != 1:
+                raise ScheduleError(f"this trace holds {len(found)} timelines "
+                                    f"({', '.join(found)}); read them with read_chrome_trace")
+            return next(iter(found.values()))
         try:
             return cls(events=data["events"], num_workers=data["num_workers"],
                        samples=data.get("samples", 0.0), meta=data.get("meta", {}))
@@ -221,7 +240,8 @@ class Timeline:
                 "name": name, "cat": e.category, "ph": "X",
                 "ts": (e.start - t0) * 1e6, "dur": e.duration * 1e6,
                 "pid": pid, "tid": e.worker,
-                "args": {"stage": e.stage, "kind": e.kind, "microbatch": e.microbatch},
+                "args": {"stage": e.stage, "kind": e.kind, "microbatch": e.microbatch,
+                         "category": e.category},
             })
         return out
 
@@ -245,10 +265,10 @@ def _held_intervals(events: list[Event], stage: int) -> list[tuple[float, float]
     for e in events:
         if e.stage != stage:
             continue
-        if e.kind in _FORWARD:
+        if e.kind in FORWARD_KINDS:
             starts[e.microbatch] = e.start
             fwd_end[e.microbatch] = e.end
-        elif e.kind in _RELEASE:
+        elif e.kind in FREEING_KINDS:
             release[e.microbatch] = max(release[e.microbatch], e.end)
     return [(t, max(fwd_end[j], release[j])) for j, t in starts.items()]
 

@@ -4,9 +4,9 @@ Checks, in the order a reader would want to hear about problems:
 
 1. placement: each action's stage exists and lives on the worker whose list holds it;
    microbatch (or update) indices are in range; no action appears twice;
-2. coverage: every stage runs a forward of every microbatch; backward work of a step
-   (B/I, W, R, T, fwdgrad's D) is all-or-none per stage (stale's forward-only steps have
-   none); each ``I`` has its ``W``;
+2. coverage: every stage runs one forward (a forward kind) of every microbatch; each
+   backward family of a step (B/I, W, R, T, D: the kinds' ``family``) is all-or-none per
+   stage (stale's forward-only steps have none); a kind with a ``partner`` (I and W) has it;
 3. order: what an action waits for exists, and on its own worker comes earlier;
 4. no deadlock between workers (a dry run under the rules of :mod:`.deps`).
 
@@ -19,19 +19,25 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING, Iterable
 
-from .actions import FORWARD_KINDS, Action
+from .actions import BACKWARD_KINDS, FORWARD_KINDS, Action
 from .dataflow import run_in_order
 from .deps import Dependencies
 from .errors import ScheduleError
+from .kinds import kind_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from .schedule import Schedule
 
 __all__ = ["validate", "check_placement", "check_coverage", "check_order", "check_deadlock"]
 
-# Backward work that comes all-or-none per stage and step; "B I" are one family (one or
-# the other for a microbatch).
-_FAMILIES = {"B": "BI", "I": "BI", "W": "W", "R": "R", "T": "T", "D": "D"}
+
+def _families() -> dict[str, list[str]]:
+    """Backward work that comes all-or-none per stage and step, by family; the kinds of one
+    family are alternatives (B or I for a microbatch)."""
+    out: dict[str, list[str]] = {}
+    for code in BACKWARD_KINDS:
+        out.setdefault(kind_of(code).family, []).append(code)
+    return out
 
 
 def validate(schedule: "Schedule") -> None:
@@ -76,14 +82,13 @@ def _check_one(schedule: "Schedule", w: int, a: Action) -> None:
         raise ScheduleError(
             f"{a} is in worker {w}'s list, but stage {a.stage} lives on worker "
             f"{schedule.worker_of(a.stage)} (stage % {schedule.num_workers}); move it there")
-    limit = schedule.num_updates if a.kind == "U" else n
+    kind = kind_of(a.kind)
+    limit = schedule.num_updates if kind.index == "update" else n
     if a.microbatch >= limit:
-        what = "update" if a.kind == "U" else "microbatch"
-        raise ScheduleError(f"{a} on worker {w}: {what} {a.microbatch} is out of range; "
-                            f"valid {what} indices are 0..{limit - 1}")
-    if a.kind == "T" and a.stage == p - 1:
-        raise ScheduleError(f"{a}: the last stage computes the true gradient and has no "
-                            "synthetic-gradient module to train; drop its T actions")
+        raise ScheduleError(f"{a} on worker {w}: {kind.index} {a.microbatch} is out of range; "
+                            f"valid {kind.index} indices are 0..{limit - 1}")
+    if kind.not_on_last and a.stage == p - 1:
+        raise ScheduleError(f"{a}: {kind.not_on_last}")
 
 
 # -- 2. coverage -----------------------------------------------------------------------------
@@ -101,13 +106,14 @@ def check_coverage(schedule: "Schedule", deps: Dependencies) -> None:
 
 
 def _forwards(schedule, deps, s, kinds, everything) -> None:
-    """Stage s runs exactly one forward (F or S) of every microbatch."""
-    both = kinds["F"] & kinds["S"]
-    if both:
-        j = min(both)
-        _fail(schedule, f"stage {s} runs microbatch {j} forward twice ({s}F{j} and {s}S{j})",
-              [Action(s, "F", j), Action(s, "S", j)])
-    missing = sorted(everything - kinds["F"] - kinds["S"])
+    """Stage s runs exactly one forward (F, DNI's S, ...) of every microbatch."""
+    forwards = sorted(FORWARD_KINDS)
+    clash = _overlap(kinds, forwards)
+    if clash:
+        k1, k2, j = clash
+        _fail(schedule, f"stage {s} runs microbatch {j} forward twice ({s}{k1}{j} and "
+              f"{s}{k2}{j})", [Action(s, k1, j), Action(s, k2, j)])
+    missing = sorted(everything.difference(*(kinds[k] for k in forwards)))
     if missing:
         j = missing[0]
         _fail(schedule, f"stage {s} never runs a forward of microbatch {j} (missing: "
@@ -115,9 +121,21 @@ def _forwards(schedule, deps, s, kinds, everything) -> None:
               f"0..{schedule.total_microbatches - 1}", _touching(schedule, deps, s, j))
 
 
+def _overlap(kinds: dict[str, set[int]], codes: list[str]) -> tuple[str, str, int] | None:
+    """The first pair of mutually exclusive kinds that both ran one microbatch, and that
+    microbatch (the lowest), or None: what the forward and backward-family checks share."""
+    for x, k1 in enumerate(codes):
+        for k2 in codes[x + 1:]:
+            both = kinds[k1] & kinds[k2]
+            if both:
+                return k1, k2, min(both)
+    return None
+
+
 def _touching(schedule: "Schedule", deps: Dependencies, s: int, j: int) -> list[Action]:
     """Actions about (s, j) on stage s, or those that wait for a forward of it."""
-    own = [a for _, a in schedule if a.stage == s and a.microbatch == j and a.kind != "U"]
+    own = [a for _, a in schedule if a.stage == s and a.microbatch == j
+           and kind_of(a.kind).index != "update"]
     if own:
         return own
     wanted = {Action(s, k, j) for k in FORWARD_KINDS}
@@ -125,21 +143,26 @@ def _touching(schedule: "Schedule", deps: Dependencies, s: int, j: int) -> list[
 
 
 def _backwards(schedule: "Schedule", s: int, kinds: dict[str, set[int]]) -> None:
-    """Per step: each backward family present for all of the step's microbatches or none."""
-    both = kinds["B"] & kinds["I"]
-    if both:
-        j = min(both)
-        _fail(schedule, f"stage {s} runs both {s}B{j} and {s}I{j}; use B, or the I+W split",
-              [Action(s, "B", j), Action(s, "I", j)])
-    lone = sorted(kinds["I"] ^ kinds["W"])
-    if lone:
-        j = lone[0]
-        have, lack = ("I", "W") if j in kinds["I"] else ("W", "I")
-        _fail(schedule, f"stage {s} runs {s}{have}{j} but no {s}{lack}{j}; the zero-bubble "
-              "split needs both I (input gradient) and W (weight gradient)",
-              [Action(s, have, j)])
+    """Per step: each backward family present for all of the step's microbatches or none;
+    alternatives of one family never both; partners (I, W) together."""
+    families = _families()
+    for family in families.values():
+        clash = _overlap(kinds, family)
+        if clash:
+            k1, k2, j = clash
+            _fail(schedule, f"stage {s} runs both {s}{k1}{j} and {s}{k2}{j}; they are "
+                  f"alternatives ({kind_of(k1).label}, {kind_of(k2).label}): run one",
+                  [Action(s, k1, j), Action(s, k2, j)])
+    for code in sorted(BACKWARD_KINDS):
+        partner = kind_of(code).partner
+        lone = sorted(kinds[code] - kinds[partner]) if partner else []
+        if lone:
+            j = lone[0]
+            _fail(schedule, f"stage {s} runs {s}{code}{j} but no {s}{partner}{j}; "
+                  f"{kind_of(code).label} ({code}) and {kind_of(partner).label} ({partner}) "
+                  "come in pairs: run both", [Action(s, code, j)])
     m = schedule.microbatches
-    for family in dict.fromkeys(_FAMILIES.values()):
+    for family in families.values():
         done = set().union(*(kinds[k] for k in family))
         for t in sorted({j // m for j in done}):
             step = set(range(t * m, (t + 1) * m))
@@ -155,14 +178,15 @@ def _backwards(schedule: "Schedule", s: int, kinds: dict[str, set[int]]) -> None
 
 def _updates(schedule: "Schedule", s: int, kinds: dict[str, set[int]]) -> None:
     """A stage that updates at all runs every update 0..num_updates-1."""
-    if not kinds["U"]:
-        return
-    missing = sorted(set(range(schedule.num_updates)) - kinds["U"])
-    if missing:
-        have = Action(s, "U", min(kinds["U"]))
-        _fail(schedule, f"stage {s} runs updates but not U{_short(missing)}; it needs "
-              f"{s}U0..{s}U{schedule.num_updates - 1} (one per "
-              f"{schedule.accumulate} microbatches)", [have])
+    for code in [c for c in kinds if kind_of(c).index == "update"]:
+        if not kinds[code]:
+            continue
+        missing = sorted(set(range(schedule.num_updates)) - kinds[code])
+        if missing:
+            have = Action(s, code, min(kinds[code]))
+            _fail(schedule, f"stage {s} runs updates but not {code}{_short(missing)}; it needs "
+                  f"{s}{code}0..{s}{code}{schedule.num_updates - 1} (one per "
+                  f"{schedule.accumulate} microbatches)", [have])
 
 
 def _short(items: list[int]) -> str:

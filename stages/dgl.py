@@ -36,7 +36,7 @@ from torch import nn
 from . import handlers
 from .base import OptimizerFactory, StageBase
 from .errors import ConfigError
-from .fwdgrad import make_head
+from .heads import make_head
 from .rules import (Exposure, Message, MethodSpec, activation_size, batch_size, num_classes_of,
                     register_method)
 

@@ -439,8 +439,14 @@ def _cdni_exposure(stage: int, stages: int, options: Any) -> Exposure:
     return Exposure(inputs=stage == 0, labels=True, true_gradients=stage == stages - 2)
 
 
+def _per_microbatch(options: Any, microbatches: int) -> float:
+    """Every microbatch is its own update."""
+    return float(microbatches)
+
+
 _COMMON = dict(stage_class=DNIStage, schedules=("dni",), handlers=_HANDLERS, options=DNIOptions,
                default_optimizer=("sgd", 0.05), backward=(_DX,),
+               updates_per_step=_per_microbatch,
                reference="Jaderberg et al. 2016 (arXiv 1608.05343)")
 register_method(MethodSpec(
     name="dni", order=20, forward=(_H,), exposure=_dni_exposure, prepare=_prepare(False),

@@ -61,19 +61,12 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from .errors import ConfigError, choose
-from .fwdgrad import (
-    DISTRIBUTIONS,
-    _check,
-    _frozen_stats,
-    _has_running_stats,
-    _unit_counts,
-    auto_projections,
-    directions,
-    jvp_forward,
-    param_blocks,
-)
 from . import handlers
 from .base import StageBase
+from .fg_directions import DISTRIBUTIONS, directions
+from .fg_estimator import _check, _frozen_stats, _has_running_stats, _unit_counts, jvp_forward
+from .fg_trainer import auto_projections
+from .heads import make_head, param_blocks
 from .rules import Exposure, Message, MethodSpec, activation_size, register_method
 from .stage import OptimizerFactory, StageSpec
 
@@ -380,7 +373,6 @@ class ForwardGradientStage(StageBase):
     def _build_head(self, shape: tuple[int, ...]) -> None:
         """The stage's auxiliary head (``make_head``), from a seed of its own; Adam at
         ``head_lr`` trains it on its local loss, as the single-process estimator does."""
-        from .fwdgrad import make_head
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + self.spec.index + 1)
@@ -483,14 +475,30 @@ class ForwardGradientOptions:
     """The pipelined estimator's options (``Pipeline(method="fwdgrad", projections=...)``);
     ``stage_options`` resolves them on the whole model."""
 
-    projections: Any = field(default=1, metadata={
-        "help": "directions per step: an integer, one count per block, or 'auto'"})
+    projections: Any = field(default="auto", metadata={
+        "flag": "--projections", "default_help": "auto",
+        "help": "directions per step: an integer, or auto (one per block, 192 on the last)"})
+    guess: str = field(default="random", metadata={
+        "flag": "--guess", "choices": ("random", "local"), "plural": "guesses",
+        "help": "direction guesses: random, or from local auxiliary losses (each stage's "
+                "own head)"})
     scope: str | None = field(default=None, metadata={"help": "global or block"})
     blocks: tuple[int, ...] | None = field(default=None,
                                            metadata={"help": "children per block"})
     dist: str = field(default="rademacher", metadata={"help": "rademacher or gaussian"})
     seed: int = field(default=0, metadata={"help": "seed of the shared directions"})
-    guess: str = field(default="random", metadata={"help": "random or local"})
+
+    def __post_init__(self) -> None:
+        """``projections``: a positive integer, one count per block, or ``"auto"``."""
+        object.__setattr__(self, "guess", choose("guess", self.guess, ("random", "local")))
+        n = self.projections
+        if isinstance(n, str):
+            text = n.strip().lower()
+            if text != "auto" and not (text.isdigit() and int(text) >= 1):
+                raise ConfigError(f"--projections {n} must be a positive integer or auto")
+            object.__setattr__(self, "projections", text if text == "auto" else int(text))
+        elif isinstance(n, bool) or (isinstance(n, int) and n < 1):
+            raise ConfigError(f"--projections {n!r} must be a positive integer or auto")
 
 
 def _prepare(options: ForwardGradientOptions, model: nn.Module, schedule: Any) -> dict[str, Any]:
@@ -498,12 +506,30 @@ def _prepare(options: ForwardGradientOptions, model: nn.Module, schedule: Any) -
     return stage_options(model, **{f: getattr(options, f) for f in PIPELINE_OPTIONS})
 
 
-def _optimizer_factory(name: str, lr: float | None, config: Any):
-    """Forward gradients' optimizers come from ``fg_optim`` (their measured defaults)."""
+def _optimizer_factory(name: str, lr: float | None, config: Any, total_steps: int):
+    """Forward gradients' optimizers come from ``fg_optim`` (their measured defaults), with
+    the job's weight decay, clipping, cosine schedule and warm-up."""
     from . import fg_optim
 
+    optim = config.optim
+    extra: dict[str, Any] = {}
+    if optim.weight_decay is not None:
+        extra["weight_decay"] = optim.weight_decay
+    if optim.clip_grad_norm is not None:
+        extra["clip_norm"] = optim.clip_grad_norm
+    if optim.lr_schedule == "cosine":
+        extra.update(decay="cosine", total_steps=total_steps)
+    if optim.warmup_steps:
+        extra["warmup"] = optim.warmup_steps
     return functools.partial(fg_optim.make_optimizer, name, lr=lr,
-                             guess=getattr(config, "guess", "random"))
+                             guess=config.rule_options.guess, **extra)
+
+
+def _check_training(config: Any) -> None:
+    """fg_optim's schedules are constant and cosine: refuse the step schedule up front."""
+    if config.optim.lr_schedule == "step":
+        raise ConfigError("--lr-schedule step is not a forward-gradient schedule; use "
+                          "constant or cosine with fwdgrad")
 
 
 def _fg_names() -> tuple[str, ...]:
@@ -569,9 +595,11 @@ register_method(MethodSpec(
               "D": handlers.Handler(_run_d, _needs_d, frees=True), "U": handlers.update},
     options=ForwardGradientOptions, prepare=_prepare, default_optimizer=("adam", None),
     optimizers=_fg_names(), optimizer_kind="forward-gradient",
-    optimizer_factory=_optimizer_factory,
+    optimizer_factory=_optimizer_factory, check_training=_check_training,
     forward=(Message("(h, tangent rows)", "(1+r)·B·F", _tangent_size),),
     backward=(Message("d = ∇L·v, last stage -> every stage", "R", _d_size),),
-    exposure=_exposure, config_fields=("projections", "seed", "guess"), single_process="forward-gradient estimator",
+    exposure=_exposure, config_fields=("seed",),
+    single_process="forward-gradient estimator",
+    no_autocast="its forward is a torch.func.jvp",
     summary="forward gradients: tangents ride forward, only d = ∇L·v comes back",
     reference="Baydin et al. 2022 (arXiv 2202.08587); local guess: Fournier et al. 2023"))

@@ -241,6 +241,11 @@ def _prepare(options: PetraOptions, model: Any, schedule: Any) -> dict[str, Any]
     return {"accumulate": schedule.accumulate}
 
 
+def _updates(options: PetraOptions, microbatches: int) -> float:
+    """One update every ``accumulate`` microbatches."""
+    return microbatches / (options.accumulate or microbatches)
+
+
 def _pair_size(shape: tuple[int, ...], options: Any = None) -> int:
     return 2 * activation_size(shape)
 
@@ -266,6 +271,8 @@ register_method(MethodSpec(
     handlers={"F": handlers.forward, "R": handlers.Handler(_run_r, _needs_r, frees=True),
               "U": handlers.update},
     options=PetraOptions, prepare=_prepare, default_optimizer=("momentum", 0.05),
+    updates_per_step=_updates,
+    no_autocast="its backward rebuilds inputs by inverting blocks, which bf16 does not undo",
     forward=(Message("activation h", "B·F", activation_size),),
     backward=(Message("(rebuilt h, dL/dh)", "2·B·F", _pair_size),),
     summary="reversible stages rebuild their input in a delayed backward: one weight "

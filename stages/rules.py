@@ -37,7 +37,8 @@ from typing import Any, Callable, Mapping
 from .errors import ConfigError
 
 __all__ = ["MethodSpec", "Message", "Exposure", "CostHooks", "register_method", "get_method",
-           "method_names", "unregister_method", "option_fields", "num_classes_of",
+           "method_names", "unregister_method", "option_fields", "option_classes",
+           "flag_key", "methods_taking", "one_update", "num_classes_of",
            "exposed", "backprop_exposure", "activation_size", "batch_size", "load_rules"]
 
 
@@ -96,6 +97,11 @@ def backprop_exposure(stage: int, stages: int, options: Any = None) -> Exposure:
                     true_gradients=stage < stages - 1)
 
 
+def one_update(options: Any, microbatches: int) -> float:
+    """The default ``updates_per_step``: one optimizer step per training step."""
+    return 1.0
+
+
 def _options_as_kwargs(options: Any, model: Any, schedule: Any) -> dict[str, Any]:
     """The default ``prepare``: the options' fields, as the stage class's keywords."""
     return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
@@ -116,21 +122,28 @@ class MethodSpec:
     - ``schedules``: the schedules it runs under; the first is the default.
     - ``handlers``: action kind -> ``brigade.stages.handlers.Handler``; every kind of its
       schedules, and ``F`` (evaluation runs F on every rule).
-    - ``options``: a frozen dataclass of the rule's options; each field's
-      ``metadata["help"]`` is its flag's help, ``metadata["flag"]`` its ``brigade train``
-      flag (default ``--field-name``); ``metadata["schedule"]`` marks a schedule option.
+    - ``options``: a frozen dataclass of the rule's options; a field with
+      ``metadata["flag"]`` is a ``brigade train`` flag and config-file key of that name
+      (``metadata["help"]`` its help), the others are Python keywords only;
+      ``metadata["schedule"]`` marks a schedule option.
     - ``default_optimizer``: ``(name, lr)`` when the user names none; lr None: the
       optimizer's own default. ``optimizers``: the valid names where they differ from
       torch's (``optimizer_kind`` names them in errors); ``optimizer_factory(name, lr,
-      config)``: where they are built differently.
+      train_config, total_steps)``: where they are built differently.
     - ``forward`` / ``backward``: the messages per microbatch each way.
     - ``exposure(stage, stages, options) -> Exposure``: also what the driver sends (labels
       go to an earlier stage only if its exposure says so).
     - ``prepare(options, model, schedule) -> stage keywords``: what the rule derives on the
       driver (cDNI's class count, PETRA's accumulation, forward gradients' units).
-    - ``config_fields``: ``brigade train`` settings that feed its options (fwdgrad's guess,
-      projections, seed). ``single_process``: non-empty where, with one stage on the local
+    - ``updates_per_step(options, microbatches)``: optimizer steps a stage takes per
+      training step (learning-rate schedules are given in training steps; dni updates once
+      per microbatch).
+    - ``check_training(train_config)``: the rule's own checks of a ``brigade train`` job,
+      run with the others before any side effect (fwdgrad refuses ``--lr-schedule step``).
+    - ``config_fields``: ``brigade train`` settings that feed its options (the seed). ``single_process``: non-empty where, with one stage on the local
       backend, the rule has a whole-model trainer (it names it: "forward-gradient estimator").
+    - ``no_autocast``: non-empty where the rule's forward is not an autocast region (why;
+      ``--autocast`` is then refused).
     - ``costs``: hooks for the simulator and the balancer.
     - ``summary``, ``reference``, ``order``: what ``brigade methods`` prints, and where.
     """
@@ -143,13 +156,16 @@ class MethodSpec:
     default_optimizer: tuple[str, float | None] = ("momentum", 0.05)
     optimizers: tuple[str, ...] | None = None
     optimizer_kind: str = ""
-    optimizer_factory: Callable[[str, float | None, Any], Callable] | None = None
+    optimizer_factory: Callable[[str, float | None, Any, int], Callable] | None = None
+    updates_per_step: Callable[[Any, int], float] = one_update
+    check_training: Callable[[Any], None] | None = None
     forward: tuple[Message, ...] = ()
     backward: tuple[Message, ...] = ()
     exposure: Callable[[int, int, Any], Exposure] = backprop_exposure
     prepare: Callable[[Any, Any, Any], dict[str, Any]] = _options_as_kwargs
     fixed: Mapping[str, Any] = field(default_factory=dict)
     config_fields: tuple[str, ...] = ()
+    no_autocast: str = ""
     single_process: str = ""
     costs: CostHooks = CostHooks()
     summary: str = ""
@@ -222,6 +238,25 @@ class MethodSpec:
 def option_fields(spec: MethodSpec) -> list[dataclasses.Field]:
     """The fields of a rule's options dataclass (what its flags are made from)."""
     return list(dataclasses.fields(spec.options))
+
+
+def flag_key(f: dataclasses.Field) -> str | None:
+    """The config key of an option field that is a flag (``--sg-lr`` -> ``sg_lr``), else
+    None."""
+    flag = f.metadata.get("flag")
+    return None if not flag else str(flag).lstrip("-").replace("-", "_")
+
+
+def option_classes() -> list[type]:
+    """Every registered rule's options class, once each (their flagged fields become the
+    ``brigade train`` method flags)."""
+    return list(dict.fromkeys(get_method(n).options for n in method_names()))
+
+
+def methods_taking(key: str) -> list[str]:
+    """The rules whose options have the flag ``key`` (for "--sg-lr applies to ..." errors)."""
+    return [n for n in method_names()
+            if any(flag_key(f) == key for f in dataclasses.fields(get_method(n).options))]
 
 
 def num_classes_of(model: Any, method: str) -> int:

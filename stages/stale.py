@@ -120,6 +120,21 @@ class StaleStage(Stage):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict_extra(self) -> dict:
+        """The remembered gradient: a run stopped between two backprop steps resumes by
+        reusing it (without it the steps up to the next backprop step applied nothing)."""
+        return {"grads": None if self._grads is None else
+                [None if g is None else g.detach().cpu() for g in self._grads],
+                "stale_updates": self.stale_updates}
+
+    def load_state_dict_extra(self, state: dict) -> None:
+        """Restore what :meth:`state_dict_extra` returned."""
+        grads = state.get("grads")
+        self._grads = None if grads is None else [
+            None if g is None else g.to(self.device) for g in grads]
+        self.stale_updates = int(state.get("stale_updates", 0))
+
 
 # -- the declaration of stale (brigade.stages.rules) -------------------------------------------
 @dataclass(frozen=True)

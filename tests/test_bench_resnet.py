@@ -30,7 +30,10 @@ def _load():
     return module
 
 
-rs = _load()
+rs = _load()  # puts bench/ on sys.path: its helper package imports by name
+from resnet_bench import measure  # noqa: E402  (the private helpers the tests reach)
+
+from brigade.schedulers import Timeline  # noqa: E402
 
 KEYS = {"model", "stages", "microbatches", "schedule", "runner", "step_time_s", "samples_per_s",
         "bubble_fraction"}
@@ -143,7 +146,7 @@ def test_torch_worker_runs_splits_from_the_same_weights_and_leaves_no_process(tm
                for xc, yc in zip(x.chunk(2), y.chunk(2))) / 2
     with rs.TorchPeer(tmp_path / "peer", nproc=2, timeout_s=120) as peer:
         for schedule, balance in (("1f1b", [5, 5]), ("interleaved", [3, 2, 2, 3])):
-            built = peer.call("build", config=rs._config_dict(cfg), model="resnet18",
+            built = peer.call("build", config=measure._config_dict(cfg), model="resnet18",
                               shape="cifar", schedule=schedule, balance=balance, warmup=1)
             assert built["first_loss"] == pytest.approx(want, rel=1e-4)
             res = peer.call("run", steps=2)
@@ -153,19 +156,19 @@ def test_torch_worker_runs_splits_from_the_same_weights_and_leaves_no_process(tm
             stages = {e[1] for e in res["events"]}
             assert stages == set(range(len(balance)))  # interleaved: 2 chunks per rank
             # brigade's torchrun backend on the same ranks: same first loss, a timeline
-            built = peer.call("build", runner="brigade", config=rs._config_dict(cfg),
+            built = peer.call("build", runner="brigade", config=measure._config_dict(cfg),
                               model="resnet18", shape="cifar", schedule=schedule,
                               balance=balance, warmup=1)
             assert built["first_loss"] == pytest.approx(want, rel=1e-4)
             res = peer.call("run", runner="brigade", steps=2)
             assert len(res["wall"]) == 2 and all(w > 0 for w in res["wall"])
-            tl = rs.Timeline.from_json(res["timeline"])
+            tl = Timeline.from_json(res["timeline"])
             assert tl.meta["backend"] == "torchrun" and tl.meta["steps"] == 2
             assert {(e.worker, e.kind) for e in tl.compute_events()} >= {
                 (0, "F"), (0, "B"), (1, "F"), (1, "B")}
             # the split profiled in place: every compute action of 2 steps, timed on both
             # ranks, and nothing waited for
-            prof = rs.Timeline.from_json(peer.call("profile", runner="brigade", steps=2)["profile"])
+            prof = Timeline.from_json(peer.call("profile", runner="brigade", steps=2)["profile"])
             assert prof.meta["source"] == "profiled" and prof.meta["steps"] == 2
             assert sorted((e.stage, e.kind) for e in prof.compute_events()) == \
                 sorted((e.stage, e.kind) for e in tl.compute_events())
@@ -188,10 +191,10 @@ def test_in_place_prediction_uses_the_profiles_costs_and_the_rounds_latency():
     sched = schedulers.build("1f1b", stages=2, microbatches=4, steps=2)
     run = schedulers.simulate(sched, costs)
     quiet = schedulers.simulate(sched, replace(costs, latency=0.0))
-    assert rs._in_place_step(run, quiet, 2) == pytest.approx(rs._predicted_step(run, 2))
+    assert measure._in_place_step(run, quiet, 2) == pytest.approx(measure._predicted_step(run, 2))
     slow = schedulers.simulate(sched, replace(costs, f=[4e-3, 6e-3], b=[8e-3, 12e-3],
                                               u=[2e-3, 2e-3], latency=0.0))
-    assert rs._in_place_step(run, slow, 2) > 1.8 * rs._predicted_step(run, 2)
+    assert measure._in_place_step(run, slow, 2) > 1.8 * measure._predicted_step(run, 2)
 
 
 def test_in_place_error_is_the_rounds_time_together():
@@ -199,9 +202,9 @@ def test_in_place_error_is_the_rounds_time_together():
     time together (9 s against 6 s: 1.5), not the median round's ratio (1.0), so a round
     whose profile caught the host fast or slow counts by its time."""
     cfg = rs.BenchConfig(**rs.QUICK)
-    tally = rs._Tally(step_times=[1.0, 2.0, 6.0], rounds=[1.0, 2.0, 6.0],
+    tally = measure._Tally(step_times=[1.0, 2.0, 6.0], rounds=[1.0, 2.0, 6.0],
                       in_place=[2.0, 2.0, 2.0], steps=3)
-    row = rs._measured_row(cfg, "resnet18", "1f1b", "brigade", tally, [5, 5])
+    row = measure._measured_row(cfg, "resnet18", "1f1b", "brigade", tally, [5, 5])
     assert row["in_place_over_measured_rounds"] == [0.5, 1.0, 3.0]
     assert row["in_place_over_measured"] == pytest.approx(1.5)
     assert row["in_place_samples_per_s"] == pytest.approx(cfg.batch_size / 2.0)

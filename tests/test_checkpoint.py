@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 from brigade.engine.checkpoint import (Checkpoint, CheckpointError, latest_checkpoint,
                                        load_checkpoint, save_checkpoint)
 from brigade.engine.cli import main
+from brigade.schedulers import Timeline
 
 from _procs import descendants, with_cmdline
 
@@ -80,7 +83,7 @@ def test_stop_and_resume_ends_with_the_same_weights(tmp_path, schedule):
                         "--save", str(resumed), "--trace", str(trace)]) == 0
     # the resumed run ran only the 5 steps after the checkpoint (a run that ignored the
     # checkpoint would run all 9 from the same seed and end with the same weights)
-    assert json.loads(trace.read_text())["meta"]["steps"] == 5
+    assert Timeline.from_json(trace).meta["steps"] == 5
     a, b = torch.load(full, weights_only=True), torch.load(resumed, weights_only=True)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
@@ -138,3 +141,91 @@ def test_a_killed_stage_restarts_from_the_checkpoint_and_ends_equal(tmp_path):
     a, b = torch.load(full, weights_only=True), torch.load(got, weights_only=True)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+# Every rule resumes exactly. Decoupled rules (dni, cdni, petra) do not flush between the
+# steps of a window, and a stop is a flush: the stop must fall on a window boundary of the
+# uninterrupted run (--window 2 here) for the two runs to be the same computation.
+RULES = {
+    "dni": ["--method", "dni", "--window", "2"],
+    "cdni": ["--method", "cdni", "--window", "2"],
+    "petra": ["--method", "petra", "--window", "2", "--model", "revnet18", "--width", "4",
+              "--batch-size", "8", "--microbatches", "2"],
+    "stale": ["--method", "stale", "--stale-k", "3"],
+    "fwdgrad": ["--method", "fwdgrad", "--projections", "2", "--optimizer", "sgd",
+                "--lr", "0.01"],
+}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_stop_and_resume_ends_with_the_same_weights_for_every_rule(tmp_path, rule):
+    base = [a for a in TRAIN if a != "momentum" and a != "--optimizer"] + ["--backend", "local"]
+    base += RULES[rule]
+    full, resumed, ck = tmp_path / "full.pt", tmp_path / "resumed.pt", tmp_path / "ck"
+    assert main(base + ["--steps", "8", "--save", str(full)]) == 0
+    assert main(base + ["--steps", "4", "--checkpoint", str(ck)]) == 0
+    assert main(base + ["--steps", "8", "--checkpoint", str(ck), "--resume",
+                        "--save", str(resumed)]) == 0
+    a, b = torch.load(full, weights_only=True), torch.load(resumed, weights_only=True)
+    start = torch.load(ck / "step-00000004" / "stage-0.pt", weights_only=True)["module"]
+    moved = False
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+        moved |= k in start and a[k].is_floating_point() and not torch.equal(a[k], start[k])
+    assert moved, "the resumed steps changed nothing: the test would not see a wrong resume"
+
+
+def _kill_a_stage_after_the_first_checkpoint(ck, seconds: float = 120.0) -> threading.Thread:
+    """A thread that kill -9s one stage actor of this process's Ray cluster (a descendant
+    of this process: never another run's) once a checkpoint exists under ``ck``."""
+    def kill():
+        deadline = time.monotonic() + seconds
+        while latest_checkpoint(ck) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victims = with_cmdline("_StageActor", descendants(os.getpid()))
+        if victims:
+            os.kill(victims[-1], signal.SIGKILL)
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
+DNI_RAY = TRAIN[:-3] + ["--quiet", "--method", "dni", "--steps", "12", "--window", "3",
+                        "--checkpoint-every", "3"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_stage_under_dni_restarts_and_ends_with_the_uninterrupted_weights(
+        ray_cluster, tmp_path, capsys):
+    """kill -9 of a stage under a decoupled rule, --max-restarts 1: the rebuilt pipeline
+    goes on from the last checkpoint (a window boundary) and ends with the weights of the
+    run that was never killed; without restarts the error names the stage and the
+    checkpoint."""
+    full, got, ck, js = (tmp_path / n for n in ("full.pt", "got.pt", "ck", "o.json"))
+    assert main(DNI_RAY + ["--backend", "local", "--save", str(full), "--checkpoint",
+                           str(tmp_path / "ck-full")]) == 0
+    killer = _kill_a_stage_after_the_first_checkpoint(ck)
+    assert main(DNI_RAY + ["--checkpoint", str(ck), "--max-restarts", "1", "--save", str(got),
+                           "--json", str(js)]) == 0
+    killer.join(5)
+    restart, = json.loads(js.read_text())["restarts"]
+    assert "died" in restart["error"], restart
+    assert 3 <= restart["resumed_from"] <= restart["step"] < 12, restart
+    a, b = torch.load(full, weights_only=True), torch.load(got, weights_only=True)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+    capsys.readouterr()
+    ck2 = tmp_path / "ck2"
+    killer = _kill_a_stage_after_the_first_checkpoint(ck2)
+    t0 = time.monotonic()
+    assert main(DNI_RAY + ["--checkpoint", str(ck2)]) == 1
+    killer.join(5)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("brigade train: failed: stage "), err
+    assert re.search(r"stage \d \(worker \d\) failed: .*died", err), err
+    last = latest_checkpoint(ck2)
+    assert err.endswith(f"; last checkpoint: {last}"), (err, last)
+    load_checkpoint(last)  # the checkpoint it names is intact
+    assert time.monotonic() - t0 < 120

@@ -32,7 +32,7 @@ def test_default_address_follows_ray(capsys, monkeypatch):
 @pytest.mark.parametrize("train,message", [
     ([], "no train flags; give them after --"),
     (["--model", "mlp", "--bogus", "1"], "unknown train flags --bogus 1"),
-    (["--stages", "x"], "argument --stages: invalid int value: 'x'"),
+    (["--stages", "x"], "--stages 'x' must be an integer"),
     (["--placement", "ring"], "unknown placement 'ring'; valid placements: pack, spread"),
     (["--cpus-per-stage", "-2"], "--cpus-per-stage -2 must be >= 0"),
     (["--backend", "torchrun"], "--backend torchrun cannot run as a Ray job"),

@@ -58,7 +58,7 @@ def test_train_writes_json_state_dict_and_trace_then_report_reads_it(tmp_path, c
     (["--data", "imagenet21k"], "imagenet21k"),
     (["--data", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
     (["--stale-k", "2"], "--stale-k applies to --method stale"),
-    (["--sg-lr", "0.1"], "--sg-lr apply to --method dni or cdni"),
+    (["--sg-lr", "0.1"], "--sg-lr applies to --method dni or cdni"),
     (["--method", "fwdgrad", "--stages", "1", "--checkpoint", "ck"],
      "single-process forward-gradient estimator (--stages 1 --backend local) does not checkpoint"),
 ])

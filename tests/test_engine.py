@@ -191,8 +191,8 @@ def test_failing_stage_surfaces_naming_the_stage_and_actors_die(ray_cluster):
     "kwargs,message",
     [
         (dict(stages=[2, 2]), "sums to 4 but the model has 5 blocks"),
-        (dict(stages=0), "stages=0 must be a positive number"),
-        (dict(microbatches=0), "microbatches=0 must be a positive number"),
+        (dict(stages=0), "--stages 0 must be >= 1 (stages=)"),
+        (dict(microbatches=0), "--microbatches 0 must be >= 1 (microbatches=)"),
         (dict(schedule="interleaved", virtual=1), "interleaved needs virtual >= 2"),
         (dict(schedule="gpipe", virtual=2), "needs schedule='interleaved'"),
         (dict(method="hebbian"), "unknown method 'hebbian'; valid methods: backprop"),

@@ -150,3 +150,24 @@ def test_subcommand_is_required(main):
     with pytest.raises(SystemExit) as info:
         main(["schedule"])
     assert info.value.code == 2
+
+
+def test_compare_says_its_units_and_why_petra_is_slow_at_the_lowest_bubble(main, capsys):
+    assert main(["schedule", "compare", "--schedules", "gpipe,1f1b,zb1p,dni,petra",
+                 "--stages", "4", "--microbatches", "8", "--steps", "10",
+                 "--width", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "(cost units)" in out and "/ cost unit)" in out and "(microbatches)" in out
+    assert "throughput = (1 - bubble) / work per sample" in out
+    note = next(line for line in out.splitlines() if line.startswith("petra has"))
+    assert "lowest bubble (3.6%)" in note and "work per sample is 4 cost units" in note
+    assert "R (reconstruct + backward (PETRA)) costs r + b" in note
+    assert not any(line.startswith(("dni has", "gpipe has")) for line in out.splitlines())
+
+
+def test_work_per_sample_gives_the_throughput(tmp_path):
+    from brigade.schedulers import Costs, build, simulate
+
+    for name in ("gpipe", "dni", "petra", "stale"):
+        tl = simulate(build(name, stages=3, microbatches=4, steps=3), Costs(f=1, b=2, u=0.5))
+        assert tl.throughput == pytest.approx((1 - tl.bubble_fraction) / tl.work_per_sample)

@@ -23,10 +23,16 @@ HELP = "Shared-seed data-parallel forward-gradient training (workers send scalar
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=10, help="worker actors, one data shard each (default 10)")
+    p.add_argument("--workers", type=int, default=10, help="logical workers, one data shard each (default 10)")
+    p.add_argument("--actors", type=int, default=None,
+                   help="host processes the workers live in, several to a host sharing one replica "
+                        "(default: one per worker, at most one per CPU of the cluster)")
+    p.add_argument("--coordinator", default="actor",
+                   help="actor (a Ray actor runs the rounds; the driver is off the round path) | driver")
     p.add_argument("--merge", default="mean", help="naive | mean | weighted (default mean)")
-    p.add_argument("--directions", default="independent",
-                   help="independent (a direction per worker) | shared (one for all, the seed report's)")
+    p.add_argument("--directions", default="shared",
+                   help="shared (default: one set per round for all workers; one row of scalars down per host) "
+                        "| independent (a set per worker; every host receives every worker's scalars)")
     p.add_argument("--model", default="mlp", help="built-in model (see `brigade models`; default mlp)")
     p.add_argument("--width", type=int, default=None, help="hidden units (mlp) or channels (cnn)")
     p.add_argument("--data", default="mnist", help="data set (mnist, cifar10, synthetic, digits)")
@@ -40,14 +46,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="learning rate (default: measured per optimizer and guess, scaled up for mean/weighted merging)")
     p.add_argument("--momentum", type=float, default=None, help="momentum / nesterov coefficient")
     p.add_argument("--clip-norm", type=float, default=None, help="clip each estimate to this L2 norm")
-    p.add_argument("--decay", default=None, help="learning-rate decay: constant | inverse | sqrt | cosine")
+    p.add_argument("--decay", default="cosine",
+                   help="learning-rate decay: cosine (default, to zero at the end of the run) | constant | "
+                        "inverse | sqrt")
     p.add_argument("--weight-decay", type=float, default=None, help="decoupled weight decay")
     p.add_argument("--guess", default="random",
                    help="random (shared seed, scalars only) | local (aux-head guess; sends the estimate)")
     p.add_argument("--projections", default="auto",
                    help="directions per worker per round: N, or one count per block with --scope block "
-                        "(e.g. 1,1,256; 0 freezes a block); auto (default): block scope, 1 per block and "
-                        "256 on the last block, whose jvp is cheap")
+                        "(e.g. 1,1,192; 0 freezes a block); auto (default): block scope, 192 on the last "
+                        "block (whose jvp is cheap), 1 on the others, 0 on convolutional blocks")
     p.add_argument("--dist", default="rademacher", help="rademacher | gaussian")
     p.add_argument("--scope", default=None, help="global (one direction over the model) | block (per block)")
     p.add_argument("--blocks", default=None,
@@ -55,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", default="equal", help="equal | uneven (shard i holds a share ∝ i+1)")
     p.add_argument("--seed", type=int, default=0, help="the shared seed (default 0)")
     p.add_argument("--backend", default="ray", help="ray (actors) | local (workers in this process)")
+    p.add_argument("--placement", default="pack", help="host actors' placement group: pack | spread | strict_pack | strict_spread")
+    p.add_argument("--cpus-per-worker", type=float, default=0.0,
+                   help="CPUs reserved per host actor (default 0: no reservation, no placement group)")
     p.add_argument("--address", default=None, help="join this Ray cluster (`auto` or host:port)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster started on demand")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a worker before failing")
@@ -68,10 +79,10 @@ def _blocks(text: str | None) -> tuple[int, ...] | None:
 
 
 def _projections(text: str, model=None, blocks=None) -> int | tuple[int, ...]:
-    """``--projections``: a count, one per block, or auto (``fwdgrad.auto_projections`` of
+    """``--projections``: a count, one per block, or auto (``fgdp.auto_projections`` of
     ``model``; 1 while the model is not built yet, for an early check of the flags)."""
     if str(text).strip().lower() == "auto":
-        from brigade.stages.fwdgrad import auto_projections
+        from brigade.engine.fgdp import auto_projections
 
         ns = (1,) if model is None else auto_projections(model, blocks)
     else:
@@ -102,7 +113,8 @@ def config_from_args(args: argparse.Namespace, model=None):
         workers=args.workers, merge=args.merge, directions=args.directions, guess=args.guess,
         projections=projections, dist=args.dist, scope=scope, blocks=blocks, optimizer=args.optimizer,
         lr=args.lr, optimizer_kw=okw, batch_size=args.batch_size, shards=args.shards,
-        seed=args.seed, timeout_s=args.timeout,
+        seed=args.seed, timeout_s=args.timeout, actors=args.actors, coordinator=args.coordinator,
+        placement=args.placement, cpus_per_worker=args.cpus_per_worker,
     )
 
 
@@ -147,6 +159,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, model)
     torch.set_num_threads(1)
     console = Console(stderr=True)
+    if cfg.guess == "local":
+        console.print("note: --guess local: a local-loss guess depends on each worker's data and cannot be "
+                      "regenerated from the seed, so every worker sends a parameter-sized estimate each round "
+                      "(ordinary data-parallel traffic, not scalars)")
     started = time.perf_counter()
     try:
         dp = ForwardGradientDP(model, train, test, None, cfg, address=args.address, num_cpus=args.num_cpus,
@@ -165,7 +181,10 @@ def run(args: argparse.Namespace) -> int:
                 update(rec["t"] + 1, total, {"epoch": rec["epoch"] + 1, "loss": rec["loss"],
                                              "bytes/round": output.fmt_bytes(rec["bytes"])})
 
-            report = dp.fit(args.epochs, on_round=on_round)
+            def on_epoch(e: int, ep: dict) -> None:
+                console.print(_epoch_line(ep))
+
+            report = dp.fit(args.epochs, on_round=on_round, on_epoch=on_epoch)
         state = dp.state_dict() if args.save else None
     except FGWorkerError as err:  # a worker raised, died or went silent: one line, no hang
         print(f"brigade fwdgrad: error: {err}", file=sys.stderr)
@@ -182,18 +201,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _epoch_line(ep: dict) -> str:
+    acc = ep.get("test_accuracy")
+    return (f"epoch {ep['epoch']:2d}  train loss {ep['train_loss']:.4f}"
+            + (f"  test accuracy {acc:.4f}" if acc is not None else ""))
+
+
 def print_report(report: dict, console) -> None:
     cfg = report["config"]
+    fb = output.fmt_bytes
     console.print(
-        f"[bold]{report['model']}[/] on {report['data']}: {cfg['workers']} workers, merge {cfg['merge']}, "
-        f"guess {cfg['guess']}, directions {cfg['directions']}, projections {cfg['projections']}, "
-        f"{report['rounds']} rounds, backend {report['backend']}"
+        f"[bold]{report['model']}[/] on {report['data']}: {cfg['workers']} workers on {report['hosts']} hosts, "
+        f"merge {cfg['merge']}, guess {cfg['guess']}, directions {cfg['directions']}, "
+        f"projections {cfg['projections']}, {cfg['optimizer']} lr {cfg['lr']:g}"
+        f"{' ' + cfg['optimizer_kw']['decay'] if cfg['optimizer_kw'].get('decay') else ''}, "
+        f"{report['rounds']} rounds, backend {report['backend']}, coordinator "
+        f"{cfg['coordinator'] if report['backend'] == 'ray' else 'in-process'}"
     )
+    for ep in report["epochs"]:
+        console.print(_epoch_line(ep))
     console.print(
         f"test accuracy [bold]{report['final_test_accuracy']:.4f}[/]   train wall {report['wall_s']:.1f} s   "
-        f"bytes/round {output.fmt_bytes(report['bytes_per_step'])} "
-        f"(up {output.fmt_bytes(report['bytes_up_per_step'])}, down {output.fmt_bytes(report['bytes_down_per_step'])}; "
-        f"parameters {output.fmt_bytes(report['param_bytes'])})   "
-        f"replicas identical: {report['replicas_identical']}"
+        f"{report['rounds_per_s']:.2f} rounds/s"
     )
-    console.print("train loss per epoch: " + ", ".join(f"{v:.4f}" for v in report["train_loss"]))
+    console.print(
+        f"wire per round {fb(report['bytes_per_step'])} (up {fb(report['bytes_up_per_step'])}, "
+        f"down {fb(report['bytes_down_per_step'])}); per worker {fb(report['bytes_per_worker_per_step'])} "
+        f"(up {fb(report['bytes_up_per_worker_per_step'])}, down {fb(report['bytes_down_per_worker_per_step'])}); "
+        f"{report['scalars_per_worker_per_step']} scalars per worker; start-up {fb(report['startup_bytes'])} "
+        f"({fb(report['startup_bytes_per_worker'])} per worker); parameters {fb(report['param_bytes'])}"
+    )
+    console.print(
+        f"replicas identical: {report['replicas_identical']} ({report['hosts']} replicas, "
+        f"sha256 {report['param_hash'][:16]})"
+    )

@@ -1,4 +1,8 @@
-"""``brigade report TRACE``: a recorded run's idle time, measured beside its simulation."""
+"""``brigade report TRACE``: a recorded run's idle time, measured beside its simulation.
+
+TRACE is the Chrome trace that ``brigade train --trace`` writes (it opens in Perfetto too;
+brigade's own data rides in its ``otherData``), or a timeline JSON of the older format.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +19,36 @@ HELP = ("Bubble and idle-time report of a recorded run (brigade train --trace), 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trace", help="timeline JSON written by `brigade train --trace PATH`")
+    p.add_argument("trace", help="the trace `brigade train --trace PATH` wrote (a Chrome trace; "
+                   "older timeline JSON files read too)")
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="Gantt picture of measured and simulated runs (.png or .svg; "
                         "default: TRACE with .png)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the picture")
     p.add_argument("--chrome-trace", default=None, metavar="PATH",
-                   help="write the measured run as a Chrome/Perfetto trace")
+                   help="write the measured run and its simulation side by side as one "
+                        "Chrome/Perfetto trace")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
+
+
+def _measured_timeline(path: str):
+    """The timeline in ``path``: brigade's timeline JSON, or a Chrome trace of one timeline,
+    or of several of which one is measured (what ``--chrome-trace`` writes)."""
+    import json
+
+    from brigade.schedulers import Timeline, read_chrome_trace
+    from brigade.schedulers.trace import is_chrome_trace
+
+    data = json.loads(Path(path).read_text())
+    if not is_chrome_trace(data):
+        return Timeline.from_json(data)
+    found = list(read_chrome_trace(data).values())
+    measured = [t for t in found if t.meta.get("source") == "measured"]
+    if len(found) == 1 or len(measured) != 1:
+        if not found:
+            raise ValueError("the trace holds no timeline")
+        return found[0]  # one timeline, or several without one measured: _load says so
+    return measured[0]
 
 
 def _load(path: str):
@@ -32,7 +58,7 @@ def _load(path: str):
         raise UsageError(f"trace {path!r} does not exist; write one with "
                          "`brigade train ... --trace PATH`")
     try:
-        tl = Timeline.from_json(path)
+        tl = _measured_timeline(path)
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"{path!r} is not a brigade timeline ({err}); write one with "
                          "`brigade train ... --trace PATH`") from None
@@ -68,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         plot_gantt({"measured": measured, "simulated": simulated}, plot)
         console.print(f"Gantt picture: {plot}")
     if args.chrome_trace:
-        write_chrome_trace(measured, args.chrome_trace)
+        write_chrome_trace({"measured": measured, "simulated": simulated}, args.chrome_trace)
+        console.print(f"Chrome trace (measured and simulated): {args.chrome_trace}")
     if args.json:
         output.write_json(args.json, {
             "measured": measured.summary(), "simulated": simulated.summary(),

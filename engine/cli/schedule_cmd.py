@@ -21,17 +21,26 @@ __all__ = ["NAME", "HELP", "add_arguments", "run", "simulate_all", "compare_figu
 NAME = "schedule"
 HELP = "Show a pipeline schedule's grid, or compare schedules' idle time and throughput."
 
-ALL = "gpipe,1f1b,interleaved,zb1p,dni,petra,stale"
+
+
+def _default_names() -> str:
+    """The schedules ``compare`` runs by default: those declared ``compared``."""
+    from brigade.schedulers import specs
+
+    return ",".join(s.name for s in specs() if s.compared)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``show`` and ``compare`` subcommands and their shared sizes and costs."""
     sub = parser.add_subparsers(dest="action", metavar="{show,compare}", required=True)
     show = sub.add_parser("show", help="print one schedule's grid and its simulated idle time")
-    show.add_argument("--schedule", required=True, help=f"one of: {ALL}")
+    from brigade.schedulers import names
+
+    everything = _default_names()
+    show.add_argument("--schedule", required=True, help=f"one of: {', '.join(names())}")
     compare = sub.add_parser("compare", help="simulate several schedules side by side")
-    compare.add_argument("--schedules", default=ALL,
-                         help=f"comma-separated names (default: {ALL})")
+    compare.add_argument("--schedules", default=everything,
+                         help=f"comma-separated names (default: {everything})")
     for p in (show, compare):
         _sizes(p)
     show.add_argument("--lowered", action="store_true",
@@ -89,11 +98,17 @@ def _names(text: str) -> list[str]:
     return chosen
 
 
-def _virtual_for(name: str, virtual: int | None, strict: bool = False) -> int:
-    """Interleaved takes --virtual (default 2); the others run one stage per worker (in
-    ``compare`` they ignore --virtual; in ``show`` asking them for more is an error)."""
-    if name == "interleaved":
-        return 2 if virtual is None else virtual
+def _virtual_for(name: str | None, virtual: int | None, strict: bool = False) -> int:
+    """A schedule that places several stages per worker (interleaved) takes --virtual
+    (default: its declared one); the others run one stage per worker (in ``compare`` they
+    ignore --virtual; in ``show`` asking them for more is an error). ``name`` None: the
+    value the chunked schedules get."""
+    from brigade.schedulers import schedule_spec, specs
+
+    chunked = [s for s in specs() if s.takes_virtual]
+    spec = schedule_spec(name) if name is not None else (chunked[0] if chunked else None)
+    if spec is not None and spec.takes_virtual:
+        return spec.default_virtual if virtual is None else virtual
     return virtual if strict and virtual is not None else 1
 
 
@@ -127,10 +142,11 @@ def compare_figures(args: argparse.Namespace, costs: Any, runs: dict[str, Any]) 
         s = tl.summary()
         figures[name] = {k: s[k] for k in ("bubble_fraction", "idle_fraction", "makespan",
                                            "throughput", "peak_activations", "busy", "idle")}
+        figures[name]["work_per_sample"] = tl.work_per_sample
     return {
         "stages": args.stages,
         "microbatches": args.microbatches,
-        "virtual": _virtual_for(args.schedule if args.action == "show" else "interleaved",
+        "virtual": _virtual_for(args.schedule if args.action == "show" else None,
                                 args.virtual, strict=True),
         "steps": args.steps,
         "costs": _costs_shown(costs, args.stages),
@@ -245,7 +261,10 @@ def _print_show(console: Any, args: argparse.Namespace, runs: dict, title: str,
 
 def _print_compare(console: Any, args: argparse.Namespace, runs: dict, title: str,
                    width: int) -> None:
-    """One row per schedule."""
-    from brigade.schedulers import compare_table
+    """One row per schedule, then what the columns measure and why a small bubble can
+    still be slow."""
+    from brigade.schedulers.report import compare_notes, compare_table
 
     console.print(compare_table({n: tl for n, (_, tl) in runs.items()}, title=title))
+    for line in compare_notes(runs):
+        console.print(line, markup=False, highlight=False)

@@ -61,10 +61,10 @@ def _train_args(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"train flag {err}") from None
     if unknown:
         raise UsageError(f"unknown train flags {' '.join(unknown)}; see `brigade train --help`")
-    if parsed.backend == "torchrun":
+    cfg = train_cmd.config_from_args(parsed)  # raises on a bad value, naming it
+    if cfg.pipeline.backend == "torchrun":
         raise UsageError("--backend torchrun cannot run as a Ray job; use --backend ray "
                          "(default) or local")
-    train_cmd.config_from_args(parsed)  # raises on a bad value, naming it
     return flags
 
 
@@ -103,9 +103,32 @@ def _client_env() -> dict[str, str]:
     return env
 
 
+def probe_job_server(address: str) -> None:
+    """The job server must answer before anything is sent: ``ray job submit`` retries an
+    unreachable one for minutes. A ClusterGoneError naming the address and the fix."""
+    from urllib.parse import urlsplit
+
+    from brigade.engine.ray_cluster import ClusterGoneError, probe_address
+
+    url = urlsplit(address if "://" in address else f"http://{address}")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        probe_address(f"{url.hostname}:{port}")
+    except ClusterGoneError as err:
+        why = str(err).split(": ", 1)[1].split(";", 1)[0]
+        raise ClusterGoneError(
+            f"no Ray job server answers at --address {address}: {why}; start the head node "
+            "with its dashboard (`ray start --head --dashboard-host 127.0.0.1`, job server "
+            f"on port 8265), or pass the job server address it printed (default "
+            f"{DEFAULT_ADDRESS}, or $RAY_API_SERVER_ADDRESS)") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import shlex
 
+    if not args.dry_run:
+        probe_job_server(args.address or os.environ.get("RAY_API_SERVER_ADDRESS")
+                         or DEFAULT_ADDRESS)
     cmd = job_command(args)
     if args.dry_run:
         print(shlex.join(cmd))

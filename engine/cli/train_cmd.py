@@ -3,183 +3,70 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rich.console import Console
 from rich.table import Table
 
-from brigade.stages.rules import get_method, method_names, option_fields
+from brigade.engine.flags import add_dataclass_flags, flag_values, load_config_file
 
 from . import output
-from . import UsageError, int_list
 
 NAME = "train"
 HELP = "Train a built-in model on a data set with a pipeline; print accuracy and idle time."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``brigade train`` (README lists them with examples)."""
-    p.add_argument("--model", default="mlp", help="built-in model (see `brigade models`)")
-    p.add_argument("--width", type=int, default=None, help="base width (channels / units)")
-    p.add_argument("--data", default="synthetic",
-                   help="synthetic | mnist | cifar10 | digits (default: synthetic)")
-    p.add_argument("--data-dir", default=None, help="folder holding the data set's files")
-    p.add_argument("--stages", type=int, default=2, help="pipeline workers (default 2)")
-    p.add_argument("--balance", default=None,
-                   help="blocks per stage, comma-separated (workers x virtual entries)")
-    p.add_argument("--balance-by", default="uniform", choices=["uniform", "params", "time"],
-                   help="how to cut the model when --balance is not given")
-    p.add_argument("--schedule", default=None,
-                   help="the schedule (default: the method's own; `brigade methods` lists "
-                        "each method's)")
-    p.add_argument("--method", default="backprop",
-                   help=f"learning rule: {' | '.join(method_names())} (default backprop; "
-                        "`brigade methods` describes them)")
-    p.add_argument("--window", type=int, default=None,
-                   help="steps per pipelined run (default 1; 32 for schedules that do not "
-                        "flush between the steps of a run)")
-    add_method_flags(p)
-    p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--virtual", type=int, default=1, help="stages per worker (interleaved)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default 0.05; fwdgrad: the optimizer's measured one)")
-    p.add_argument("--optimizer", default=None,
-                   help="sgd | momentum | nesterov | adam | adamw | rmsprop (default momentum: "
-                        "SGD with momentum 0.9; dni/cdni: sgd; fwdgrad: adam)")
-    p.add_argument("--guess", default="random", choices=["random", "local"],
-                   help="fwdgrad: direction guesses, random or from local auxiliary losses "
-                        "(each stage's own head)")
-    p.add_argument("--projections", default="auto",
-                   help="fwdgrad: directions per step, an integer or auto (default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="ray", choices=["ray", "local", "torchrun"],
-                   help="ray: one actor per stage (default); local: one process; "
-                        "torchrun: one rank per stage, started with torchrun")
-    p.add_argument("--address", default=None,
-                   help="join an existing Ray cluster (auto or host:port)")
-    p.add_argument("--cpus-per-stage", type=float, default=None, metavar="N",
-                   help="CPUs each stage actor reserves (default: a fair share of the cluster)")
-    p.add_argument("--gpus-per-stage", type=float, default=None, metavar="N",
-                   help="GPUs each stage actor reserves (default: 1 where the cluster has one "
-                        "per stage, else 0)")
-    p.add_argument("--placement", default="pack", metavar="STRATEGY",
-                   help="how stage actors are laid over the nodes: pack (default), spread, "
-                        "strict_pack, strict_spread")
-    p.add_argument("--placement-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="how long to wait for the cluster to place every stage (default 30)")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
-    p.add_argument("--save", default=None, metavar="PATH", help="write the trained state_dict")
-    p.add_argument("--trace", default=None, metavar="PATH",
-                   help="write the measured timeline (read it with `brigade report`)")
-    p.add_argument("--checkpoint", default=None, metavar="DIR",
-                   help="save checkpoints in DIR (atomically; at the end and every N steps)")
-    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
-                   help="steps between checkpoints (default: only at the end)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --checkpoint DIR")
-    p.add_argument("--max-restarts", type=int, default=0, metavar="K",
-                   help="when a stage fails, restart from the last checkpoint up to K times")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    """The flags of ``brigade train``: one per key of ``TrainConfig`` (nested configs and
+    every rule's options included), derived from the dataclasses; then the outputs."""
+    from brigade.engine.train import TrainConfig
 
-
-def _balance(text: str | None) -> list[int] | None:
-    return None if text is None else int_list("--balance", text, "2,3")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a TOML file whose keys are these flags' names (model = \"mlp\", "
+                        "steps = 3; sections [pipeline], [cluster], [optim] allowed), or a "
+                        "--json report to run again; flags given here override it")
+    add_dataclass_flags(p, TrainConfig)
+    out = p.add_argument_group("outputs")
+    out.add_argument("--json", default=None, metavar="PATH",
+                     help="write the figures (and the config) as JSON")
+    out.add_argument("--save", default=None, metavar="PATH", help="write the trained state_dict")
+    out.add_argument("--trace", default=None, metavar="PATH",
+                     help="write the measured timeline as a Chrome trace (open it in "
+                          "ui.perfetto.dev; `brigade report PATH` reads it)")
+    out.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace):
-    """Turn parsed flags into a TrainConfig (its checks name the bad value)."""
+    """The TrainConfig of the defaults, overridden by ``--config FILE``, overridden by the
+    flags typed (its checks name the bad value)."""
     from brigade.engine.train import TrainConfig
 
-    return TrainConfig(
-        model=args.model, width=args.width, data=args.data, data_dir=args.data_dir,
-        stages=args.stages, balance=_balance(args.balance), balance_by=args.balance_by,
-        schedule=args.schedule, method=args.method, microbatches=args.microbatches,
-        virtual=args.virtual, batch_size=args.batch_size, epochs=args.epochs,
-        steps=args.steps, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
-        backend=args.backend, address=args.address, window=args.window,
-        cpus_per_stage=args.cpus_per_stage, gpus_per_stage=args.gpus_per_stage,
-        placement=args.placement, placement_timeout=args.placement_timeout,
-        checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, max_restarts=args.max_restarts, guess=args.guess,
-        projections=args.projections,
-        options=_method_options(args), schedule_options=_schedule_options(args),
-    )
-
-
-def _method_flags() -> dict[str, tuple[str, list[str], object]]:
-    """Every registered rule's flags, from its options dataclass: ``field -> (flag,
-    rules that take it, the field)``; fields without ``metadata["flag"]`` get none."""
-    import typing
-
-    flags: dict[str, tuple[str, list[str], object]] = {}
-    for name in method_names():
-        rule = get_method(name)
-        hints = typing.get_type_hints(rule.options)
-        for f in option_fields(rule):
-            if "flag" not in f.metadata:
-                continue
-            if f.name in flags:
-                flags[f.name][1].append(name)
-            else:
-                flags[f.name] = (f.metadata["flag"], [name], (f, hints.get(f.name, str)))
-    return flags
-
-
-def _flag_type(hint) -> type:
-    """int, float or str from a field's type (``int | None`` -> int)."""
-    import typing
-
-    args = typing.get_args(hint) or (hint,)
-    for t in (int, float):
-        if t in args:
-            return t
-    return str
-
-
-def add_method_flags(p: argparse.ArgumentParser) -> None:
-    """The methods' own flags, one per flagged field of each rule's options (help: the
-    field's, and which methods take it)."""
-    for _, (flag, rules, (f, hint)) in _method_flags().items():
-        p.add_argument(flag, dest=f"method_{f.name}", type=_flag_type(hint), default=None,
-                       metavar=f.name.upper(),
-                       help=f"{'/'.join(rules)}: {f.metadata.get('help', f.name)}")
-
-
-def _given(args: argparse.Namespace, schedule: bool) -> dict:
-    """The method flags that were set, for stage options (or the schedule's), checked
-    against ``--method``."""
-    method = get_method(args.method).name if args.method else "backprop"
-    out = {}
-    for name, (flag, rules, (f, _)) in _method_flags().items():
-        value = getattr(args, f"method_{name}", None)
-        if value is None or bool(f.metadata.get("schedule")) != schedule:
-            continue
-        if method not in rules:
-            verb = "applies" if len(rules) == 1 else "apply"
-            raise UsageError(f"{flag} {verb} to --method {' or '.join(rules)}, not {args.method!r}")
-        out[name] = value
-    return out
-
-
-def _method_options(args: argparse.Namespace) -> dict:
-    """Stage-class options given on the command line (only those that were set)."""
-    return _given(args, schedule=False)
-
-
-def _schedule_options(args: argparse.Namespace) -> dict:
-    """Schedule options given on the command line, checked against the method."""
-    return _given(args, schedule=True)
+    values = load_config_file(args.config, TrainConfig) if args.config else {}
+    values.update(flag_values(args, TrainConfig))
+    return TrainConfig(**values)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.backend == "torchrun":
-        return _spawn_torchrun(args)
-    return run_here(args)
+    _probe_cluster(args)
+    cfg = config_from_args(args)  # bad flags and files fail here, before any process starts
+    if cfg.pipeline.backend == "torchrun":
+        return _spawn_torchrun(args, cfg)
+    return run_here(args, cfg)
 
 
-def _spawn_torchrun(args: argparse.Namespace) -> int:
+def _probe_cluster(args: argparse.Namespace) -> None:
+    """An unreachable --address (or RAY_ADDRESS) fails first, before torch is imported:
+    one line within seconds (``preflight`` checks it again, for API callers)."""
+    import os
+
+    address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
+    if getattr(args, "backend", "ray") in (None, "ray") and address:
+        from brigade.engine.ray_cluster import probe_address
+
+        probe_address(address)
+
+
+def _spawn_torchrun(args: argparse.Namespace, cfg) -> int:
     """Start ``torchrun --nproc-per-node <workers> -m brigade.engine.launch <same flags>``,
     its ranks with the malloc settings Ray stage actors get (see ``actor_env``)."""
     import os
@@ -187,23 +74,30 @@ def _spawn_torchrun(args: argparse.Namespace) -> int:
     import sys
 
     from brigade.engine.ray_backend import actor_env
+    from brigade.engine.train import validate
 
-    cfg = config_from_args(args)  # bad flags fail here, before any process starts
-    workers = len(cfg.balance) // cfg.virtual if cfg.balance else cfg.stages
+    validate(cfg)
+    workers = cfg.pipeline.num_workers
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={workers}", "-m", "brigade.engine.launch", *args.argv[1:]]
     return subprocess.call(cmd, env={**os.environ, **actor_env()})
 
 
-def run_here(args: argparse.Namespace) -> int:
+def run_here(args: argparse.Namespace, cfg=None) -> int:
     """Train in this process (the driver, or one torchrun rank); rank 0 reports."""
     from brigade.engine.torchrun_backend import is_rank0
-    from brigade.engine.train import run_training
+    from brigade.engine.train import run_training, validate
+    from brigade.schedulers import write_chrome_trace
 
-    cfg = config_from_args(args)
+    cfg = validate(cfg or config_from_args(args))  # every check before any cluster or bar
+    from brigade.engine.preflight import preflight
+
+    for line in preflight(cfg):  # data, split, schedule, checkpoint: before any cluster or bar
+        print(f"brigade train: warning: {line}", file=sys.stderr)
     console = Console(stderr=True)
+    log = console.print if is_rank0() else None
     with output.progress_bar(console, "training", disable=args.quiet) as update:
-        report = run_training(cfg, progress=update)
+        report = run_training(cfg, progress=update, log=log)
     if not is_rank0():
         return 0
     print_report(report, Console())
@@ -214,7 +108,7 @@ def run_here(args: argparse.Namespace) -> int:
             console.print("[yellow]--trace: a single-process run has no pipeline timeline; "
                           "nothing written[/]")
         else:
-            output.write_json(args.trace, report["timeline"].to_json())
+            write_chrome_trace(report["timeline"], args.trace)  # opens in Perfetto
     if args.json:
         output.write_json(args.json, output.json_figures(report))
     return 0
@@ -230,6 +124,7 @@ def print_report(report: dict, console: Console) -> None:
     )
     console.print(
         f"test accuracy [bold]{report['final_test_accuracy']:.4f}[/]   "
+        f"test loss {report['final_test_loss']:.4f}   "
         f"throughput {report['samples_per_s']:.1f} samples/s   "
         f"train wall {report['wall_s']:.1f} s   bubble {report['bubble_fraction']:.3f}"
     )
