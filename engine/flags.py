@@ -49,6 +49,11 @@ class Leaf:
     field: Field
     tp: Any  # the resolved annotation
     owner: type  # the dataclass that declares the field
+    note: str = ""  # put before the help: the rules a collected option belongs to
+
+    @property
+    def help(self) -> str:
+        return self.note + self.field.metadata.get("help", "")
 
     @property
     def flag(self) -> str:
@@ -121,9 +126,12 @@ def _tree(cls: type) -> tuple[dict[str, Leaf], dict[str, tuple[str, ...]]]:
             extra = _keys_from(f)
             if extra:
                 sections[f.name] = path + (f.name,)
+                owners = f.metadata.get("key_owners")
                 for k in extra:
                     for g in _flagged(k):
-                        add(Leaf(_key(g), path + (f.name, _key(g)), g, _hints(k)[g.name], k))
+                        note = "/".join(owners(_key(g))) + ": " if owners else ""
+                        add(Leaf(_key(g), path + (f.name, _key(g)), g, _hints(k)[g.name], k,
+                                 note))
                 continue
             add(Leaf(_key(f), path + (f.name,), f, hints[f.name], c))
 
@@ -379,8 +387,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, prefix: str 
             continue
         flag = "--" + (f"{prefix}-" if prefix else "") + leaf.key.replace("_", "-")
         tp, _ = _parts(leaf.tp)
-        text = meta.get("help", "")
-        text = f"{text} (default: {_shown(leaf)})".strip()
+        text = f"{leaf.help} (default: {_shown(leaf)})".strip()
         kwargs: dict[str, Any] = dict(dest=_dest(leaf, prefix), default=argparse.SUPPRESS,
                                       help=text.replace("%", "%%"))
         if tp is bool:
@@ -424,8 +431,7 @@ def markdown_table(cls: type) -> str:
         if leaf.owner is not owner:
             owner = leaf.owner
             rows.append(f"| **{owner.__name__}** | | |")
-        meta = leaf.field.metadata
-        text = meta.get("help", "")
+        text = leaf.help
         if leaf.choices:
             text += f" ({' / '.join(leaf.choices)})"
         rows.append(f"| `{leaf.flag}` | {_shown(leaf)} | {text.replace('|', '/')} |")

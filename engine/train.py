@@ -82,7 +82,8 @@ class TrainConfig:
         "evaluate test accuracy and loss after every epoch (else only at the end)"))
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    options: dict = field(default_factory=dict, metadata={"keys_from": option_classes})
+    options: dict = field(default_factory=dict, metadata={
+        "keys_from": option_classes, "key_owners": methods_taking})
 
     def __post_init__(self) -> None:
         """Every check of a training job, once, before any data, process or bar."""

@@ -328,14 +328,13 @@ class DNIOptions:
     """The options of dni and cdni (``Pipeline(method="dni", sg_lr=...)``), checked once."""
 
     sg_lr: float = field(default=_DEFAULTS["sg_lr"], metadata={
-        "flag": "--sg-lr", "help": "synthetic-gradient module learning rate (base rate of a "
-                                   f"1024-input layer; default {_DEFAULTS['sg_lr']:g})"})
+        "flag": "--sg-lr", "help": "synthetic-gradient module learning rate (the base rate "
+                                   "of a 1024-input layer)"})
     sg_hidden_layers: int = field(default=_DEFAULTS["sg_hidden_layers"], metadata={
         "flag": "--sg-hidden-layers",
-        "help": f"hidden layers of the synthesizer, 0-2 (default {_DEFAULTS['sg_hidden_layers']})"})
+        "help": "hidden layers of the synthesizer, 0-2"})
     update_prob: float = field(default=_DEFAULTS["update_prob"], metadata={
-        "flag": "--update-prob", "help": "probability that a stage updates on a microbatch "
-                                         f"(default {_DEFAULTS['update_prob']:g})"})
+        "flag": "--update-prob", "help": "probability that a stage updates on a microbatch"})
     sg_optimizer: Any = field(default=_DEFAULTS["sg_optimizer"], metadata={
         "help": f"the synthesizer's optimizer: {', '.join(SG_OPTIMIZERS)}, or a factory"})
     sg_loss_weight: float = field(default=_DEFAULTS["sg_loss_weight"],

@@ -477,7 +477,7 @@ class ForwardGradientOptions:
 
     projections: Any = field(default="auto", metadata={
         "flag": "--projections", "default_help": "auto",
-        "help": "directions per step: an integer, or auto (one per block, 192 on the last)"})
+        "help": "directions per step: an integer, or auto (one per block, many on the last)"})
     guess: str = field(default="random", metadata={
         "flag": "--guess", "choices": ("random", "local"), "plural": "guesses",
         "help": "direction guesses: random, or from local auxiliary losses (each stage's "

@@ -227,8 +227,8 @@ class PetraOptions:
     """petra's option: microbatches of gradient per update (its schedule's)."""
 
     accumulate: int | None = field(default=None, metadata={
-        "flag": "--accumulate", "schedule": True,
-        "help": "microbatches per update (default: --microbatches)"})
+        "flag": "--accumulate", "schedule": True, "default_help": "--microbatches",
+        "help": "microbatches per update"})
 
     def __post_init__(self) -> None:
         a = self.accumulate

@@ -142,8 +142,8 @@ class StaleOptions:
     """stale's option: its schedule's period."""
 
     k: int | None = field(default=None, metadata={
-        "flag": "--stale-k", "schedule": True,
-        "help": "one backprop step every k steps (default 4)"})
+        "flag": "--stale-k", "schedule": True, "default_help": "4",
+        "help": "one backprop step every k steps"})
 
     def __post_init__(self) -> None:
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int)
