@@ -1,6 +1,6 @@
 """brigade.engine: processes and transport that run schedules on stages.
 
-The public surface is :class:`Pipeline` (see DESIGN.md for its contract) and the errors it
+The public surface is :class:`Pipeline` (the README's "Python API" is its contract) and the errors it
 raises; backends, actors and the wire format are private. Names load on first use (module
 ``__getattr__``), so that importing a submodule such as the command line
 (``brigade.engine.cli``) does not import torch.

@@ -174,14 +174,9 @@ class Pipeline:
     def _rule_options(self, options: dict[str, Any], schedule_options: dict[str, Any]) -> Any:
         """The rule's typed options, checked here, on the driver, before any process starts:
         the stage options, and the schedule options that are the rule's own (stale's k)."""
-        from brigade.stages.errors import ConfigError
-
         own = {f.name for f in dataclasses.fields(self.rule.options) if f.metadata.get("schedule")}
-        given = {**options, **{k: v for k, v in schedule_options.items() if k in own}}
-        try:
-            return self.rule.make_options(**given)
-        except ConfigError as err:
-            raise PipelineConfigError(str(err)) from None
+        return self.rule.make_options(
+            **{**options, **{k: v for k, v in schedule_options.items() if k in own}})
 
     def _specs(self, model, optimizer, loss_fn) -> list[WorkerSpec]:
         """Cut the model (a private copy) and assign each stage to its worker."""

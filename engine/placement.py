@@ -13,6 +13,7 @@ rounded *down* to what the nodes can hold under the placement strategy.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Sequence
 
 from .errors import PipelineConfigError
 
@@ -89,21 +90,16 @@ def check_trusted_resource(name: object, backend: str = "ray") -> str:
     return text
 
 
-def trusted_workers(method: str, num_workers: int) -> list[bool]:
-    """Which workers receive raw inputs or labels under ``method`` (True: must run on a
-    trusted node).
-
-    TODO(rule registry): replace with the registry's exposure declaration (MethodSpec:
-    which stages receive raw inputs / labels) once it is on main. Today's facts, read from
-    ``Pipeline._run``: the worker of stage 0 (worker 0) gets the raw inputs; the worker of the
-    last stage (the last worker, interleaved included) gets the labels; under cdni every
-    worker holding an earlier stage gets the labels too, i.e. every worker.
-    """
-    if num_workers < 1:
-        return []
-    if method.lower() == "cdni":
-        return [True] * num_workers
-    return [w in (0, num_workers - 1) for w in range(num_workers)]
+def trusted_workers(worker_of: Sequence[int], labels_to: Collection[int],
+                    num_workers: int) -> list[bool]:
+    """Which workers receive raw inputs or labels (True: must run on a trusted node): the
+    worker of stage 0 (the inputs), of the last stage (the labels, with its targets) and
+    of every earlier stage the rule shows the labels to (its declaration's exposure, as
+    ``Pipeline.labels_to`` resolved it: what the driver will send)."""
+    if num_workers < 1 or not worker_of:
+        return [False] * max(num_workers, 0)
+    trusted = {worker_of[0], worker_of[-1], *(worker_of[s] for s in labels_to)}
+    return [w in trusted for w in range(num_workers)]
 
 
 def bundles(workers: int, cpus: float, gpus: float, trusted: list[bool] | None = None,

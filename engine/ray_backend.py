@@ -220,7 +220,7 @@ class RayBackend:
         trusted_resource = cluster.trusted_resource
         trusted = None
         if trusted_resource:
-            trusted = trusted_workers(specs[0].method, len(specs))
+            trusted = trusted_workers(specs[0].worker_of, specs[0].labels_to, len(specs))
         cpus, gpus = _resources(len(specs), cluster.cpus_per_stage, cluster.gpus_per_stage,
                                 cluster.placement, trusted, trusted_resource)
         self.placement_group = _place(len(specs), cpus, gpus, cluster.placement,

@@ -68,8 +68,8 @@ class TrainConfig:
         "stop after this many steps", default_help="--epochs worth"))
     seed: int = field(default=0, metadata=_help("seed of weights, data order and methods"))
     window: int | None = field(default=None, metadata=_help(
-        "steps per pipelined run", default_help="1; 32 for dni and petra, which do not "
-                                                "flush between the steps of a run"))
+        "steps per pipelined run", default_help="1; 32 for schedules that do not flush "
+                                                "between the steps of a run (dni, petra, dgl)"))
     checkpoint: str | None = field(default=None, metadata=_help(
         "save checkpoints in DIR (atomically; at the end and every N steps)", metavar="DIR"))
     checkpoint_every: int | None = field(default=None, metadata=_help(
@@ -123,8 +123,8 @@ class TrainConfig:
                 f"the single-process {rule.single_process} (--stages 1 --backend local) "
                 "does not checkpoint; drop --checkpoint/--resume/--max-restarts, or run the "
                 "pipelined form (--stages 2 or more)")
-        pipe.options = {f.name: getattr(self.rule_options, f.name)
-                        for f in fields(self.rule_options)}
+        pipe.options = _non_default(self.rule_options)  # the rest are the rule's defaults
+        pipe.schedule_options = rule.schedule_options(self.rule_options)  # stale's k, ...
 
     def _rule_options(self, rule):
         """The rule's options object from ``options`` (flag keys) and the settings it takes
@@ -153,6 +153,22 @@ class TrainConfig:
         p = self.pipeline
         return (bool(get_method(p.method).single_process) and p.stages == 1
                 and not p.balance and p.backend == "local")
+
+
+def _non_default(options) -> dict[str, Any]:
+    """An options object's fields that differ from its class's defaults (one spelling of a
+    configuration however it was given: flags, a file, or keywords)."""
+    import dataclasses
+
+    out = {}
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
+            continue
+        out[f.name] = value
+    return out
 
 
 def _as_config_error(fn, *args, **kwargs):

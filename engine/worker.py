@@ -8,7 +8,8 @@ timeline: every action's start and end, time spent waiting for a message, time s
 
 Each action kind's handler, and the messages it waits for, come from the learning rule's
 declaration (``MethodSpec.handlers``, see ``brigade.stages.handlers`` for the message keys):
-the worker knows no rule and no letter. It is the handlers' ``Port``: it hands them
+the worker knows no rule, and of the letters only ``F`` (evaluation runs every rule's F;
+a replayed step drops forwards whose backward is gone). It is the handlers' ``Port``: it hands them
 messages, routes what they send, and records losses and outputs.
 """
 

@@ -329,7 +329,9 @@ def fwdgrad(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) ->
     return _flush("fwdgrad", stages, m, 1, steps, pattern)
 
 
-@register_schedule("dgl", decoupled=True, stores_activations=False)
+# not in compare's default list: its F is a forward plus the local head's backward, which
+# the shared costs would misprice
+@register_schedule("dgl", decoupled=True, stores_activations=False, compared=False)
 def dgl(stages: int, microbatches: int, virtual: int = 1, steps: int = 1) -> Schedule:
     """Decoupled greedy learning (Belilovsky et al. 2020): each stage trains on the loss of
     its own auxiliary head, so ``F`` is the forward, the local loss and its backward in one,

@@ -495,10 +495,12 @@ class ForwardGradientOptions:
         if isinstance(n, str):
             text = n.strip().lower()
             if text != "auto" and not (text.isdigit() and int(text) >= 1):
-                raise ConfigError(f"--projections {n} must be a positive integer or auto")
+                raise ConfigError(f"projections must be a number, one number per block, or "
+                                  f"'auto'; got {n!r} (--projections 8, or auto)")
             object.__setattr__(self, "projections", text if text == "auto" else int(text))
         elif isinstance(n, bool) or (isinstance(n, int) and n < 1):
-            raise ConfigError(f"--projections {n!r} must be a positive integer or auto")
+            raise ConfigError(f"projections must be a number >= 1, one number per block, or "
+                              f"'auto'; got {n!r} (--projections 8, or auto)")
 
 
 def _prepare(options: ForwardGradientOptions, model: nn.Module, schedule: Any) -> dict[str, Any]:

@@ -22,7 +22,8 @@ backend pickles a user's module by value), or import the modules named in the en
 variable ``BRIGADE_METHODS`` (comma-separated module names) at their first look-up.
 
 Names are case-insensitive; an unknown name is an error that lists the registered ones.
-This module imports no torch: the built-in declarations load at the first look-up.
+This module's own code needs no torch; the built-in declarations (stage modules, which do)
+load at the first look-up.
 """
 
 from __future__ import annotations

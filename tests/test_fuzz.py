@@ -127,7 +127,7 @@ def test_the_default_share_never_asks_more_than_the_nodes_hold(workers, node_cpu
     COUNTS["resource requests generated"] += 1
     nodes = [{"CPU": c, **({"trusted": 1.0} if t else {})}
              for c, t in zip(node_cpus, trusted_on)]
-    flags = trusted_workers(method, workers)
+    flags = _trusted(method, workers)
     held = [n["CPU"] for n in nodes if "trusted" in n]
     # half the examples ask for trusted placement, half not
     ask_trust = bool(trusted_on[-1])
@@ -160,13 +160,28 @@ def test_the_default_share_never_asks_more_than_the_nodes_hold(workers, node_cpu
     COUNTS["resource requests checked"] += 1
 
 
-def test_trusted_workers_today():
-    """Until the rule registry declares exposure: inputs to worker 0, labels to the last,
-    cdni's labels to every worker."""
-    assert trusted_workers("backprop", 1) == [True]
-    assert trusted_workers("dni", 4) == [True, False, False, True]
-    assert trusted_workers("cdni", 3) == [True, True, True]
-    assert trusted_workers("fwdgrad", 2) == [True, True]
+def _trusted(method: str, workers: int, **options) -> list[bool]:
+    """trusted_workers of a one-stage-per-worker split, labels as the rule's exposure says."""
+    from brigade.stages.rules import get_method
+
+    rule = get_method(method)
+    opts = rule.make_options(**options)
+    labels = {s for s in range(workers) if rule.labels_to(s, workers, opts)}
+    return trusted_workers(list(range(workers)), labels, workers)
+
+
+def test_trusted_workers_follow_the_exposure():
+    """Inputs to worker 0, labels to the last; rules that show every stage the labels
+    (cdni's synthesizers, dgl's heads, the local guess's heads) make every worker trusted;
+    interleaved: the worker of the last stage, whichever it is."""
+    assert _trusted("backprop", 1) == [True]
+    assert _trusted("dni", 4) == [True, False, False, True]
+    assert _trusted("cdni", 3) == [True, True, True]
+    assert _trusted("dgl", 3) == [True, True, True]
+    assert _trusted("fwdgrad", 3) == [True, False, True]
+    assert _trusted("fwdgrad", 3, guess="local") == [True, True, True]
+    assert trusted_workers([0, 1, 0, 1], set(), 2) == [True, True]  # interleaved, v = 2
+    assert trusted_workers([0, 1, 2, 0, 1, 2], set(), 3) == [True, False, True]
 
 
 # -- the engine on generated configurations --------------------------------------------------
@@ -210,9 +225,9 @@ def configs(draw, rules=RULES):
 
 
 def schedulers_for(rule: str) -> tuple[str, ...]:
-    from brigade.engine.config import METHOD_SCHEDULES
+    from brigade.stages.rules import get_method
 
-    return METHOD_SCHEDULES[rule]
+    return get_method(rule).schedules
 
 
 def build_net(widths: list[int], bn: bool, seed: int) -> nn.Sequential:

@@ -215,7 +215,7 @@ def test_cli_trains_on_ray_and_writes_the_figures(ray_cluster, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--schedule", "1f1b"], "schedule '1f1b' cannot run method 'fwdgrad'; valid schedules "
                              "for fwdgrad: fwdgrad"),
-    (["--projections", "many"], "--projections many must be a positive integer or auto"),
+    (["--projections", "many"], "projections must be a number, one number per block, or 'auto'; got 'many'"),
     (["--optimizer", "adamw"], "not a forward-gradient optimizer"),
 ])
 def test_bad_combinations_exit_2_before_starting_anything(args, message, capsys):

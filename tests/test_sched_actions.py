@@ -48,9 +48,9 @@ def test_parse_actions_reads_a_list():
                                                Action(1, "B", 0)]
 
 
-def test_names_are_the_eight_schedules():
+def test_names_are_the_nine_schedules():
     assert names() == ["gpipe", "1f1b", "interleaved", "zb1p", "dni", "petra", "stale",
-                       "fwdgrad"]
+                       "fwdgrad", "dgl"]
 
 
 def test_build_is_case_insensitive_and_lists_names_when_unknown():

@@ -24,8 +24,9 @@ def test_the_built_in_declarations_carry_their_facts():
         "petra": (True, False, False, 1, True, ("accumulate",)),
         "stale": (False, False, True, 1, True, ("k",)),
         "fwdgrad": (False, True, False, 1, False, ()),
+        "dgl": (True, False, False, 1, False, ()),
     }
-    assert set(DECOUPLED) == {"dni", "petra"} and "PETRA" in DECOUPLED
+    assert set(DECOUPLED) == {"dni", "petra", "dgl"} and "PETRA" in DECOUPLED
     assert schedule_spec(" 1F1B ").name == "1f1b"
     assert "1F1B" in schedule_spec("1f1b").summary
 
