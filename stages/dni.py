@@ -75,7 +75,9 @@ from torch import nn
 from . import handlers
 from .base import StageBase
 from .errors import ConfigError, choose
-from .rules import Exposure, Message, MethodSpec, activation_size, batch_size, num_classes_of, register_method
+from .method_cost import DNI_COST
+from .rules import (CostHooks, Exposure, Message, MethodSpec, activation_size, batch_size,
+                    num_classes_of, register_method)
 from .stage import OptimizerFactory, StageSpec
 from .synthetic import make_synthesizer, param_groups
 
@@ -446,6 +448,7 @@ def _per_microbatch(options: Any, microbatches: int) -> float:
 _COMMON = dict(stage_class=DNIStage, schedules=("dni",), handlers=_HANDLERS, options=DNIOptions,
                default_optimizer=("sgd", 0.05), backward=(_DX,),
                updates_per_step=_per_microbatch,
+               costs=CostHooks(balancer=DNI_COST),  # its synthesizer's work lands before a cut
                reference="Jaderberg et al. 2016 (arXiv 1608.05343)")
 register_method(MethodSpec(
     name="dni", order=20, forward=(_H,), exposure=_dni_exposure, prepare=_prepare(False),

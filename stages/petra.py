@@ -50,7 +50,8 @@ from torch import nn
 
 from . import handlers
 from .dni import tensor_bytes
-from .rules import Message, MethodSpec, activation_size, register_method
+from .method_cost import PETRA_COST
+from .rules import CostHooks, Message, MethodSpec, activation_size, register_method
 from .errors import ConfigError
 from .revnet import frozen_bn_stats, is_reversible
 from .base import StageBase
@@ -271,7 +272,7 @@ register_method(MethodSpec(
     handlers={"F": handlers.forward, "R": handlers.Handler(_run_r, _needs_r, frees=True),
               "U": handlers.update},
     options=PetraOptions, prepare=_prepare, default_optimizer=("momentum", 0.05),
-    updates_per_step=_updates,
+    updates_per_step=_updates, costs=CostHooks(balancer=PETRA_COST),
     no_autocast="its backward rebuilds inputs by inverting blocks, which bf16 does not undo",
     forward=(Message("activation h", "B·F", activation_size),),
     backward=(Message("(rebuilt h, dL/dh)", "2·B·F", _pair_size),),
