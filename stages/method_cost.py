@@ -28,7 +28,6 @@ declarations; a rule that declares one is balanced by it by default (``Pipeline`
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -203,7 +202,9 @@ def method_costs(method, model: nn.Sequential, sample: Tensor, options: dict | N
                  labels: Tensor | None = None, repeats: int = 3) -> MethodCosts:
     """Time every block of (a copy of) ``model`` on ``sample`` under ``method`` (a rule's
     name or declaration; ``options``: its stage class's keywords, ``MethodSpec.stage_kwargs``):
-    medians of ``repeats`` passes after one warm-up; the model itself is not touched."""
+    the fastest of ``repeats`` passes after one warm-up (on a shared machine a pass is slowed
+    by whatever else runs; the fastest is the closest to the work itself); the model itself
+    is not touched."""
     if repeats < 1:
         raise ConfigError(f"repeats must be at least 1; got {repeats}")
     from .rules import get_method
@@ -227,8 +228,7 @@ def method_costs(method, model: nn.Sequential, sample: Tensor, options: dict | N
             if r:
                 blocks[i].append(seconds)
                 cuts[i].append(extra)
-    return MethodCosts(rule.name, [statistics.median(b) for b in blocks],
-                       [statistics.median(c) for c in cuts])
+    return MethodCosts(rule.name, [min(b) for b in blocks], [min(c) for c in cuts])
 
 
 def stage_costs(costs: MethodCosts, balance: list[int]) -> list[float]:

@@ -147,6 +147,8 @@ class MethodSpec:
     - ``no_autocast``: non-empty where the rule's forward is not an autocast region (why;
       ``--autocast`` is then refused).
     - ``costs``: hooks for the simulator and the balancer.
+    - ``probe``: a ``brigade.stages.probes.ProbeHook``: how ``--probe-every`` measures the
+      rule's gradients against the true ones (None: the rule is not probed).
     - ``summary``, ``reference``, ``order``: what ``brigade methods`` prints, and where.
     """
 
@@ -170,6 +172,7 @@ class MethodSpec:
     no_autocast: str = ""
     single_process: str = ""
     costs: CostHooks = CostHooks()
+    probe: Any = None  # a probes.ProbeHook
     summary: str = ""
     reference: str = ""
     order: int = 1000  # where listings put it (the built-ins take 0-99)
