@@ -7,6 +7,7 @@ accuracy through the pipeline, and returns the figures the README lists for ``--
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -28,12 +29,13 @@ from brigade.stages.rules import flag_key, get_method, methods_taking, option_cl
 from .config import PipelineConfig
 from .errors import PipelineConfigError, StageFailedError
 from .flags import flat_dict, flat_init
-from .optim import OPTIMIZERS, OptimConfig, OptimizerFactory, default_optimizer, make_optimizer
+from .optim import (OPTIMIZERS, OptimConfig, OptimizerFactory, default_lr, default_optimizer,
+                    make_optimizer)
 from .pipeline import Pipeline
 from .torchrun_backend import broadcast_object, is_rank0
 
-__all__ = ["TrainConfig", "run_training", "make_optimizer", "default_optimizer", "OPTIMIZERS",
-           "pipeline_accuracy", "validate"]
+__all__ = ["TrainConfig", "run_training", "make_optimizer", "default_optimizer", "default_lr",
+           "OPTIMIZERS", "pipeline_accuracy", "validate"]
 
 DATASETS = ("synthetic", "mnist", "cifar10", "digits")
 
@@ -117,10 +119,10 @@ class TrainConfig:
                 "has no approximate gradient to compare (or computes the true one itself): "
                 "drop --probe-every")
         self.rule_options = self._rule_options(rule)
-        if optim.lr is None:
-            optim.lr = rule.default_optimizer[1]  # None: the optimizer's own (fwdgrad)
         if optim.optimizer is None:
             optim.optimizer = rule.default_optimizer[0]
+        if optim.lr is None:  # by the optimizer chosen: Adam named with no --lr gets 1e-3
+            optim.lr = default_lr(rule, optim.optimizer)  # None: the optimizer's own (fwdgrad)
         if rule.optimizers is not None and optim.optimizer not in rule.optimizers:
             raise PipelineConfigError(
                 f"--optimizer {optim.optimizer} is not a {rule.optimizer_kind or rule.name} "
@@ -308,6 +310,7 @@ class _Run:
         self.last_saved: str | None = None
         self.restarts: list[dict] = []
         self.resume = cfg.resume
+        self.balance: list[int] | None = None  # the cut of the first pipeline (see start_pipeline)
         from .tensorboard import open_writer
 
         self.writer = open_writer(cfg.tensorboard, "") if is_rank0() else None
@@ -323,8 +326,13 @@ class _Run:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, **self.model_kwargs)
-        pipe = Pipeline(model, config=cfg.pipeline, optimizer=_optimizer_factory(cfg, self.total),
+        pipeline = cfg.pipeline
+        measured = None if cfg.balance else self._measured_balance()
+        if measured is not None:  # the job's first cut, not a new measurement
+            pipeline = dataclasses.replace(pipeline, balance=measured)
+        pipe = Pipeline(model, config=pipeline, optimizer=_optimizer_factory(cfg, self.total),
                         loss_fn=nn.CrossEntropyLoss(), sample=self.sample)
+        self.balance = list(pipe.balance)
         if cfg.checkpoint and (self.resume or self.restarts):
             try:
                 self._restore(pipe)
@@ -334,6 +342,22 @@ class _Run:
             if self.restarts:  # the step it went on from (0: no checkpoint yet), so a report
                 self.restarts[-1]["resumed_from"] = self.done  # tells the two apart
         return pipe
+
+    def _measured_balance(self) -> list[int] | None:
+        """A measured cut is kept for the whole job: a restart reuses the first pipeline's,
+        a resume the checkpoint's (a new profile on a busy machine may cut elsewhere, and
+        the checkpoint's weights fit only its own cut)."""
+        if self.balance is not None:
+            return self.balance
+        if self.cfg.checkpoint and self.resume:
+            from .checkpoint import read_manifest
+
+            path = latest_checkpoint(Path(self.cfg.checkpoint))
+            if path is not None:
+                saved = list(read_manifest(path)["identity"]["balance"])
+                if len(saved) == self.cfg.pipeline.num_model_stages:  # else: identity says
+                    return saved
+        return None
 
     def identity(self, pipe: Pipeline) -> dict[str, Any]:
         return {**pipe.identity(), "model": self.cfg.model, "model_kwargs": self.model_kwargs,
