@@ -7,7 +7,8 @@ A flush schedule at p stages and m microbatches idles (p-1)/(m+p-1) of every ste
 decoupled schedule (dni, petra) never flushes, so on balanced stages it can run at most
 (m+p-1)/m times as fast: 2x at p=2, m=1; 1.5x at m=2; 1.125x at m=8. This sweep measures,
 for each m, real compute on the same split (same weights, same batch of 64 CIFAR-shaped
-images; RevNet-18, width 16) with ``bench/resnet_splits.py``'s machinery: brigade's 1F1B,
+images; RevNet-18, width 16) with ``bench/resnet_splits.py``'s machinery (the package
+``bench/resnet_bench``, imported directly): brigade's 1F1B,
 brigade's dni and petra, and torch.distributed.pipelining's Schedule1F1B under torchrun
 (gloo), the runners taking turns round by round. It prints, per m, each decoupled method's
 samples/s over brigade 1F1B and over torch 1F1B beside the ceiling (m+p-1)/m. Figures are
@@ -29,14 +30,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import resnet_splits as rs  # noqa: E402  (sched may split this file: fix the import then)
+from resnet_bench.config import BenchConfig  # noqa: E402  (bench/resnet_splits.py's package)
+from resnet_bench.main import run as run_splits  # noqa: E402
+
+from brigade.stages.errors import ConfigError  # noqa: E402
 
 DECOUPLED = ("dni", "petra")
 
 
-def sweep_config(m: int, args) -> "rs.BenchConfig":
+def sweep_config(m: int, args) -> BenchConfig:
     """One point of the sweep: 2 stages, CIFAR shape, the model measured on Ray."""
-    return rs.BenchConfig(
+    return BenchConfig(
         models=(args.model,), shapes=("cifar",), stages=(2,), schedules=("1f1b", *DECOUPLED),
         microbatches=m, batch_size=args.batch_size, width=args.width,
         measure_models=(args.model,), backends=tuple(args.backends.split(",")),
@@ -100,13 +104,13 @@ def main(argv=None) -> int:
     try:
         ms = [int(v) for v in args.microbatches.split(",")]
         cfgs = [sweep_config(m, args) for m in ms]  # every bad flag fails here, first
-    except (ValueError, rs.ConfigError) as err:
+    except (ValueError, ConfigError) as err:
         print(f"unlocked_regime: error: {err}", file=sys.stderr)
         return 2
     points, raw = [], []
     for m, cfg in zip(ms, cfgs):
         console.print(f"[bold]m = {m}[/] (load {os.getloadavg()[0]:.1f})")
-        res = rs.run(cfg, console)
+        res = run_splits(cfg, console)
         if res.torch_error:
             console.print(f"[yellow]torch side failed: {res.torch_error}[/]")
         raw += [{**r, "m": m} for r in res.rows if r.get("runner") in ("brigade", "torch")]

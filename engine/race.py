@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from .config import METHOD_SCHEDULES
+from .config import check_method_schedule
 from .errors import PipelineConfigError
 
 __all__ = ["RaceConfig", "run_race", "best_lane", "time_to_target", "plot_race", "lane_updates"]
@@ -62,11 +62,7 @@ class RaceConfig:
     def __post_init__(self) -> None:
         if not self.methods:
             raise PipelineConfigError("--methods is empty; name at least one, e.g. backprop,dni")
-        self.methods = [str(m).lower() for m in self.methods]
-        for m in self.methods:
-            if m not in METHOD_SCHEDULES:
-                raise PipelineConfigError(
-                    f"unknown method {m!r} in --methods; valid methods: {', '.join(METHOD_SCHEDULES)}")
+        self.methods = [self._method(m) for m in self.methods]
         if len(set(self.methods)) != len(self.methods):
             raise PipelineConfigError(f"--methods {','.join(self.methods)} names a method twice")
         if (self.budget_s is None) == (self.epochs is None):
@@ -92,6 +88,23 @@ class RaceConfig:
             raise PipelineConfigError(f"options given for {sorted(unknown)}, not in --methods")
         for lane in self.lanes():  # every lane's TrainConfig checks its flags now, before data
             self.train_config(*lane)
+
+    @staticmethod
+    def _method(name: str) -> str:
+        """A registered rule's name (the registry's error, naming --methods, otherwise)."""
+        try:
+            return check_method_schedule(str(name), None)
+        except PipelineConfigError as err:
+            raise PipelineConfigError(f"{err} (in --methods)") from None
+
+    def validate(self) -> RaceConfig:
+        """What needs the outside world (the model's shape, an installed tensorboard) for
+        every lane, as ``brigade train`` checks it: before any data, cluster or bar."""
+        from .train import validate
+
+        for lane in self.lanes():
+            validate(self.train_config(*lane))
+        return self
 
     @property
     def interval_s(self) -> float | None:
@@ -161,8 +174,8 @@ class _Lane:
         self.rc, self.method = rc, method
         self.cfg = rc.train_config(method, lr)
         self.train, self.test, self.probe = data
-        self.run = _Run(self.cfg, self.train, _model_kwargs(self.cfg, self.train.shape,
-                                                          self.train.num_classes), None)
+        kwargs = _model_kwargs(self.cfg, self.train.shape, self.train.num_classes)
+        self.run = _Run(self.cfg, self.train, self.test, kwargs, None, None)
         self.writer = writer
         self.clock = 0.0
         self.curve: list[list[float]] = []
@@ -283,6 +296,7 @@ def run_race(rc: RaceConfig, progress: Callable[[float, float, dict], None] | No
 
     from .tensorboard import open_writer
 
+    rc.validate()
     data = _data(rc)
     lanes_cfg = rc.lanes()
     total = rc.budget_s * len(lanes_cfg) if rc.budget_s else None

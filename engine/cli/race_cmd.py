@@ -87,7 +87,7 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from brigade.engine.race import plot_race, run_race
 
-    rc = config_from_args(args)  # bad input fails here, before data or processes
+    rc = config_from_args(args).validate()  # bad input fails here, before data or processes
     err = Console(stderr=True)
     with output.progress_bar(err, "racing", disable=args.quiet) as update:
         result = run_race(rc, progress=update)
