@@ -16,8 +16,12 @@ HELP = ("Race learning rules on one model, data set and split for the same wall-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``brigade race`` (README: "Racing the methods")."""
-    p.add_argument("--methods", default="backprop,dni,cdni",
-                   help="comma-separated methods, run one after another (default backprop,dni,cdni)")
+    from brigade.engine.race import DEFAULT_METHODS
+
+    default = ",".join(DEFAULT_METHODS)
+    p.add_argument("--methods", default=default,
+                   help=f"comma-separated methods, run one after another; the first is the "
+                        f"reference the others' times are compared with (default {default})")
     p.add_argument("--model", default="mlp")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--data", default="synthetic")
@@ -128,9 +132,10 @@ def print_table(result: dict, console: Console) -> None:
             grid.add_row(r["method"], f"{r['lr']:g}", _s(r["time_to_target_s"]),
                          f"{r['final_test_accuracy']:.4f}")
         console.print(grid)
-    backprop = result["methods"].get("backprop")
-    if target and backprop and backprop["time_to_target_s"]:
+    ref_name = cfg["methods"][0]  # the reference: the first of --methods
+    ref = result["methods"][ref_name]
+    if target and ref["time_to_target_s"]:
         for name, r in result["methods"].items():
-            if name != "backprop" and r["time_to_target_s"]:
-                console.print(f"{name}: {r['time_to_target_s'] / backprop['time_to_target_s']:.2f}x "
-                              f"backprop's time to {target:g}")
+            if name != ref_name and r["time_to_target_s"]:
+                ratio = r["time_to_target_s"] / ref["time_to_target_s"]
+                console.print(f"{name}: {ratio:.2f}x {ref_name}'s time to {target:g}")
