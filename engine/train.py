@@ -141,6 +141,10 @@ class TrainConfig:
                 "pipelined form (--stages 2 or more)")
         pipe.options = {f.name: getattr(self.rule_options, f.name)
                         for f in fields(self.rule_options)}
+        # The rule's schedule options (stale's k) on the config too, so that a resume's
+        # identity check (preflight) compares what the pipeline will run.
+        pipe.schedule_options = {**rule.schedule_options(self.rule_options),
+                                 **pipe.schedule_options}
 
     def _rule_options(self, rule):
         """The rule's options object from ``options`` (flag keys) and the settings it takes
