@@ -13,7 +13,9 @@ __all__ = ["PipelineConfig", "ClusterConfig", "BACKENDS", "PLACEMENTS", "TRANSPO
            "BALANCERS", "AUTOCAST_DTYPES", "check_method_schedule"]
 
 BACKENDS = ("ray", "local", "torchrun")
-BALANCERS = ("uniform", "params", "time")
+# How a model is cut when no balance is given; "method" times each block (and each cut's
+# boundary work) under the learning rule that runs it (brigade.stages.method_cost).
+BALANCERS = ("uniform", "params", "time", "method")
 
 # torch.autocast dtypes by name; a rule whose forward is not a plain module call refuses it
 # (its declaration's ``no_autocast`` says why).
@@ -111,9 +113,11 @@ class PipelineConfig:
     balance: list[int] | None = field(default=None, metadata=_help(
         "blocks per stage, comma-separated (workers x virtual entries)",
         default_help="cut by --balance-by"))
-    balance_by: str = field(default="uniform", metadata=_help(
-        "how to cut the model when --balance is not given", choices=BALANCERS,
-        what="balancer"))
+    balance_by: str | None = field(default=None, metadata=_help(
+        "how to cut the model when --balance is not given (method: each block timed under "
+        "the learning rule that runs it)", choices=BALANCERS, what="balancer",
+        default_help="method for the rules that declare a balancer cost (every built-in "
+                     "but backprop), else uniform"))
     schedule: str | None = field(default=None, metadata=_help(
         "the schedule (`brigade methods` lists each method's)",
         default_help="the method's own"))
@@ -186,6 +190,17 @@ class PipelineConfig:
                 f"virtual={self.virtual}; give workers x virtual entries"
             )
         self.stages = len(self.balance) // self.virtual  # a balance says how many workers
+
+    def balancer(self, sampled: bool = True) -> str:
+        """The balancer that cuts the model when no balance is given: ``balance_by``, or by
+        default ``"method"`` for a rule whose declaration carries a balancer cost (its own
+        work decides the cut; ``sampled``: a sample batch is there to time it), else
+        ``"uniform"``."""
+        from brigade.stages.rules import get_method
+
+        if self.balance_by is not None:
+            return self.balance_by
+        return "method" if sampled and get_method(self.method).costs.balancer else "uniform"
 
     @property
     def num_workers(self) -> int:

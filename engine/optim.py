@@ -31,10 +31,12 @@ from .errors import PipelineConfigError
 from .flags import check_choices
 
 __all__ = ["OptimConfig", "OptimizerFactory", "OPTIMIZERS", "LR_SCHEDULES", "make_optimizer",
-           "default_optimizer", "lr_factor"]
+           "default_optimizer", "default_lr", "ADAPTIVE", "lr_factor"]
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
 LR_SCHEDULES = ("constant", "cosine", "step")
+ADAPTIVE = ("adam", "adamw", "rmsprop")  # step size set by the rate, not the gradient's scale
+ADAPTIVE_LR = 1e-3  # Adam's usual rate
 
 # name -> (torch class, fixed keywords)
 _TABLE = {
@@ -57,7 +59,8 @@ class OptimConfig:
         "default_help": "the method's own (`brigade methods`)"})
     lr: float | None = field(default=None, metadata={
         "help": "learning rate (the peak, with a schedule)",
-        "default_help": "the method's own (`brigade methods`)"})
+        "default_help": "the method's own (`brigade methods`); 1e-3 for an adaptive "
+                        "optimizer (adam, adamw, rmsprop) the method does not default to"})
     weight_decay: float | None = field(default=None, metadata={
         "help": "weight decay (L2 for sgd/momentum/adam/rmsprop, decoupled for adamw)",
         "default_help": "the optimizer's own: 0, adamw 0.01"})
@@ -107,6 +110,23 @@ def default_optimizer(method: str) -> str:
     from brigade.stages.rules import get_method
 
     return get_method(method).default_optimizer[0]
+
+
+def default_lr(method, optimizer: str) -> float | None:
+    """The rate when none is given, by the optimizer that will use it: the rule's declared
+    rate for its own optimizer (None: the optimizer's own, fwdgrad); 1e-3 for an adaptive
+    optimizer it does not declare (Adam's usual rate: a rule's SGD rate, 0.05, would move
+    every weight by about 0.05 a step under Adam); for an SGD-family optimizer, the rule's
+    rate if it is an SGD rate, else 0.05."""
+    from brigade.stages.rules import get_method
+
+    name, lr = get_method(method).default_optimizer
+    optimizer = optimizer.lower()
+    if optimizer == name or lr is None:
+        return lr
+    if optimizer in ADAPTIVE:
+        return ADAPTIVE_LR
+    return 0.05 if name in ADAPTIVE else lr
 
 
 def make_optimizer(name: str, lr: float, weight_decay: float | None = None):

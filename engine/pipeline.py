@@ -18,7 +18,7 @@ from torch import nn
 
 from brigade import schedulers
 from brigade.schedulers import Action, Event, Timeline
-from brigade.stages.partition import partition, split
+from brigade.stages.partition import Partition, partition, split
 from brigade.stages.rules import get_method
 from brigade.stages.stage import make_stage_module
 
@@ -115,7 +115,6 @@ class Pipeline:
         self.rule_options = self._rule_options(self.config.options, self.config.schedule_options)
         self.config.schedule_options = {**self.rule.schedule_options(self.rule_options),
                                         **self.config.schedule_options}
-        self.balance = self._balance(model, sample)
         # BatchNorm1d cannot train on a microbatch of one sample (one value per channel)
         self._min_microbatch = 2 if any(isinstance(mod, nn.BatchNorm1d)
                                         for mod in model.modules()) else 1
@@ -124,7 +123,10 @@ class Pipeline:
         if not self.decoupled and period != 1:  # build one period of the pattern
             self.schedule = self._build(period)
         self._programs: dict[tuple[int, int], list[list[Action]]] = {}
+        # Before the cut: the method balancer times the blocks with the stages' own options.
         self._stage_options = self.rule.stage_kwargs(self.rule_options, model, self.schedule)
+        self.partition: Partition | None = None  # the cut and what it was balanced by
+        self.balance = self._balance(model, sample)
         n = self.schedule.num_stages
         self.labels_to = frozenset(
             s for s in range(n) if self.rule.labels_to(s, n, self.rule_options))
@@ -142,7 +144,11 @@ class Pipeline:
 
     # -- construction ---------------------------------------------------------------------
     def _balance(self, model: nn.Sequential, sample: torch.Tensor | None) -> list[int]:
-        """Blocks per model stage: as given, or by the chosen balancer."""
+        """Blocks per model stage: as given, or by the chosen balancer. The default
+        (``balance_by=None``) is ``"method"`` for a rule whose declaration carries a
+        balancer cost (``costs.balancer``: every built-in but backprop) when a sample batch
+        is given, so the rule's own work decides the cut; else uniform.
+        ``self.partition`` keeps the cut and, when measured, its per-stage costs."""
         n = self.config.num_model_stages
         if self.config.balance is not None:
             balance = list(self.config.balance)
@@ -151,8 +157,13 @@ class Pipeline:
                     f"balance {balance} sums to {sum(balance)} but the model has "
                     f"{len(model)} blocks"
                 )
+            self.partition = Partition.from_profile(model, balance, None)
             return balance
-        balance = partition(model, n, by=self.config.balance_by, sample=sample).balance
+        by = self.config.balancer(sampled=sample is not None)
+        self.partition = partition(model, n, by=by, sample=sample, method=self.rule,
+                                   method_options=self._stage_options,
+                                   microbatches=self.config.microbatches)
+        balance = self.partition.balance
         if self.config.backend == "torchrun":  # measured balances differ between ranks
             from .torchrun_backend import broadcast_object
 

@@ -62,7 +62,8 @@ def preflight(cfg) -> list[str]:
 
 def _check_pipeline(cfg, model) -> list[int] | None:
     """The Pipeline's own checks, the split and the schedule; the balance (None where it
-    is measured at start, ``--balance-by time``)."""
+    is measured at start: ``--balance-by time`` or ``method``, the default of the rules
+    that declare a balancer cost)."""
     from brigade import schedulers
     from brigade.stages.partition import partition
 
@@ -74,14 +75,14 @@ def _check_pipeline(cfg, model) -> list[int] | None:
                 f"balance {cfg.balance} sums to {sum(cfg.balance)} but the model has "
                 f"{len(model)} blocks")
         balance = list(cfg.balance)
-    elif cfg.balance_by == "time":
+    elif pc.balancer() in ("time", "method"):  # train always has a sample batch
         if n > len(model):
             raise PipelineConfigError(
                 f"{n} stages for a model of {len(model)} blocks; use --stages {len(model)} "
                 "or fewer")
         balance = None
     else:
-        balance = partition(model, n, by=cfg.balance_by).balance
+        balance = partition(model, n, by=pc.balancer()).balance
     schedulers.build(pc.schedule, stages=pc.num_workers, microbatches=pc.microbatches,
                      virtual=pc.virtual, steps=1, **pc.schedule_options)
     return balance

@@ -7,6 +7,7 @@ accuracy through the pipeline, and returns the figures the README lists for ``--
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -28,12 +29,13 @@ from brigade.stages.rules import flag_key, get_method, methods_taking, option_cl
 from .config import PipelineConfig
 from .errors import PipelineConfigError, StageFailedError
 from .flags import flat_dict, flat_init
-from .optim import OPTIMIZERS, OptimConfig, OptimizerFactory, default_optimizer, make_optimizer
+from .optim import (OPTIMIZERS, OptimConfig, OptimizerFactory, default_lr, default_optimizer,
+                    make_optimizer)
 from .pipeline import Pipeline
 from .torchrun_backend import broadcast_object, is_rank0
 
-__all__ = ["TrainConfig", "run_training", "make_optimizer", "default_optimizer", "OPTIMIZERS",
-           "pipeline_accuracy", "validate"]
+__all__ = ["TrainConfig", "run_training", "make_optimizer", "default_optimizer", "default_lr",
+           "OPTIMIZERS", "pipeline_accuracy", "validate"]
 
 DATASETS = ("synthetic", "mnist", "cifar10", "digits")
 
@@ -80,6 +82,13 @@ class TrainConfig:
         "when a stage fails, restart from the last checkpoint up to K times", metavar="K"))
     eval_every_epoch: bool = field(default=True, metadata=_help(
         "evaluate test accuracy and loss after every epoch (else only at the end)"))
+    tensorboard: str | None = field(default=None, metadata=_help(
+        "write TensorBoard scalars (train loss, test accuracy, samples/s, idle per stage, "
+        "probes) to DIR; needs the tensorboard package", metavar="DIR", default_help="off"))
+    probe_every: int | None = field(default=None, metadata=_help(
+        "every N steps, measure the rule's gradients against the true ones, off the clock "
+        "(`brigade methods` lists the probed rules: dni/cdni cosine and norm error, petra "
+        "reconstruction error, staleness)", metavar="N", default_help="off"))
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     options: dict = field(default_factory=dict, metadata={
@@ -91,7 +100,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PipelineConfigError(f"--{name.replace('_', '-')} {value} must be >= 1")
-        for name in ("steps", "window", "checkpoint_every"):
+        for name in ("steps", "window", "checkpoint_every", "probe_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise PipelineConfigError(f"--{name.replace('_', '-')} {value} must be >= 1")
@@ -102,11 +111,18 @@ class TrainConfig:
                 "--resume, --max-restarts and --checkpoint-every need --checkpoint DIR")
         pipe, optim = self.pipeline, self.optim
         rule = get_method(pipe.method)  # PipelineConfig checked the method and schedule
+        if self.probe_every is not None and rule.probe is None:
+            from brigade.stages.probes import probed_methods
+
+            raise PipelineConfigError(
+                f"--probe-every measures {', '.join(probed_methods())}; method {rule.name!r} "
+                "has no approximate gradient to compare (or computes the true one itself): "
+                "drop --probe-every")
         self.rule_options = self._rule_options(rule)
-        if optim.lr is None:
-            optim.lr = rule.default_optimizer[1]  # None: the optimizer's own (fwdgrad)
         if optim.optimizer is None:
             optim.optimizer = rule.default_optimizer[0]
+        if optim.lr is None:  # by the optimizer chosen: Adam named with no --lr gets 1e-3
+            optim.lr = default_lr(rule, optim.optimizer)  # None: the optimizer's own (fwdgrad)
         if rule.optimizers is not None and optim.optimizer not in rule.optimizers:
             raise PipelineConfigError(
                 f"--optimizer {optim.optimizer} is not a {rule.optimizer_kind or rule.name} "
@@ -124,7 +140,9 @@ class TrainConfig:
                 "does not checkpoint; drop --checkpoint/--resume/--max-restarts, or run the "
                 "pipelined form (--stages 2 or more)")
         pipe.options = _non_default(self.rule_options)  # the rest are the rule's defaults
-        pipe.schedule_options = rule.schedule_options(self.rule_options)  # stale's k, ...
+        # the rule's schedule options (stale's k) on the config too, so that a resume's
+        # identity check (preflight) compares what the pipeline will run
+        pipe.schedule_options = rule.schedule_options(self.rule_options)
 
     def _rule_options(self, rule):
         """The rule's options object from ``options`` (flag keys) and the settings it takes
@@ -187,10 +205,14 @@ def _as_config_error(fn, *args, **kwargs):
 def validate(cfg: TrainConfig) -> TrainConfig:
     """The one place a job is checked before any side effect (cluster, bar, file): the
     config's own checks ran when it was built; what needs the outside world (the data
-    folder, the model's shape) is checked here, cheaply."""
+    folder, the model's shape, an installed tensorboard) is checked here, cheaply."""
     from brigade.stages.models import model_config
 
     model_config(cfg.model, **({} if cfg.width is None else {"width": cfg.width}))
+    if cfg.tensorboard:
+        from .tensorboard import check_available
+
+        check_available()
     return cfg
 
 
@@ -232,7 +254,7 @@ def _load(cfg: TrainConfig):
     return train, test
 
 
-def run_training(cfg: TrainConfig, progress=None, log=None) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, progress=None, log=None, announce=None) -> dict[str, Any]:
     """Train as ``cfg`` says; returns the report (the README lists the JSON fields).
 
     ``progress`` is an optional callable ``(done_steps, total_steps, info_dict)`` that the
@@ -241,6 +263,8 @@ def run_training(cfg: TrainConfig, progress=None, log=None) -> dict[str, Any]:
     ``cfg.checkpoint_every`` steps and at the end; ``cfg.resume`` continues from the latest
     checkpoint there; ``cfg.max_restarts`` restarts the pipeline from the last checkpoint
     when a stage fails (a killed process, an exception), up to that many times.
+    ``announce(partition)``, if given, gets the pipeline's cut (``Pipeline.partition``,
+    with the per-stage costs it was balanced by) before training starts.
     """
     validate(cfg)
     torch.manual_seed(cfg.seed)
@@ -256,6 +280,8 @@ def run_training(cfg: TrainConfig, progress=None, log=None) -> dict[str, Any]:
     restarts = 0
     while True:
         pipe = run.start_pipeline()
+        if announce is not None and not restarts:
+            announce(pipe.partition)
         try:
             with pipe:
                 run.train(pipe)
@@ -270,6 +296,7 @@ def run_training(cfg: TrainConfig, progress=None, log=None) -> dict[str, Any]:
     report["config"] = flat_dict(cfg)
     report["model_kwargs"] = model_kwargs
     report["restarts"] = run.restarts
+    run.close(report)
     return report
 
 
@@ -301,14 +328,29 @@ class _Run:
         self.last_saved: str | None = None
         self.restarts: list[dict] = []
         self.resume = cfg.resume
+        self.balance: list[int] | None = None  # the cut of the first pipeline (see start_pipeline)
+        from .tensorboard import open_writer
+
+        self.writer = open_writer(cfg.tensorboard, "") if is_rank0() else None
+        self.probes = None
+        if cfg.probe_every:
+            from .probes import Prober
+
+            self.probes = Prober(cfg.method, cfg.probe_every, self.writer,
+                                 functools.partial(build_model, cfg.model, **model_kwargs))
 
     def start_pipeline(self) -> Pipeline:
         """A fresh pipeline, restored from the latest checkpoint when resuming/restarting."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, **self.model_kwargs)
-        pipe = Pipeline(model, config=cfg.pipeline, optimizer=_optimizer_factory(cfg, self.total),
+        pipeline = cfg.pipeline
+        measured = None if cfg.balance else self._measured_balance()
+        if measured is not None:  # the job's first cut, not a new measurement
+            pipeline = dataclasses.replace(pipeline, balance=measured)
+        pipe = Pipeline(model, config=pipeline, optimizer=_optimizer_factory(cfg, self.total),
                         loss_fn=nn.CrossEntropyLoss(), sample=self.sample)
+        self.balance = list(pipe.balance)
         if cfg.checkpoint and (self.resume or self.restarts):
             try:
                 self._restore(pipe)
@@ -318,6 +360,22 @@ class _Run:
             if self.restarts:  # the step it went on from (0: no checkpoint yet), so a report
                 self.restarts[-1]["resumed_from"] = self.done  # tells the two apart
         return pipe
+
+    def _measured_balance(self) -> list[int] | None:
+        """A measured cut is kept for the whole job: a restart reuses the first pipeline's,
+        a resume the checkpoint's (a new profile on a busy machine may cut elsewhere, and
+        the checkpoint's weights fit only its own cut)."""
+        if self.balance is not None:
+            return self.balance
+        if self.cfg.checkpoint and self.resume:
+            from .checkpoint import read_manifest
+
+            path = latest_checkpoint(Path(self.cfg.checkpoint))
+            if path is not None:
+                saved = list(read_manifest(path)["identity"]["balance"])
+                if len(saved) == self.cfg.pipeline.num_model_stages:  # else: identity says
+                    return saved
+        return None
 
     def identity(self, pipe: Pipeline) -> dict[str, Any]:
         return {**pipe.identity(), "model": self.cfg.model, "model_kwargs": self.model_kwargs,
@@ -360,10 +418,21 @@ class _Run:
         window = window_steps(self.cfg, pipe)
         every = self.cfg.checkpoint_every
         while self.done < self.total:
-            chunk = self._next_batches(min(window, self.total - self.done))
+            n = min(window, self.total - self.done)
+            if self.probes is not None:  # a probed step ends its window: weights as they were
+                n = min(n, self.probes.steps_to_next(self.done))
+            chunk = self._next_batches(n)
             t0 = time.perf_counter()
             outs = pipe.run([(x, y) for _, x, y in chunk])
-            self.train_s += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            self.train_s += spent
+            if self.writer is not None:
+                self.writer.scalar("train_loss", outs[-1]["loss"], self.done + len(outs), self.train_s)
+                self.writer.scalar("samples_per_s", sum(len(y) for _, _, y in chunk) / spent,
+                                   self.done + len(outs), self.train_s)
+            if self.probes is not None and self.probes.due(self.done + len(outs)):
+                self.probes.probe(pipe, chunk[-1][1], chunk[-1][2], self.done + len(outs),
+                                  self.cfg.microbatches)
             for (epoch, _, _), out in zip(chunk, outs):
                 _check_finite(out["loss"], self.done, pipe)
                 self.epoch_losses.setdefault(epoch, []).append(out["loss"])
@@ -385,6 +454,9 @@ class _Run:
                **pipeline_evaluate(pipe, self.test)}
         self.epochs.append(rec)
         self.log(epoch_line(rec))
+        if self.writer is not None:
+            for key in ("test_accuracy", "test_loss"):
+                self.writer.scalar(key, rec[key], self.done, self.train_s)
         return rec
 
     def _next_batches(self, n: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -421,7 +493,34 @@ class _Run:
         }
         report.update(_timeline_figures(pipe))
         report["state_dict"] = pipe.state_dict()
+        report["partition"] = _partition_figures(pipe)
+        if self.probes is not None:
+            report["probes"] = self.probes.figures()
+            report["timeline"].meta["probes"] = {**report["probes"],
+                                                 "heatmap": self.probes.heatmap_lists()}
         return report
+
+    def close(self, report: dict[str, Any]) -> None:
+        """The run's last TensorBoard scalars (idle per stage), the probe picture, and close
+        (test accuracy went in at each evaluation)."""
+        if self.writer is None:
+            return
+        for row in report.get("stages", []):
+            self.writer.scalar(f"idle_fraction/stage{row['worker']}", row["idle_fraction"],
+                               self.done, self.train_s)
+        if self.probes is not None:
+            self.probes.write_figures(self.done)
+        self.writer.close()
+
+
+def _partition_figures(pipe: Pipeline) -> dict[str, Any] | None:
+    """The cut and what it was balanced by: per-stage cost of one microbatch under the
+    method (None where the balance was given or not measured)."""
+    part = getattr(pipe, "partition", None)
+    if part is None:
+        return None
+    return {"by": part.by, "method": part.method, "balance": list(part.balance),
+            "cost_s": [r.cost_s for r in part.rows]}
 
 
 def _train_forward_gradient(cfg, train, test, model_kwargs, progress, log) -> dict[str, Any]:

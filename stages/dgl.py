@@ -37,8 +37,9 @@ from . import handlers
 from .base import OptimizerFactory, StageBase
 from .errors import ConfigError
 from .heads import make_head
-from .rules import (Exposure, Message, MethodSpec, activation_size, batch_size, num_classes_of,
-                    register_method)
+from .method_cost import DGL_COST
+from .rules import (CostHooks, Exposure, Message, MethodSpec, activation_size, batch_size,
+                    num_classes_of, register_method)
 
 __all__ = ["DGLStage", "DGLOptions"]
 
@@ -185,6 +186,7 @@ register_method(MethodSpec(
     forward=(Message("activation h (detached)", "B·F", activation_size),
              Message("labels (driver -> every stage)", "B", batch_size)),
     backward=(), exposure=_exposure,
+    costs=CostHooks(balancer=DGL_COST),  # each stage but the last also trains its head
     summary="decoupled greedy learning: each stage trains on its own auxiliary head; "
             "nothing travels backward",
     reference="Belilovsky, Eickenberg, Oyallon, ICML 2020 (arXiv 1901.08164)"))

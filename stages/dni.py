@@ -75,7 +75,10 @@ from torch import nn
 from . import handlers
 from .base import StageBase
 from .errors import ConfigError, choose
-from .rules import Exposure, Message, MethodSpec, activation_size, batch_size, num_classes_of, register_method
+from .method_cost import DNI_COST
+from .probes import SYNTHETIC_GRADIENT_PROBE
+from .rules import (CostHooks, Exposure, Message, MethodSpec, activation_size, batch_size,
+                    num_classes_of, register_method)
 from .stage import OptimizerFactory, StageSpec
 from .synthetic import make_synthesizer, param_groups
 
@@ -151,6 +154,10 @@ class DNIStage(StageBase):
         self._kept: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._sg_losses: list[float] = []
         self.updates = 0  # optimizer steps taken (update_prob < 1 skips some)
+        # Weight versions between a microbatch's forward (its own step included) and the
+        # arrival of its SG target (the probes' staleness; the dni schedule's lag).
+        self._version: dict[int, int] = {}
+        self.target_staleness = {"sum": 0, "count": 0, "max": 0}
 
     # -- the synthetic-gradient module ------------------------------------------------
     def _build_sg(self, shape: tuple[int, ...]) -> None:
@@ -236,6 +243,8 @@ class DNIStage(StageBase):
                 self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes())
         dx = inp.grad if need_dx else None
         self._maybe_step()
+        if not self.spec.is_last:
+            self._version[mb] = self.updates
         return result, dx
 
     def _maybe_step(self) -> None:
@@ -260,6 +269,9 @@ class DNIStage(StageBase):
                 f"stage {self.spec.index}: train_sg({mb}) before forward({mb}) "
                 f"(kept microbatches: {sorted(self._kept)})"
             ) from None
+        lag = self.updates - self._version.pop(mb, self.updates)
+        st = self.target_staleness
+        st["sum"], st["count"], st["max"] = st["sum"] + lag, st["count"] + 1, max(st["max"], lag)
         target_grad = target_grad.to(self.device).detach()
         if target_grad.shape != h.shape:
             raise ConfigError(
@@ -297,11 +309,13 @@ class DNIStage(StageBase):
     def state_dict_extra(self) -> dict[str, Any]:
         """The SG module and its optimizer (None before the first forward / on the last stage)."""
         if self.sg is None:
-            return {"sg_shape": None, "sg": None, "sg_optimizer": None}
+            return {"sg_shape": None, "sg": None, "sg_optimizer": None,
+                    "staleness": dict(self.target_staleness)}
         return {
             "sg_shape": self._sg_shape,
             "sg": self.sg.state_dict(),
             "sg_optimizer": self.sg_optimizer.state_dict(),
+            "staleness": dict(self.target_staleness),
         }
 
     def load_state_dict_extra(self, state: dict[str, Any]) -> None:
@@ -446,6 +460,8 @@ def _per_microbatch(options: Any, microbatches: int) -> float:
 _COMMON = dict(stage_class=DNIStage, schedules=("dni",), handlers=_HANDLERS, options=DNIOptions,
                default_optimizer=("sgd", 0.05), backward=(_DX,),
                updates_per_step=_per_microbatch,
+               costs=CostHooks(balancer=DNI_COST),  # its synthesizer's work lands before a cut
+               probe=SYNTHETIC_GRADIENT_PROBE,  # the synthesizer against the true dL/dh
                reference="Jaderberg et al. 2016 (arXiv 1608.05343)")
 register_method(MethodSpec(
     name="dni", order=20, forward=(_H,), exposure=_dni_exposure, prepare=_prepare(False),

@@ -67,7 +67,8 @@ from .fg_directions import DISTRIBUTIONS, directions
 from .fg_estimator import _check, _frozen_stats, _has_running_stats, _unit_counts, jvp_forward
 from .fg_trainer import auto_projections
 from .heads import make_head, param_blocks
-from .rules import Exposure, Message, MethodSpec, activation_size, register_method
+from .method_cost import FWDGRAD_COST
+from .rules import CostHooks, Exposure, Message, MethodSpec, activation_size, register_method
 from .stage import OptimizerFactory, StageSpec
 
 __all__ = ["ForwardGradientStage", "ForwardGradientOptions", "stage_options", "PIPELINE_OPTIONS"]
@@ -600,7 +601,7 @@ register_method(MethodSpec(
     optimizer_factory=_optimizer_factory, check_training=_check_training,
     forward=(Message("(h, tangent rows)", "(1+r)·B·F", _tangent_size),),
     backward=(Message("d = ∇L·v, last stage -> every stage", "R", _d_size),),
-    exposure=_exposure, config_fields=("seed",),
+    exposure=_exposure, config_fields=("seed",), costs=CostHooks(balancer=FWDGRAD_COST),
     single_process="forward-gradient estimator",
     no_autocast="its forward is a torch.func.jvp",
     summary="forward gradients: tangents ride forward, only d = ∇L·v comes back",

@@ -8,7 +8,10 @@ A *balance* is a list of block counts, one per stage, summing to the number of b
 - ``balance_by_params``: minimise the largest per-stage parameter count;
 - ``balance_by_time``: profile each block's forward+backward on a sample batch and minimise
   the slowest stage, the exact contiguous min-max partition (``min_max_partition``), as
-  torchgpipe's ``balance_by_time`` does.
+  torchgpipe's ``balance_by_time`` does;
+- ``by="method"``: time each block (and each cut's boundary work) on one microbatch under
+  the learning rule that will run it (``brigade.stages.method_cost``) and minimise the
+  slowest stage's cost; the rows then carry that per-stage cost (``cost_s``).
 
 ``partition(model, stages, by=...)`` returns a ``Partition``: the balance, the stage modules,
 and one row per stage (blocks, parameters, forward/backward seconds, output shape and bytes)
@@ -24,6 +27,7 @@ import statistics
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +51,7 @@ __all__ = [
     "BALANCERS",
 ]
 
-BALANCERS = ("uniform", "params", "time")
+BALANCERS = ("uniform", "params", "time", "method")
 
 
 def check_balance(n_blocks: int, balance: list[int]) -> list[int]:
@@ -271,6 +275,7 @@ class StageRow:
     out_bytes: int | None = None
     input_s: float | None = None  # the split backward's I and W (zero-bubble schedules)
     weight_s: float | None = None
+    cost_s: float | None = None  # one microbatch under the method (by="method")
 
     @property
     def blocks(self) -> int:
@@ -301,6 +306,7 @@ class Partition:
     rows: list[StageRow]
     by: str = "balance"
     profile: list[BlockProfile] | None = field(default=None, repr=False)
+    method: str | None = None  # the rule whose costs the rows' cost_s are
 
     def __post_init__(self) -> None:
         if not (len(self.balance) == len(self.modules) == len(self.rows)):
@@ -348,18 +354,19 @@ class Partition:
         from rich.table import Table
 
         table = Table(title=f"stages (balance {self.balance}, by {self.by})")
-        for col in ("stage", "blocks", "params", "fwd ms", "bwd ms", "output shape", "output bytes"):
+        costs = any(r.cost_s is not None for r in self.rows)
+        if costs:
+            table.title = f"stages (balance {self.balance}, by {self.by}, {self.method} costs)"
+        cols = ["stage", "blocks", "params", "fwd ms", "bwd ms"]
+        cols += [f"{self.method} ms/mb"] if costs else []
+        for col in cols + ["output shape", "output bytes"]:
             table.add_column(col, justify="left" if col == "output shape" else "right")
         for r in self.rows:
-            table.add_row(
-                str(r.stage),
-                f"{r.start}-{r.stop - 1}" if r.blocks > 1 else str(r.start),
-                f"{r.params:,}",
-                _fmt_ms(r.forward_s),
-                _fmt_ms(r.backward_s),
-                "-" if r.out_shape is None else "x".join(map(str, r.out_shape)),
-                _fmt_bytes(r.out_bytes),
-            )
+            cells = [str(r.stage), f"{r.start}-{r.stop - 1}" if r.blocks > 1 else str(r.start),
+                     f"{r.params:,}", _fmt_ms(r.forward_s), _fmt_ms(r.backward_s)]
+            cells += [_fmt_ms(r.cost_s)] if costs else []
+            table.add_row(*cells, "-" if r.out_shape is None else "x".join(map(str, r.out_shape)),
+                          _fmt_bytes(r.out_bytes))
         return table
 
 
@@ -401,10 +408,16 @@ def partition(
     sample: Tensor | None = None,
     device: str | torch.device = "cpu",
     repeats: int = 3,
+    method: Any = "backprop",
+    method_options: dict | None = None,
+    microbatches: int = 1,
 ) -> Partition:
     """Cut ``model`` into stages: ``stages`` is a count (balanced ``by`` uniform | params |
-    time) or an explicit balance list. With a ``sample`` batch every block is profiled so
-    the rows carry times and output sizes; ``by="time"`` needs one.
+    time | method) or an explicit balance list. With a ``sample`` batch every block is
+    profiled so the rows carry times and output sizes; ``by="time"`` and ``by="method"``
+    need one. ``by="method"`` times one microbatch (``sample`` split ``microbatches``
+    ways) under ``method`` (a rule's name or ``MethodSpec``) with its stage class's
+    keywords ``method_options`` (``brigade.stages.method_cost``).
     """
     if isinstance(stages, (list, tuple)):
         balance, by = check_balance(len(model), list(stages)), "balance"
@@ -412,13 +425,27 @@ def partition(
         by = choose("balancer", by, BALANCERS)
         _check_stages(len(model), stages)
         balance = None
-    if by == "time" and sample is None:
-        raise ConfigError("balancing by time needs a sample batch to profile; pass sample=, or use by='uniform' or 'params'")
+    if by in ("time", "method") and sample is None:
+        raise ConfigError(f"balancing by {by} needs a sample batch to profile; pass sample=, or use by='uniform' or 'params'")
     profile = profile_blocks(model, sample, device, repeats) if sample is not None else None
+    costs = None
+    if by == "method":
+        from .method_cost import balance_by_cost, method_costs
+
+        mb = sample[: max(1, sample.shape[0] // max(1, microbatches))].to(device)
+        costs = method_costs(method, model, mb, method_options, repeats=repeats)
     if by == "uniform":
         balance = balance_uniform(len(model), stages)
     elif by == "params":
         balance = balance_by_params(model, stages)
     elif by == "time":
         balance = min_max_partition([p.forward_s + p.backward_s for p in profile], stages)
-    return Partition.from_profile(model, balance, profile, by)
+    elif by == "method":
+        balance = balance_by_cost(costs, stages)
+    part = Partition.from_profile(model, balance, profile, by)
+    if costs is not None:
+        from .method_cost import stage_costs
+
+        part.rows = [replace(r, cost_s=c) for r, c in zip(part.rows, stage_costs(costs, balance))]
+        part.method = costs.method
+    return part

@@ -50,7 +50,9 @@ from torch import nn
 
 from . import handlers
 from .dni import tensor_bytes
-from .rules import Message, MethodSpec, activation_size, register_method
+from .method_cost import PETRA_COST
+from .probes import RECONSTRUCTION_PROBE
+from .rules import CostHooks, Message, MethodSpec, activation_size, register_method
 from .errors import ConfigError
 from .revnet import frozen_bn_stats, is_reversible
 from .base import StageBase
@@ -71,9 +73,15 @@ class PetraStage(StageBase):
         device: torch.device | str = "cpu",
         *,
         accumulate: int = 1,
+        probe_every: int | None = None,
+        microbatches: int | None = None,
     ) -> None:
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ConfigError(f"accumulate must be a positive integer; got {accumulate!r}")
+        if (probe_every is None) != (microbatches is None) or (
+                probe_every is not None and (probe_every < 1 or microbatches < 1)):
+            raise ConfigError(f"probe_every ({probe_every!r}) and microbatches ({microbatches!r}) "
+                              "go together, both positive integers (or neither)")
         self._setup(module, spec, optimizer_factory, loss_fn, device)
         self.accumulate = accumulate
         self.blocks: list[nn.Module] = list(module.children()) if isinstance(module, nn.Sequential) else [module]
@@ -87,6 +95,12 @@ class PetraStage(StageBase):
         self._pending = 0  # reverses accumulated since the last optimizer step
         self.steps = 0  # optimizer steps taken
         self.max_buffered = 0
+        # Probes (brigade.stages.probes): the first microbatch of every probe_every-th step
+        # keeps its reversible blocks' true inputs and the weight version at its forward.
+        self.probe_every, self.microbatches = probe_every, microbatches
+        self._forwards = 0
+        self._probed: dict[int, tuple[int, int, dict[int, torch.Tensor]]] = {}
+        self.probe_records: list[dict] = []
 
     @property
     def all_reversible(self) -> bool:
@@ -107,11 +121,17 @@ class PetraStage(StageBase):
         Returns the detached output, or on the last stage the scaled loss (0-d tensor).
         """
         h = x.to(self.device)
+        keep = self._probe_this()
         for i, block in enumerate(self.blocks):
             if not self.reversible[i]:
                 self._inputs[i][mb] = h
                 self.max_buffered = max(self.max_buffered, len(self._inputs[i]))
+            elif keep is not None:
+                keep[i] = h.clone()
             h = block(h)
+        if keep is not None:
+            self._probed[mb] = (self._forwards // self.microbatches, self.steps, keep)
+        self._forwards += 1
         if self.spec.is_last:
             if target is None:
                 raise ConfigError(f"stage {self.spec.index}: last stage forward needs a target")
@@ -165,6 +185,8 @@ class PetraStage(StageBase):
                         f"output y for reverse({mb}); got None"
                     )
                 y, dy = block.reverse_backward(y, dy)
+                if mb in self._probed and i in self._probed[mb][2]:
+                    self._record_probe(mb, i, y)
                 continue
             try:
                 x_b = self._inputs[i].pop(mb)
@@ -179,12 +201,36 @@ class PetraStage(StageBase):
                 else:
                     torch.autograd.backward(out, dy)
             y, dy = x_b, inp.grad if inp.requires_grad else None
+        self._probed.pop(mb, None)
         self._pending += 1
         if self._pending >= self.accumulate:
             self._step()
         if self.spec.is_first:
             return None, None
         return y.detach(), (None if dy is None else dy.detach())
+
+    def _probe_this(self) -> dict[int, torch.Tensor] | None:
+        """A dict to keep true inputs in when this forward is a probed one, else None:
+        the first microbatch of every ``probe_every``-th step (steps counted from 1)."""
+        if self.probe_every is None or not any(self.reversible):
+            return None
+        step, j = divmod(self._forwards, self.microbatches)
+        return {} if j == 0 and (step + 1) % self.probe_every == 0 else None
+
+    def _record_probe(self, mb: int, i: int, rebuilt: torch.Tensor) -> None:
+        """Relative error of block ``i``'s rebuilt input, and the versions since the forward."""
+        step, version, kept = self._probed[mb]
+        true = kept.pop(i)
+        err = float((rebuilt.double() - true.double()).norm() / true.double().norm().clamp_min(1e-30))
+        self.probe_records.append({"step": step + 1, "block": i, "recon_rel_error": err,
+                                   "staleness": self.steps - version})
+
+    def state_dict_extra(self) -> dict:
+        """The probe records (nothing else of PETRA's state outlives a run)."""
+        return {"probes": list(self.probe_records)}
+
+    def load_state_dict_extra(self, state: dict) -> None:
+        self.probe_records = list(state.get("probes", []))
 
     def _step(self) -> None:
         if self.optimizer is not None:
@@ -224,21 +270,31 @@ class PetraStage(StageBase):
 # -- the declaration of petra (brigade.stages.rules) -------------------------------------------
 @dataclass(frozen=True)
 class PetraOptions:
-    """petra's option: microbatches of gradient per update (its schedule's)."""
+    """petra's options: microbatches of gradient per update (its schedule's); the probes'
+    period (``--probe-every``, taken from the job: the stages measure themselves)."""
 
     accumulate: int | None = field(default=None, metadata={
         "flag": "--accumulate", "schedule": True, "default_help": "--microbatches",
         "help": "microbatches per update"})
+    probe_every: int | None = field(default=None, metadata={
+        "help": "record the reversible blocks' reconstruction error for the first "
+                "microbatch of every N-th step (brigade.stages.probes)"})
 
     def __post_init__(self) -> None:
         a = self.accumulate
         if a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1):
             raise ConfigError(f"petra accumulate={a!r} must be a positive integer")
+        p = self.probe_every
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise ConfigError(f"petra probe_every={p!r} must be a positive integer (--probe-every 50)")
 
 
 def _prepare(options: PetraOptions, model: Any, schedule: Any) -> dict[str, Any]:
-    """The stages step when the schedule's U does: every ``accumulate`` reverses."""
-    return {"accumulate": schedule.accumulate}
+    """The stages step when the schedule's U does: every ``accumulate`` reverses; a probed
+    run counts steps in microbatches (the stage sees only those)."""
+    probed = options.probe_every is not None
+    return {"accumulate": schedule.accumulate, "probe_every": options.probe_every,
+            "microbatches": schedule.microbatches if probed else None}
 
 
 def _updates(options: PetraOptions, microbatches: int) -> float:
@@ -271,7 +327,8 @@ register_method(MethodSpec(
     handlers={"F": handlers.forward, "R": handlers.Handler(_run_r, _needs_r, frees=True),
               "U": handlers.update},
     options=PetraOptions, prepare=_prepare, default_optimizer=("momentum", 0.05),
-    updates_per_step=_updates,
+    updates_per_step=_updates, costs=CostHooks(balancer=PETRA_COST),
+    probe=RECONSTRUCTION_PROBE, config_fields=("probe_every",),
     no_autocast="its backward rebuilds inputs by inverting blocks, which bf16 does not undo",
     forward=(Message("activation h", "B·F", activation_size),),
     backward=(Message("(rebuilt h, dL/dh)", "2·B·F", _pair_size),),

@@ -70,12 +70,14 @@ class Exposure:
 @dataclass(frozen=True)
 class CostHooks:
     """Method-aware costs. ``simulator(costs, options) -> costs`` adjusts the per-kind costs
-    the simulator charges (e.g. an F that also runs a local backward); ``balancer(block_costs,
-    options) -> block_costs`` adjusts the per-block costs the balancer cuts by. None: the
-    plain costs."""
+    the simulator charges (e.g. an F that also runs a local backward). ``balancer`` is a
+    ``brigade.stages.method_cost.CostHook``: how ``--balance-by method`` times one block
+    and one cut's boundary work under the rule (dni: its synthesizer at the cut; dgl: its
+    auxiliary head); a rule that has one is balanced by it by default. None: the plain
+    costs (the balancer then times the rule as backprop)."""
 
     simulator: Callable[[Any, Any], Any] | None = None
-    balancer: Callable[[list[float], Any], list[float]] | None = None
+    balancer: Any = None  # a method_cost.CostHook
 
 
 def activation_size(shape: tuple[int, ...], options: Any = None) -> int:
@@ -146,6 +148,8 @@ class MethodSpec:
     - ``no_autocast``: non-empty where the rule's forward is not an autocast region (why;
       ``--autocast`` is then refused).
     - ``costs``: hooks for the simulator and the balancer.
+    - ``probe``: a ``brigade.stages.probes.ProbeHook``: how ``--probe-every`` measures the
+      rule's gradients against the true ones (None: the rule is not probed).
     - ``summary``, ``reference``, ``order``: what ``brigade methods`` prints, and where.
     """
 
@@ -169,6 +173,7 @@ class MethodSpec:
     no_autocast: str = ""
     single_process: str = ""
     costs: CostHooks = CostHooks()
+    probe: Any = None  # a probes.ProbeHook
     summary: str = ""
     reference: str = ""
     order: int = 1000  # where listings put it (the built-ins take 0-99)

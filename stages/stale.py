@@ -29,7 +29,9 @@ import torch
 
 from . import handlers
 from .errors import ConfigError
-from .rules import Message, MethodSpec, activation_size, register_method
+from .method_cost import BACKPROP_COST
+from .probes import SCHEDULE_STALENESS_PROBE
+from .rules import CostHooks, Message, MethodSpec, activation_size, register_method
 from .stage import Stage
 
 __all__ = ["StaleStage", "StaleOptions"]
@@ -155,6 +157,8 @@ register_method(MethodSpec(
     name="stale", order=10, stage_class=StaleStage, schedules=("stale",),
     handlers=handlers.BACKPROP_HANDLERS, options=StaleOptions,
     default_optimizer=("momentum", 0.05),
+    costs=CostHooks(balancer=BACKPROP_COST),  # timed as backprop, balanced by it by default
+    probe=SCHEDULE_STALENESS_PROBE,
     forward=(Message("activation h", "B·F", activation_size),),
     backward=(Message("gradient dL/dh, on every k-th step only", "B·F", activation_size),),
     summary="backprop every k-th step; the steps between reuse that gradient",

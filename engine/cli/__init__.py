@@ -20,6 +20,7 @@ COMMANDS = [
     "brigade.engine.cli.models_cmd",
     "brigade.engine.cli.methods_cmd",
     "brigade.engine.cli.train_cmd",
+    "brigade.engine.cli.race_cmd",
     "brigade.engine.cli.schedule_cmd",
     "brigade.engine.cli.report_cmd",
     "brigade.engine.cli.fwdgrad_cmd",

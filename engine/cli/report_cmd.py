@@ -93,6 +93,13 @@ def run(args: argparse.Namespace) -> int:
         plot = args.plot or str(Path(args.trace).with_suffix(".png"))
         plot_gantt({"measured": measured, "simulated": simulated}, plot)
         console.print(f"Gantt picture: {plot}")
+    probes = meta.get("probes")
+    if probes:
+        _print_probes(probes, console)
+        if not args.no_plot:
+            path = str(Path(args.plot or args.trace).with_suffix("")) + ".probes.png"
+            _plot_probes(probes, path)
+            console.print(f"probe picture: {path}")
     if args.chrome_trace:
         write_chrome_trace({"measured": measured, "simulated": simulated}, args.chrome_trace)
         console.print(f"Chrome trace (measured and simulated): {args.chrome_trace}")
@@ -100,5 +107,36 @@ def run(args: argparse.Namespace) -> int:
         output.write_json(args.json, {
             "measured": measured.summary(), "simulated": simulated.summary(),
             "throughput_ratio": ratio, "costs": costs.to_dict(),
+            **({"probes": {k: v for k, v in probes.items() if k != "heatmap"}} if probes else {}),
         })
     return 0
+
+
+def _print_probes(probes: dict, console: Console) -> None:
+    """Per stage, the means of what ``--probe-every`` measured."""
+    from rich.table import Table
+
+    rows = probes.get("mean_per_stage", {})
+    keys = sorted({k for row in rows.values() for k in row})
+    table = Table(title=f"gradient-quality probes ({probes['method']}, every {probes['every']} "
+                        f"steps; means over {len(probes['records'])} records)")
+    table.add_column("stage", justify="right")
+    for k in keys:
+        table.add_column(k.replace("_", " "), justify="right")
+    for s, row in sorted(rows.items(), key=lambda kv: int(kv[0])):
+        table.add_row(s, *(f"{row[k]:.4g}" if k in row else "-" for k in keys))
+    console.print(table)
+
+
+def _plot_probes(probes: dict, path: str) -> None:
+    import torch
+
+    from brigade.stages.probes import plot_probes
+
+    heat = probes.get("heatmap")
+    if heat is not None:
+        heat = {**heat, "synthetic": torch.tensor(heat["synthetic"]),
+                "true": torch.tensor(heat["true"])}
+    import matplotlib.pyplot as plt
+
+    plt.close(plot_probes(probes, heat, path))

@@ -96,8 +96,13 @@ def run_here(args: argparse.Namespace, cfg=None) -> int:
         print(f"brigade train: warning: {line}", file=sys.stderr)
     console = Console(stderr=True)
     log = console.print if is_rank0() else None
+
+    def announce(part) -> None:  # the cut and the per-stage cost it balanced, before training
+        if is_rank0() and part is not None:
+            console.print(part.table())
+
     with output.progress_bar(console, "training", disable=args.quiet) as update:
-        report = run_training(cfg, progress=update, log=log)
+        report = run_training(cfg, progress=update, log=log, announce=announce)
     if not is_rank0():
         return 0
     print_report(report, Console())

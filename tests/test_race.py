@@ -1,0 +1,94 @@
+"""``brigade race``: the same setting for every method, a charged clock, curves, best rates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from brigade.engine.cli import main
+from brigade.engine.errors import PipelineConfigError
+from brigade.engine.race import RaceConfig, best_lane, run_race, time_to_target
+
+SMALL = ["--model", "mlp", "--width", "16", "--data", "synthetic", "--batch-size", "16",
+         "--microbatches", "2", "--quiet", "--eval-size", "64"]
+
+
+def test_time_to_target_and_best_lane():
+    curve = [[0.0, 0.1], [1.0, 0.5], [2.0, 0.9], [3.0, 0.95]]
+    assert time_to_target(curve, 0.9) == 2.0
+    assert time_to_target(curve, 0.99) is None and time_to_target(curve, None) is None
+    lanes = [{"lr": 0.1, "time_to_target_s": None, "final_test_accuracy": 0.99},
+             {"lr": 0.03, "time_to_target_s": 5.0, "final_test_accuracy": 0.9},
+             {"lr": 0.01, "time_to_target_s": 3.0, "final_test_accuracy": 0.8}]
+    assert best_lane(lanes)["lr"] == 0.01  # soonest to the target wins
+    assert best_lane([dict(lanes[0]), {**lanes[1], "time_to_target_s": None}])["lr"] == 0.1
+
+
+def test_race_charges_training_only_and_writes_json_plot_and_tensorboard(tmp_path, capsys):
+    out, png, tb = tmp_path / "race.json", tmp_path / "race.png", tmp_path / "tb"
+    assert main(["race", *SMALL, "--methods", "backprop,dni", "--budget-s", "1.5",
+                 "--eval-every-s", "0.5", "--target", "0.2", "--lrs", "0.03,0.1",
+                 "--json", str(out), "--plot", str(png), "--tensorboard", str(tb)]) == 0
+    printed = capsys.readouterr().out
+    assert "race: mlp on synthetic" in printed and "every rate of the grid" in printed
+    result = json.loads(out.read_text())
+    assert set(result["methods"]) == {"backprop", "dni"} and len(result["lanes"]) == 4
+    for lane in result["lanes"]:
+        curve = lane["curve"]
+        assert curve[0][0] == 0.0 and len(curve) >= 2
+        assert all(b[0] >= a[0] for a, b in zip(curve, curve[1:]))  # seconds grow
+        # the budget is training time: the last window may overrun it, by about a step
+        assert 1.5 <= lane["train_s"] < 1.5 + 5.0
+        assert lane["samples_per_s"] > 0 and lane["lr"] in (0.03, 0.1)
+        assert 0.0 <= lane["final_test_accuracy"] <= 1.0
+        assert len(lane["idle_fraction"]) == 2 and len(lane["updates"]) == 2
+        ttt = lane["time_to_target_s"]
+        assert ttt is None or ttt in [p[0] for p in curve]
+    # backprop steps once per batch on each stage; dni once per microbatch (m = 2)
+    bp = next(r for r in result["lanes"] if r["method"] == "backprop")
+    dni = next(r for r in result["lanes"] if r["method"] == "dni")
+    assert bp["updates"] == [bp["steps"]] * 2 and dni["updates"] == [2 * dni["steps"]] * 2
+    for name, best in result["methods"].items():
+        assert best == best_lane([r for r in result["lanes"] if r["method"] == name])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = sorted(p.name for p in tb.iterdir())
+    assert runs == ["backprop-lr0.03", "backprop-lr0.1", "dni-lr0.03", "dni-lr0.1"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb / "dni-lr0.1"))
+    acc.Reload()
+    assert {"train_loss", "test_accuracy", "samples_per_s"} <= set(acc.Tags()["scalars"])
+
+
+def test_epoch_race_evaluates_once_per_epoch():
+    rc = RaceConfig(methods=["backprop"], width=8, batch_size=64, microbatches=2, epochs=2,
+                    synthetic_size=256, eval_size=32)
+    result = run_race(rc)
+    lane = result["methods"]["backprop"]
+    assert lane["steps"] == 2 * (256 // 64)
+    assert len(lane["curve"]) == 3  # before training and after each epoch
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "backprop,nope", "--budget-s", "1"], "unknown method 'nope'"),
+    (["--methods", "dni,dni", "--budget-s", "1"], "names a method twice"),
+    (["--budget-s", "1", "--epochs", "2"], "exactly one of --budget-s"),
+    ([], "exactly one of --budget-s"),
+    (["--budget-s", "-3"], "--budget-s -3.0 must be a positive"),
+    (["--budget-s", "1", "--target", "95"], "--target 95.0 must be an accuracy"),
+    (["--budget-s", "1", "--lrs", "0.1,-1"], "must be positive rates"),
+    (["--budget-s", "1", "--lrs", "a"], "comma-separated numbers"),
+    (["--budget-s", "1", "--plot", "x.jpg"], "must end in .png or .svg"),
+    (["--budget-s", "1", "--eval-every-s", "0.001"], "--eval-every-s 0.001"),
+])
+def test_bad_race_arguments_exit_2_before_anything_runs(args, message, capsys, tmp_path):
+    assert main(["race", *SMALL, "--json", str(tmp_path / "x.json"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_race_config_checks_each_lane_train_config():
+    with pytest.raises(PipelineConfigError, match="--optimizer|unknown optimizer"):
+        RaceConfig(methods=["backprop"], budget_s=1, optimizer="nope")
