@@ -163,11 +163,19 @@ def start_actors(
     """One Ray actor of ``cls`` per argument tuple; actor i in bundle i of ``placement_group``.
 
     Actors never restart (a dead worker is an error the caller reports, not a silent
-    replacement with lost state).
+    replacement with lost state). ``env`` goes in each actor's ``runtime_env`` only where
+    the cluster's workers lack it: the private cluster :func:`~brigade.engine.ray_cluster.ensure_ray`
+    starts hands its workers the stage environment, and an actor without a ``runtime_env``
+    of its own can take one of the pre-started worker processes instead of waiting for a
+    fresh one.
     """
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from .ray_cluster import workers_inherit
+
+    if env and workers_inherit(env):
+        env = None
     remote_cls = ray.remote(cls)
     handles = []
     for i, a in enumerate(args):

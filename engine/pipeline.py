@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from collections import deque
 from typing import Any, Callable
 
@@ -26,6 +27,7 @@ from .config import PipelineConfig
 from .flags import accepts
 from .errors import PipelineConfigError, PipelineError
 from .microbatch import loss_weights, split_batch
+from .phases import PhaseLog
 from .spec import WorkerSpec
 
 __all__ = ["Pipeline", "MAX_EVENTS"]
@@ -97,13 +99,15 @@ class Pipeline:
         *,
         config: PipelineConfig | None = None,
         sample: torch.Tensor | None = None,
+        phases: PhaseLog | None = None,
         **keys: Any,
     ) -> None:
         """``config``: the whole configuration as one object; without it, the keywords
         build one (``balance_by``, ``autocast``, the cluster's ``address``,
         ``cpus_per_stage``, ``gpus_per_stage``, ``placement``, ``placement_timeout_s``,
         ``transport``, ``timeout_s``, ``schedule_options``; any other keyword is an option
-        of the method's stage class, e.g. ``sg_lr``)."""
+        of the method's stage class, e.g. ``sg_lr``). ``phases`` hears the timed start-up
+        phases (Ray cluster, blocks profiled, stages placed)."""
         self.config = _config(config, keys, stages=stages, schedule=schedule, method=method,
                               microbatches=microbatches, virtual=virtual, backend=backend)
         if not isinstance(model, nn.Sequential):
@@ -111,6 +115,7 @@ class Pipeline:
                 f"model must be an nn.Sequential of blocks (got {type(model).__name__}); "
                 "wrap your layers in nn.Sequential so contiguous cuts are stages"
             )
+        self.phases = phases if phases is not None else PhaseLog()
         self.rule = get_method(self.config.method)  # the rule's declaration
         self.rule_options = self._rule_options(self.config.options, self.config.schedule_options)
         self.config.schedule_options = {**self.rule.schedule_options(self.rule_options),
@@ -139,6 +144,7 @@ class Pipeline:
         self._timeline_steps = 0  # steps the recorded events cover (reset_timeline clears)
         self._peak_bytes: dict[int, int] = {}
         self._owns_ray = False
+        self.started_ray = False  # whether this pipeline started the Ray cluster it runs on
         self._backend = self._start(model, optimizer, loss_fn or nn.CrossEntropyLoss())
         self.worker_pids: list[int] = list(self._backend.pids)  # one process id per worker
 
@@ -160,14 +166,24 @@ class Pipeline:
             self.partition = Partition.from_profile(model, balance, None)
             return balance
         by = self.config.balancer(sampled=sample is not None)
-        self.partition = partition(model, n, by=by, sample=sample, method=self.rule,
-                                   method_options=self._stage_options,
+        measured = by in ("time", "method")
+        t0 = time.perf_counter()
+        # Only the measured balancers need the blocks profiled: uniform and params would
+        # throw that work away (1.7 s of the MLP main job's start-up, measured)
+        self.partition = partition(model, n, by=by, sample=sample if measured else None,
+                                   method=self.rule, method_options=self._stage_options,
                                    microbatches=self.config.microbatches)
         balance = self.partition.balance
         if self.config.backend == "torchrun":  # measured balances differ between ranks
             from .torchrun_backend import broadcast_object
 
             balance = broadcast_object(balance)
+        if measured:
+            costs = f"{self.partition.method} costs" if by == "method" else "block times"
+            self.phases.record("profiled", time.perf_counter() - t0,
+                               f"profiled {len(model)} blocks on a batch of {len(sample)} "
+                               f"(balance by {by}, {costs}): balance {list(balance)}",
+                               balance=list(balance), by=by)
         return balance
 
     @property
@@ -210,23 +226,70 @@ class Pipeline:
 
     def _start(self, model, optimizer, loss_fn):
         specs = self._specs(model, optimizer, loss_fn)
+        t0 = time.perf_counter()
         if self.config.backend == "local":
             from .local_backend import LocalBackend
 
-            return LocalBackend(specs)
+            backend = LocalBackend(specs)
+            self.phases.record("placed", time.perf_counter() - t0,
+                               f"built {self._layout()} in this process (local backend)",
+                               balance=list(self.balance))
+            return backend
         if self.config.backend == "torchrun":
             from .torchrun_backend import TorchrunBackend
 
-            return TorchrunBackend(specs, self.config.cluster)
+            backend = TorchrunBackend(specs, self.config.cluster)
+            self.phases.record("placed", time.perf_counter() - t0,
+                               f"joined {len(specs)} torchrun ranks: {self._layout()}",
+                               balance=list(self.balance))
+            return backend
         from .ray_backend import RayBackend
-        from .ray_cluster import ensure_ray
 
-        self._owns_ray = ensure_ray(self.config.cluster.address)
+        self._start_ray()
+        t0 = time.perf_counter()
         try:
-            return RayBackend(specs, self.config.cluster)
+            backend = RayBackend(specs, self.config.cluster)
         except BaseException:
             self._release_ray()
             raise
+        nodes = len(set(backend.node_ips))
+        self.phases.record(
+            "placed", time.perf_counter() - t0,
+            f"placed {len(specs)} stage actors ({backend.cpus:g} CPU, {backend.gpus:g} GPU "
+            f"each, {self.config.cluster.placement}) on {nodes} node(s): {self._layout()}; "
+            f"transport {backend.transport}",
+            balance=list(self.balance), nodes=nodes, cpus_per_stage=backend.cpus,
+            gpus_per_stage=backend.gpus, transport=backend.transport)
+        return backend
+
+    def _start_ray(self) -> None:
+        """Join or start the Ray cluster, and say which (with its resources)."""
+        import ray
+
+        from .ray_cluster import cluster_summary, ensure_ray, private_cluster
+
+        t0 = time.perf_counter()
+        self._owns_ray = ensure_ray(self.config.cluster.address)
+        res = cluster_summary()
+        self.started_ray = self._owns_ray and private_cluster()
+        if self.started_ray:
+            how = "started a local Ray cluster"
+        elif self._owns_ray:
+            how = f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}"
+        else:
+            how = "using the Ray session already running in this process"
+        self.phases.record(
+            "ray", time.perf_counter() - t0,
+            f"{how}: {res['cpus']:g} CPU, {res['gpus']:g} GPU on {res['nodes']:g} node(s)",
+            started=self.started_ray, **res)
+
+    def _layout(self) -> str:
+        """``2 stages, blocks [1, 2]``; with virtual stages, how many per worker."""
+        workers = self.config.num_workers
+        if self.config.virtual == 1:
+            return f"{workers} stage{'s' if workers > 1 else ''}, blocks {list(self.balance)}"
+        return (f"{len(self.balance)} stages on {workers} workers (virtual "
+                f"{self.config.virtual}), blocks {list(self.balance)}")
 
     # -- training and evaluation ------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

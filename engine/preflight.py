@@ -20,7 +20,8 @@ from typing import Any
 
 from .errors import PipelineConfigError
 
-__all__ = ["preflight", "rule_warnings", "take_checked_data"]
+__all__ = ["preflight", "preflight_text", "rule_warnings", "take_checked_data",
+           "has_checked_data"]
 
 _CHECKED: dict[int, tuple] = {}  # id(cfg) -> (train, test), taken once by run_training
 
@@ -28,6 +29,23 @@ _CHECKED: dict[int, tuple] = {}  # id(cfg) -> (train, test), taken once by run_t
 def take_checked_data(cfg) -> tuple | None:
     """The data sets :func:`preflight` loaded for this config (once; None otherwise)."""
     return _CHECKED.pop(id(cfg), None)
+
+
+def has_checked_data(cfg) -> bool:
+    """Whether :func:`preflight` holds the data sets of this config (read, not yet taken)."""
+    return id(cfg) in _CHECKED
+
+
+def preflight_text(cfg) -> str:
+    """The start-up line of the check: what it read (the data set) and what it checked."""
+    from .train import data_text
+
+    data = _CHECKED.get(id(cfg))
+    read = data_text(cfg, *data) if data is not None else f"{cfg.data} data made"
+    checked = "model" if cfg.single_process else "model, split, schedule"
+    if cfg.resume:
+        checked += ", checkpoint to resume"
+    return f"checked the job before starting anything: {read}; {checked}"
 
 
 def preflight(cfg) -> list[str]:

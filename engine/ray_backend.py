@@ -56,10 +56,13 @@ class _StageActor:
         self._in_flight: list[Any] = []
         self.transport: Any = None  # a P2PTransport once setup_transport has run
 
-    def connect(self, peers: list[Any]) -> int:
-        """Learn the other actors' handles (index = worker)."""
+    def connect(self, peers: list[Any]) -> tuple[int, str]:
+        """Learn the other actors' handles (index = worker); returns this process's id and
+        its node's IP address (the start-up line says on how many nodes the stages run)."""
+        import ray
+
         self.peers = peers
-        return os.getpid()
+        return os.getpid(), ray.util.get_node_ip_address()
 
     def endpoint(self) -> tuple[str, int]:
         """This node's IP address and a port free on it now (for rank 0's store)."""
@@ -223,12 +226,15 @@ class RayBackend:
             trusted = trusted_workers(specs[0].worker_of, specs[0].labels_to, len(specs))
         cpus, gpus = _resources(len(specs), cluster.cpus_per_stage, cluster.gpus_per_stage,
                                 cluster.placement, trusted, trusted_resource)
+        self.cpus, self.gpus = cpus, gpus
         self.placement_group = _place(len(specs), cpus, gpus, cluster.placement,
                                       cluster.placement_timeout_s, trusted, trusted_resource,
                                       specs[0].method)
         try:
             self._start_actors(specs, cpus, gpus)
-            self.pids = self._get([a.connect.remote(self.actors) for a in self.actors])
+            where = self._get([a.connect.remote(self.actors) for a in self.actors])
+            self.pids = [pid for pid, _ in where]
+            self.node_ips = [ip for _, ip in where]
             self.transport = "ray"
             if cluster.transport != "ray" and len(self.actors) > 1:
                 self._setup_p2p(cluster.transport)

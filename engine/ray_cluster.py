@@ -10,15 +10,22 @@ head node within seconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from typing import Iterator
 
 from .errors import PipelineConfigError, PipelineError
 from .quiet import quiet_ray
 
 __all__ = ["ensure_ray", "probe_address", "resolve_address", "gcs_alive", "ClusterGoneError",
-           "ClusterLostError", "joined_gcs_address", "CONNECT_TIMEOUT_S"]
+           "ClusterLostError", "joined_gcs_address", "CONNECT_TIMEOUT_S", "workers_inherit",
+           "private_cluster", "cluster_summary"]
+
+# (GCS address, environment) of the private cluster this process started: its worker
+# processes inherit that environment, so stage actors need no runtime_env of their own.
+_STARTED: tuple[str, dict[str, str]] | None = None
 
 CONNECT_TIMEOUT_S = 2.0  # a TCP connect on a LAN takes milliseconds; a dead host, forever
 
@@ -120,7 +127,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     a cluster: a ``ray job submit`` entrypoint runs with it set, and joins that cluster.
     ``"auto"`` or ``host:port`` joins an existing cluster, as ``ray.init`` does, once its
     port answers (:func:`probe_address`).
+
+    A private cluster starts with the stage processes' environment (``actor_env``) in its
+    own, so its pre-started worker processes can host the stage actors at once. Why: an
+    actor with a ``runtime_env`` of its own cannot use them and waits for a fresh Python
+    process; measured on 2 busy cores (load 21-26), two actors took 6.6-9.0 s that way
+    against 9.2-11.7 s with their own ``runtime_env``.
     """
+    global _STARTED
     import ray
 
     if ray.is_initialized():
@@ -128,15 +142,21 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
+    env: dict[str, str] = {}
     if address is None:
+        from .ray_backend import actor_env
+
+        env = actor_env()
         kwargs.update(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
     else:
         probe_address(address)  # seconds, not Ray's minutes of retries
     quiet_ray()
     added = [k for k in _JOIN_TIMEOUTS if address is not None and k not in os.environ]
     os.environ.update({k: _JOIN_TIMEOUTS[k] for k in added})
+    _STARTED = None
     try:
-        ray.init(address="local" if address is None else address, **kwargs)
+        with _environment(env):
+            ray.init(address="local" if address is None else address, **kwargs)
     except ConnectionError as err:
         raise ClusterGoneError(
             f"no Ray cluster answers at --address {address} ({err}); check the address "
@@ -145,7 +165,47 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     finally:
         for key in added:
             os.environ.pop(key, None)
+    if address is None:
+        _STARTED = (ray.get_runtime_context().gcs_address, env)
     return True
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """``env`` in ``os.environ`` while the cluster's processes are spawned, then as before."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def private_cluster() -> bool:
+    """Whether the connected cluster is the private one :func:`ensure_ray` started here."""
+    import ray
+
+    return (_STARTED is not None and ray.is_initialized()
+            and ray.get_runtime_context().gcs_address == _STARTED[0])
+
+
+def workers_inherit(env: dict[str, str]) -> bool:
+    """Whether the connected cluster's worker processes already run with ``env`` (it is the
+    private cluster :func:`ensure_ray` started with it)."""
+    return private_cluster() and all(_STARTED[1].get(k) == v for k, v in env.items())
+
+
+def cluster_summary() -> dict[str, float]:
+    """Nodes, CPUs and GPUs of the connected cluster (for the start-up line)."""
+    import ray
+
+    total = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return {"nodes": nodes, "cpus": total.get("CPU", 0.0), "gpus": total.get("GPU", 0.0)}
 
 
 def joined_gcs_address() -> str | None:

@@ -89,20 +89,27 @@ def run_here(args: argparse.Namespace, cfg=None) -> int:
     from brigade.engine.train import run_training, validate
     from brigade.schedulers import write_chrome_trace
 
-    cfg = validate(cfg or config_from_args(args))  # every check before any cluster or bar
-    from brigade.engine.preflight import preflight
+    from brigade.engine.phases import PhaseLog
 
-    for line in preflight(cfg):  # data, split, schedule, checkpoint: before any cluster or bar
-        print(f"brigade train: warning: {line}", file=sys.stderr)
+    cfg = validate(cfg or config_from_args(args))  # every check before any cluster or bar
+    from brigade.engine.preflight import preflight, preflight_text
+
     console = Console(stderr=True)
+    phases = PhaseLog(output.phase_printer(console, ("restored", "checkpoint") if args.quiet
+                                           else None))
+    with phases.timed("checked", lambda: preflight_text(cfg)):
+        warnings = preflight(cfg)  # data, split, schedule, checkpoint: before any cluster
+    for line in warnings:
+        print(f"brigade train: warning: {line}", file=sys.stderr)
     log = console.print if is_rank0() else None
 
     def announce(part) -> None:  # the cut and the per-stage cost it balanced, before training
-        if is_rank0() and part is not None:
+        if is_rank0() and part is not None and part.profile is not None:  # measured only
             console.print(part.table())
 
     with output.progress_bar(console, "training", disable=args.quiet) as update:
-        report = run_training(cfg, progress=update, log=log, announce=announce)
+        report = run_training(cfg, progress=update, log=log, announce=announce,
+                              phases=phases)
     if not is_rank0():
         return 0
     print_report(report, Console())
@@ -131,8 +138,9 @@ def print_report(report: dict, console: Console) -> None:
         f"test accuracy [bold]{report['final_test_accuracy']:.4f}[/]   "
         f"test loss {report['final_test_loss']:.4f}   "
         f"throughput {report['samples_per_s']:.1f} samples/s   "
-        f"train wall {report['wall_s']:.1f} s   bubble {report['bubble_fraction']:.3f}"
+        f"train wall {report['wall_s']:.1f} s"
     )
+    output.print_run_figures(report, console)
     table = Table(title="per-stage time (measured)")
     for col in ("worker", "stages", "busy s", "idle fraction", "peak stored activations"):
         table.add_column(col, justify="right")
