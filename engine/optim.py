@@ -64,8 +64,9 @@ class OptimConfig:
     weight_decay: float | None = field(default=None, metadata={
         "help": "weight decay (L2 for sgd/momentum/adam/rmsprop, decoupled for adamw)",
         "default_help": "the optimizer's own: 0, adamw 0.01"})
-    lr_schedule: str = field(default="constant", metadata={
-        "help": "learning-rate schedule over the run's steps", "choices": LR_SCHEDULES})
+    lr_schedule: str | None = field(default=None, metadata={
+        "help": "learning-rate schedule over the run's steps", "choices": LR_SCHEDULES,
+        "default_help": "the method's own (`brigade methods`)"})
     warmup_steps: int = field(default=0, metadata={
         "help": "steps of linear warm-up from lr/warmup to lr before the schedule"})
     lr_step_every: int | None = field(default=None, metadata={
@@ -171,7 +172,7 @@ class OptimizerFactory:
     def __call__(self, params: Iterable) -> torch.optim.Optimizer:
         cfg = self.config
         opt = make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay)(params)
-        if cfg.lr_schedule == "constant" and not cfg.warmup_steps and cfg.clip_grad_norm is None:
+        if cfg.lr_schedule in (None, "constant") and not cfg.warmup_steps and cfg.clip_grad_norm is None:
             return opt  # nothing to do per step
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]

@@ -124,6 +124,8 @@ class TrainConfig:
         self.rule_options = self._rule_options(rule)
         if optim.optimizer is None:
             optim.optimizer = rule.default_optimizer[0]
+        if optim.lr_schedule is None:
+            optim.lr_schedule = rule.default_lr_schedule
         if optim.lr is None:  # by the optimizer chosen: Adam named with no --lr gets 1e-3
             optim.lr = default_lr(rule, optim.optimizer)  # None: the optimizer's own (fwdgrad)
         if rule.optimizers is not None and optim.optimizer not in rule.optimizers:

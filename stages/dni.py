@@ -457,8 +457,14 @@ def _per_microbatch(options: Any, microbatches: int) -> float:
     return float(microbatches)
 
 
+# Defaults measured on the MNIST MLP, 2 stages, m = 4, 5 epochs (backprop at its own
+# defaults, momentum 0.9 lr 0.05 constant: 0.965). Plain SGD, because momentum piles up
+# the synthetic gradients' bias (45-48% after an epoch); a higher rate than backprop's,
+# because m per-microbatch steps of loss/m add up to one plain-SGD step of lr per batch;
+# cosine decay, because at a constant rate the bias wins late in the run (dni lr 0.1:
+# 0.943 after 2 epochs, 0.911 after 5; cosine 0.951). cdni: lr 0.1 0.954, 0.15 0.961.
 _COMMON = dict(stage_class=DNIStage, schedules=("dni",), handlers=_HANDLERS, options=DNIOptions,
-               default_optimizer=("sgd", 0.05), backward=(_DX,),
+               default_lr_schedule="cosine", backward=(_DX,),
                updates_per_step=_per_microbatch,
                costs=CostHooks(balancer=DNI_COST),  # its synthesizer's work lands before a cut
                probe=SYNTHETIC_GRADIENT_PROBE,  # the synthesizer against the true dL/dh
@@ -466,8 +472,9 @@ _COMMON = dict(stage_class=DNIStage, schedules=("dni",), handlers=_HANDLERS, opt
 register_method(MethodSpec(
     name="dni", order=20, forward=(_H,), exposure=_dni_exposure, prepare=_prepare(False),
     summary="synthetic gradients: update at once from a predicted dL/dh, learn it later",
-    **_COMMON))
+    default_optimizer=("sgd", 0.1), **_COMMON))
 register_method(MethodSpec(
     name="cdni", order=30, forward=(_H, Message("labels (driver -> every stage)", "B", batch_size)),
     exposure=_cdni_exposure, prepare=_prepare(True), fixed={"conditioned": True},
-    summary="dni whose synthesizer also sees the label (Czarnecki et al. 2017)", **_COMMON))
+    summary="dni whose synthesizer also sees the label (Czarnecki et al. 2017)",
+    default_optimizer=("sgd", 0.15), **_COMMON))

@@ -597,6 +597,7 @@ register_method(MethodSpec(
     handlers={"F": handlers.Handler(_run_f, handlers.forward.needs),
               "D": handlers.Handler(_run_d, _needs_d, frees=True), "U": handlers.update},
     options=ForwardGradientOptions, prepare=_prepare, default_optimizer=("adam", None),
+    default_lr_schedule="cosine",  # a constant Adam step random-walks the noisy blocks
     optimizers=_fg_names(), optimizer_kind="forward-gradient",
     optimizer_factory=_optimizer_factory, check_training=_check_training,
     forward=(Message("(h, tangent rows)", "(1+r)·B·F", _tangent_size),),

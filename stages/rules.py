@@ -130,7 +130,8 @@ class MethodSpec:
       (``metadata["help"]`` its help), the others are Python keywords only;
       ``metadata["schedule"]`` marks a schedule option.
     - ``default_optimizer``: ``(name, lr)`` when the user names none; lr None: the
-      optimizer's own default. ``optimizers``: the valid names where they differ from
+      optimizer's own default. ``default_lr_schedule``: the learning-rate schedule when
+      the user names none (constant, cosine or step over the run's steps). ``optimizers``: the valid names where they differ from
       torch's (``optimizer_kind`` names them in errors); ``optimizer_factory(name, lr,
       train_config, total_steps)``: where they are built differently.
     - ``forward`` / ``backward``: the messages per microbatch each way.
@@ -159,6 +160,7 @@ class MethodSpec:
     handlers: Mapping[str, Any]
     options: type = _NoOptions
     default_optimizer: tuple[str, float | None] = ("momentum", 0.05)
+    default_lr_schedule: str = "constant"
     optimizers: tuple[str, ...] | None = None
     optimizer_kind: str = ""
     optimizer_factory: Callable[[str, float | None, Any, int], Callable] | None = None

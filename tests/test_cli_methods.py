@@ -23,7 +23,8 @@ def test_every_builtin_rule_with_schedules_wire_and_exposure(tmp_path, capsys):
     for name in BUILTIN:
         assert name in printed
     assert rules["backprop"]["schedules"][0] == "1f1b"
-    assert rules["dni"]["default_optimizer"] == {"name": "sgd", "lr": 0.05}
+    assert rules["dni"]["default_optimizer"] == {"name": "sgd", "lr": 0.1,
+                                                 "lr_schedule": "cosine"}
     assert rules["backprop"]["forward"][0]["elements"] == 8 * 32
     assert rules["petra"]["backward"][0]["elements"] == 2 * 8 * 32
     assert rules["dgl"]["backward"] == []

@@ -45,7 +45,8 @@ def describe(stages: int, shape: tuple[int, ...]) -> list[dict[str, Any]]:
             "schedules": list(rule.schedules),
             "default_schedule": rule.default_schedule,
             "default_optimizer": {"name": rule.default_optimizer[0],
-                                  "lr": rule.default_optimizer[1]},
+                                  "lr": rule.default_optimizer[1],
+                                  "lr_schedule": rule.default_lr_schedule},
             "forward": [_message(m, shape, options) for m in rule.forward],
             "backward": [_message(m, shape, options) for m in rule.backward],
             "exposure": [{"stage": s, **dataclasses.asdict(rule.exposure(s, stages, options))}
@@ -101,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     for r in rules:
         opt = r["default_optimizer"]
         table.add_row(r["name"], ", ".join(r["schedules"]),
-                      f"{opt['name']}" + (f" lr {opt['lr']:g}" if opt["lr"] else ""),
+                      f"{opt['name']}" + (f" lr {opt['lr']:g}" if opt["lr"] else "")
+                      + ("" if opt["lr_schedule"] == "constant" else f", {opt['lr_schedule']}"),
                       _wire(r["forward"]), _wire(r["backward"]))
     console.print(table)
     exposure = Table(title=f"what each stage receives, {args.stages}-stage pipeline "
