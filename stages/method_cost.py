@@ -246,21 +246,6 @@ def balance_by_cost(costs: MethodCosts, stages: int) -> list[int]:
     n = len(costs.block_s)
     if not 1 <= stages <= n:
         raise ConfigError(f"cannot cut {n} blocks into {stages} stages; use 1..{n} stages")
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for k in range(1, stages + 1):
-        for j in range(k, n + 1):
-            for i in range(k - 1, j):
-                if best[k - 1][i] == inf:
-                    continue
-                v = max(best[k - 1][i], costs.stage_cost(i, j))
-                if v < best[k][j]:
-                    best[k][j], cut[k][j] = v, i
-    balance, j = [], n
-    for k in range(stages, 0, -1):
-        i = cut[k][j]
-        balance.append(j - i)
-        j = i
-    return balance[::-1]
+    from .partition import min_max_split
+
+    return min_max_split(n, stages, costs.stage_cost, later_cuts=False)

@@ -27,7 +27,7 @@ import statistics
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,7 @@ __all__ = [
     "balance_by_params",
     "balance_by_time",
     "min_max_partition",
+    "min_max_split",
     "BlockProfile",
     "profile_blocks",
     "StageRow",
@@ -102,30 +103,24 @@ def balance_uniform(n_blocks: int, stages: int) -> list[int]:
     return [base + (1 if i >= stages - extra else 0) for i in range(stages)]
 
 
-def min_max_partition(costs: list[float], parts: int) -> list[int]:
-    """The contiguous partition of ``costs`` into ``parts`` non-empty runs whose largest run
-    sum is as small as possible (exact, dynamic programming, O(parts * n^2)).
-
-    Among optimal partitions it returns the one found by preferring later cuts, which is
-    deterministic. Returns the balance (run lengths).
-    """
-    n = len(costs)
-    _check_stages(n, parts)
-    if any(c < 0 for c in costs):
-        raise ConfigError(f"costs must be non-negative; got {costs}")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + float(c))
+def min_max_split(n: int, parts: int, stage_cost: Callable[[int, int], float],
+                  later_cuts: bool = True) -> list[int]:
+    """The contiguous split of ``n`` blocks into ``parts`` non-empty runs whose largest
+    ``stage_cost(start, end)`` is as small as possible (exact dynamic programming,
+    O(parts * n^2) cost calls). Among optimal splits: later cuts (``later_cuts``) or
+    earlier ones, either way deterministic. Returns the balance (run lengths)."""
     inf = float("inf")
-    # best[k][i]: smallest max-run-sum splitting the first i costs into k runs.
+    # best[k][i]: smallest max-run cost splitting the first i blocks into k runs
     best = [[inf] * (n + 1) for _ in range(parts + 1)]
     cut = [[0] * (n + 1) for _ in range(parts + 1)]
     best[0][0] = 0.0
     for k in range(1, parts + 1):
         for i in range(k, n - (parts - k) + 1):
             for j in range(k - 1, i):
-                value = max(best[k - 1][j], prefix[i] - prefix[j])
-                if value <= best[k][i]:
+                if best[k - 1][j] == inf:
+                    continue
+                value = max(best[k - 1][j], stage_cost(j, i))
+                if value < best[k][i] or (later_cuts and value == best[k][i]):
                     best[k][i], cut[k][i] = value, j
     balance, i = [], n
     for k in range(parts, 0, -1):
@@ -133,6 +128,20 @@ def min_max_partition(costs: list[float], parts: int) -> list[int]:
         balance.append(i - j)
         i = j
     return balance[::-1]
+
+
+def min_max_partition(costs: list[float], parts: int) -> list[int]:
+    """The contiguous partition of ``costs`` into ``parts`` non-empty runs whose largest run
+    sum is as small as possible (:func:`min_max_split` over run sums; among optimal
+    partitions the one preferring later cuts). Returns the balance (run lengths)."""
+    n = len(costs)
+    _check_stages(n, parts)
+    if any(c < 0 for c in costs):
+        raise ConfigError(f"costs must be non-negative; got {costs}")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+    return min_max_split(n, parts, lambda j, i: prefix[i] - prefix[j])
 
 
 def balance_by_params(model: nn.Sequential, stages: int) -> list[int]:
