@@ -215,8 +215,10 @@ class _Lane:
                     n = max(1, min(window, math.ceil((next_eval - self.clock) / per_step)))
                 if per_step and rc.budget_s is not None:  # and not far past the budget
                     n = max(1, min(n, math.ceil((rc.budget_s - self.clock) / per_step)))
-                if epoch_end is not None:
-                    n = min(n, epoch_end - self.run.done)
+                if epoch_end is not None:  # runs end on epoch boundaries: one evaluation each
+                    per_epoch = len(self.run.loader)
+                    n = min(n, epoch_end - self.run.done,
+                            per_epoch - self.run.done % per_epoch)
                 chunk = self.run._next_batches(n)
                 t0 = time.perf_counter()
                 outs = pipe.run([(x, y) for _, x, y in chunk])
@@ -226,13 +228,14 @@ class _Lane:
                 self.run.done += len(outs)
                 self._record(outs)
                 epoch = chunk[-1][0]
+                epoch_done = epoch_end is not None and self.run.done % len(self.run.loader) == 0
                 due = (next_eval is not None and self.clock >= next_eval) or (
-                    next_eval is None and epoch != last_epoch)
+                    next_eval is None and (epoch_done or epoch != last_epoch))
                 if due:
                     acc = self.evaluate(pipe)
                     while next_eval is not None and next_eval <= self.clock:
                         next_eval += interval
-                    last_epoch = epoch
+                    last_epoch = epoch + 1 if epoch_done else epoch  # evaluated: this one
                     if tick:
                         tick(self.clock, {"method": self.method, "acc": acc})
                 elif tick:

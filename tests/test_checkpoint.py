@@ -152,6 +152,7 @@ RULES = {
     "petra": ["--method", "petra", "--window", "2", "--model", "revnet18", "--width", "4",
               "--batch-size", "8", "--microbatches", "2"],
     "stale": ["--method", "stale", "--stale-k", "3"],
+    "dgl": ["--method", "dgl", "--window", "2"],
     "fwdgrad": ["--method", "fwdgrad", "--projections", "2", "--optimizer", "sgd",
                 "--lr", "0.01"],
 }
@@ -160,9 +161,11 @@ RULES = {
 @pytest.mark.parametrize("rule", list(RULES))
 def test_stop_and_resume_ends_with_the_same_weights_for_every_rule(tmp_path, rule):
     # a measured cut (--balance-by method, these rules' default) may differ between the
-    # three runs under load; the comparison needs one cut
+    # three runs under load; the comparison needs one cut. A cosine schedule (dni, cdni,
+    # fwdgrad's default) spans the run's steps, so a run stopped by --steps 4 is another
+    # run than the first half of --steps 8: constant here (a cosine run resumed: below)
     base = [a for a in TRAIN if a != "momentum" and a != "--optimizer"] + [
-        "--backend", "local", "--balance-by", "uniform"]
+        "--backend", "local", "--balance-by", "uniform", "--lr-schedule", "constant"]
     base += RULES[rule]
     full, resumed, ck = tmp_path / "full.pt", tmp_path / "resumed.pt", tmp_path / "ck"
     assert main(base + ["--steps", "8", "--save", str(full)]) == 0
@@ -176,6 +179,26 @@ def test_stop_and_resume_ends_with_the_same_weights_for_every_rule(tmp_path, rul
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
         moved |= k in start and a[k].is_floating_point() and not torch.equal(a[k], start[k])
     assert moved, "the resumed steps changed nothing: the test would not see a wrong resume"
+
+
+def test_a_cosine_run_resumed_mid_way_ends_with_the_uninterrupted_weights(tmp_path):
+    """dni's default schedule is cosine over the run's steps: a run of 8 steps stopped
+    after its checkpoint at step 4 and resumed with the same command ends as the run that
+    was never stopped (the schedule's clock is saved with each optimizer)."""
+    import shutil
+
+    base = TRAIN[:-3] + ["--backend", "local", "--balance-by", "uniform", "--method", "dni",
+                         "--window", "2", "--steps", "8", "--lr-schedule", "cosine"]
+    full, resumed, ck = tmp_path / "full.pt", tmp_path / "resumed.pt", tmp_path / "ck"
+    assert main(base + ["--save", str(full), "--checkpoint", str(ck),
+                        "--checkpoint-every", "4"]) == 0
+    assert (ck / "step-00000004").is_dir()
+    shutil.rmtree(ck / "step-00000008")  # as if the run had died after step 4
+    assert latest_checkpoint(ck).name == "step-00000004"
+    assert main(base + ["--checkpoint", str(ck), "--resume", "--save", str(resumed)]) == 0
+    a, b = torch.load(full, weights_only=True), torch.load(resumed, weights_only=True)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
 
 
 def _kill_a_stage_after_the_first_checkpoint(ck, seconds: float = 120.0) -> threading.Thread:
