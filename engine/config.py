@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import PipelineConfigError
+from .errors import PipelineConfigError, as_config_error
 from .flags import check_choices, flag_of, flat_init
 
 __all__ = ["PipelineConfig", "ClusterConfig", "BACKENDS", "PLACEMENTS", "TRANSPORTS",
@@ -32,19 +32,19 @@ PLACEMENTS = ("pack", "spread", "strict_pack", "strict_spread")
 
 
 
-def check_method_schedule(method: str, schedule: str | None) -> str:
-    """``method`` in canonical (lower-case) spelling, after checking that it is a
-    registered rule and can run ``schedule`` (None: the rule's default); an error lists
-    what would work. The rule's declaration (``brigade.stages.rules``) says which."""
-    from brigade.stages.errors import ConfigError
+def _rule_and_schedule(method: str, schedule: str | None):
+    """The rule's declaration and the schedule it runs (``schedule``, or its default), after
+    checking that the rule is registered and can run it; an error lists what would work."""
     from brigade.stages.rules import get_method
 
-    try:
-        rule = get_method(method)
-        rule.check_schedule(schedule)
-    except ConfigError as err:
-        raise PipelineConfigError(str(err)) from None
-    return rule.name
+    rule = as_config_error(get_method, method)
+    return rule, as_config_error(rule.check_schedule, schedule)
+
+
+def check_method_schedule(method: str, schedule: str | None) -> str:
+    """``method`` in canonical (lower-case) spelling, after checking that it is a
+    registered rule and can run ``schedule`` (None: the rule's default)."""
+    return _rule_and_schedule(method, schedule)[0].name
 
 
 def _help(text: str, **more) -> dict:
@@ -139,11 +139,8 @@ class PipelineConfig:
     schedule_options: dict = field(default_factory=dict, metadata={"derived": True})
 
     def __post_init__(self) -> None:
-        from brigade.stages.rules import get_method
-
-        self.method = check_method_schedule(self.method, self.schedule)
-        rule = get_method(self.method)
-        self.schedule = rule.check_schedule(self.schedule)
+        rule, self.schedule = _rule_and_schedule(self.method, self.schedule)
+        self.method = rule.name
         check_choices(self)
         if self.backend == "torchrun" and self.cluster.transport == "ray":
             raise PipelineConfigError(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PipelineError", "StageFailedError", "PipelineConfigError"]
+__all__ = ["PipelineError", "StageFailedError", "PipelineConfigError", "as_config_error"]
 
 
 class PipelineError(RuntimeError):
@@ -22,3 +22,17 @@ class StageFailedError(PipelineError):
         self.cause = cause
         names = ", ".join(str(s) for s in stages)
         super().__init__(f"stage {names} (worker {worker}) failed: {cause}")
+
+
+def as_config_error(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, with a ``ConfigError`` of brigade.stages (a rule's own
+    checks, the registry's unknown names) raised as :class:`PipelineConfigError`, so the
+    CLI reports it as one line."""
+    from brigade.stages.errors import ConfigError
+
+    try:
+        return fn(*args, **kwargs)
+    except PipelineConfigError:
+        raise
+    except ConfigError as err:
+        raise PipelineConfigError(str(err)) from None

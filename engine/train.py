@@ -27,7 +27,7 @@ from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_che
 from brigade.stages.rules import flag_key, get_method, methods_taking, option_classes
 
 from .config import PipelineConfig
-from .errors import PipelineConfigError, StageFailedError
+from .errors import PipelineConfigError, StageFailedError, as_config_error
 from .flags import flat_dict, flat_init
 from .optim import (OPTIMIZERS, OptimConfig, OptimizerFactory, default_lr, default_optimizer,
                     make_optimizer)
@@ -138,7 +138,7 @@ class TrainConfig:
                 f"{pipe.microbatches}; each microbatch needs at least one sample"
             )
         if rule.check_training is not None:
-            _as_config_error(rule.check_training, self)
+            as_config_error(rule.check_training, self)
         if self.single_process and self.checkpoint:  # --resume/--max-restarts need one
             raise PipelineConfigError(
                 f"the single-process {rule.single_process} (--stages 1 --backend local) "
@@ -165,7 +165,7 @@ class TrainConfig:
                 f"{rule.name!r}")
         kwargs = {f: getattr(self, f) for f in rule.config_fields}
         kwargs.update({by_key[k]: v for k, v in given.items()})
-        obj = _as_config_error(rule.make_options, **kwargs)
+        obj = as_config_error(rule.make_options, **kwargs)
         self.options = {k: getattr(obj, name) for k, name in by_key.items()}  # resolved
         return obj
 
@@ -181,8 +181,6 @@ class TrainConfig:
 def _non_default(options) -> dict[str, Any]:
     """An options object's fields that differ from its class's defaults (one spelling of a
     configuration however it was given: flags, a file, or keywords)."""
-    import dataclasses
-
     out = {}
     for f in fields(options):
         value = getattr(options, f.name)
@@ -192,19 +190,6 @@ def _non_default(options) -> dict[str, Any]:
             continue
         out[f.name] = value
     return out
-
-
-def _as_config_error(fn, *args, **kwargs):
-    """A rule's own check (a ``ConfigError`` of brigade.stages) as the engine's config
-    error, so the CLI reports it as one line."""
-    from brigade.stages.errors import ConfigError
-
-    try:
-        return fn(*args, **kwargs)
-    except PipelineConfigError:
-        raise
-    except ConfigError as err:
-        raise PipelineConfigError(str(err)) from None
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:

@@ -9,31 +9,18 @@ backend, to float rounding; and nothing may travel backward.
 from __future__ import annotations
 
 import copy
-import json
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 from brigade.engine import Pipeline
-from brigade.engine.cli import main
 from brigade.engine.microbatch import loss_weights, split_batch
 from brigade.stages.fwdgrad import make_head
 from brigade.stages.partition import split
 from brigade.stages.rules import get_method
 
-from _procs import run_session
-
-
-def mlp() -> nn.Sequential:
-    torch.manual_seed(3)
-    return nn.Sequential(
-        nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU()),
-        nn.Sequential(nn.Linear(32, 32), nn.ReLU()),
-        nn.Sequential(nn.Linear(32, 32), nn.ReLU()),
-        nn.Linear(32, 3),
-    )
+from _nets import local_and_torchrun, mlp
 
 
 def cnn() -> nn.Sequential:
@@ -163,11 +150,6 @@ def test_ray_run_equals_the_one_process_run(ray_cluster):
 def test_torchrun_run_equals_the_one_process_run(tmp_path):
     flags = ["--model", "mlp", "--width", "32", "--data", "synthetic", "--batch-size", "30",
              "--microbatches", "4", "--steps", "5", "--method", "dgl", "--quiet"]
-    want, got, js = tmp_path / "want.pt", tmp_path / "got.pt", tmp_path / "o.json"
-    assert main(["train", *flags, "--backend", "local", "--save", str(want)]) == 0
-    proc = run_session(
-        [sys.executable, "-m", "brigade.engine.cli", "train", *flags, "--backend", "torchrun",
-         "--save", str(got), "--json", str(js)], timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert_same(torch.load(got, weights_only=True), torch.load(want, weights_only=True))
-    assert json.loads(js.read_text())["config"]["method"] == "dgl"
+    want, got, report = local_and_torchrun(tmp_path, flags)
+    assert_same(got, want)
+    assert report["config"]["method"] == "dgl"

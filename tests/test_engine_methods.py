@@ -19,6 +19,8 @@ from brigade.engine import Pipeline, PipelineConfigError
 from brigade.stages.models import build_model
 from brigade.stages.trainer import reference_step
 
+from _nets import mlp
+
 
 def data(k: int, n: int = 12, shape=(1, 4, 4), classes: int = 3, seed: int = 0):
     """k batches of a learnable problem: a class template plus noise."""
@@ -29,16 +31,6 @@ def data(k: int, n: int = 12, shape=(1, 4, 4), classes: int = 3, seed: int = 0):
         y = torch.randint(0, classes, (n,), generator=g)
         out.append((templates[y] + torch.randn(n, *shape, generator=g), y))
     return out
-
-
-def mlp() -> nn.Sequential:
-    torch.manual_seed(3)
-    return nn.Sequential(
-        nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU()),
-        nn.Sequential(nn.Linear(32, 32), nn.ReLU()),
-        nn.Sequential(nn.Linear(32, 32), nn.ReLU()),
-        nn.Linear(32, 3),
-    )
 
 
 def revnet() -> nn.Sequential:

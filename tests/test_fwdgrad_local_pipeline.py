@@ -11,30 +11,17 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 from brigade.engine import Pipeline
-from brigade.engine.cli import main
 from brigade.stages.fwdgrad import ForwardGradient, LocalHeads, make_head
 from brigade.stages.partition import split
 from brigade.stages.rules import get_method
 
-from _procs import run_session
-
-
-def mlp(width: int = 32, seed: int = 3) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Sequential(nn.Flatten(), nn.Linear(16, width), nn.ReLU()),
-        nn.Sequential(nn.Linear(width, width), nn.ReLU()),
-        nn.Sequential(nn.Linear(width, width), nn.ReLU()),
-        nn.Linear(width, 3),
-    )
+from _nets import local_and_torchrun, mlp
 
 
 def data(k: int, n: int = 12, seed: int = 0):
@@ -136,11 +123,6 @@ def test_torchrun_run_equals_the_local_run(tmp_path):
     flags = ["--model", "mlp", "--width", "32", "--data", "synthetic", "--batch-size", "30",
              "--microbatches", "3", "--steps", "4", "--method", "fwdgrad", "--guess", "local",
              "--quiet"]
-    want, got, js = tmp_path / "want.pt", tmp_path / "got.pt", tmp_path / "o.json"
-    assert main(["train", *flags, "--backend", "local", "--stages", "2", "--save", str(want)]) == 0
-    proc = run_session(
-        [sys.executable, "-m", "brigade.engine.cli", "train", *flags, "--backend", "torchrun",
-         "--save", str(got), "--json", str(js)], timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert_same(torch.load(got, weights_only=True), torch.load(want, weights_only=True))
-    assert json.loads(js.read_text())["config"]["guess"] == "local"
+    want, got, report = local_and_torchrun(tmp_path, flags, local=["--stages", "2"])
+    assert_same(got, want)
+    assert report["config"]["guess"] == "local"

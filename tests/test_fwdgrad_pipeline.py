@@ -22,15 +22,7 @@ from brigade.engine.cli import main
 from brigade.stages import ConfigError, fg_optim
 from brigade.stages.fwdgrad import ForwardGradient
 
-
-def mlp(width: int = 32, seed: int = 3) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Sequential(nn.Flatten(), nn.Linear(16, width), nn.ReLU()),
-        nn.Sequential(nn.Linear(width, width), nn.ReLU()),
-        nn.Sequential(nn.Linear(width, width), nn.ReLU()),
-        nn.Linear(width, 3),
-    )
+from _nets import mlp
 
 
 def data(k: int, n: int = 12, seed: int = 0):

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import sys
 
 import pytest
 import torch
 
-from brigade.engine.cli import main
 
-from _procs import run_session, wait_gone, with_cmdline
+from _nets import local_and_torchrun
+from _procs import wait_gone, with_cmdline
 
 pytestmark = pytest.mark.slow
 
@@ -21,18 +19,11 @@ def test_torchrun_weights_equal_single_process_and_processes_end(tmp_path, sched
              "--microbatches", "4", "--steps", "5", "--schedule", schedule, "--quiet"]
     if schedule == "fwdgrad":  # the forward-only pipeline: (h, tangent) on, d back
         flags += ["--method", "fwdgrad"]
-    want, got, js = tmp_path / "want.pt", tmp_path / "got.pt", tmp_path / "o.json"
-    assert main(["train", *flags, "--backend", "local", "--save", str(want)]) == 0
-    proc = run_session(
-        [sys.executable, "-m", "brigade.engine.cli", "train", *flags, "--backend", "torchrun",
-         "--save", str(got), "--json", str(js)], timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    a, b = torch.load(want, weights_only=True), torch.load(got, weights_only=True)
+    a, b, report = local_and_torchrun(tmp_path, flags)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)
-    report = json.loads(js.read_text())
     assert report["config"]["backend"] == "torchrun" and len(report["stages"]) == 2
-    assert wait_gone(with_cmdline(str(js)), 10)
+    assert wait_gone(with_cmdline(str(tmp_path / "o.json")), 10)
 
 
 def test_torchrun_backend_outside_torchrun_says_how_to_start(capsys):
