@@ -318,3 +318,25 @@ def test_cli_writes_the_json_report(tmp_path, capsys):
     bad = parser.parse_args(["--merge", "mean", "--projections", "0", "--backend", "local"])
     with pytest.raises(ConfigError):
         fwdgrad_cmd.run(bad)
+
+
+def test_auto_projections_freeze_convs_and_feed_the_dense_block_behind_them():
+    """``--projections auto``: 0 on conv blocks, 16 on the dense block right after them,
+    1 elsewhere, 192 on the last; the frozen-feature head gets 10x the default rate."""
+    from brigade.engine.cli import fwdgrad_cmd
+    from brigade.stages.models import build_model
+
+    cnn, mlp = build_model("cnn", width=4), build_model("mlp", width=16)
+    assert fgdp.auto_projections(cnn) == (0, 0, 0, 0, fgdp.AUTO_AFTER_FROZEN, fgdp.AUTO_LAST)
+    assert fgdp.auto_projections(mlp) == (1, 1, fgdp.AUTO_LAST)
+    assert fgdp.auto_lr_scale(fgdp.auto_projections(cnn)) == fgdp.FROZEN_LR_SCALE
+    assert fgdp.auto_lr_scale(fgdp.auto_projections(mlp)) == 1.0
+
+    parser = argparse.ArgumentParser()
+    fwdgrad_cmd.add_arguments(parser)
+    base = fgdp.default_lr("adam", "random", "mean", 10)
+    cfg = fwdgrad_cmd.config_from_args(parser.parse_args([]), cnn)
+    assert cfg.lr == pytest.approx(base * fgdp.FROZEN_LR_SCALE)
+    assert fwdgrad_cmd.config_from_args(parser.parse_args([]), mlp).lr == pytest.approx(base)
+    explicit = fwdgrad_cmd.config_from_args(parser.parse_args(["--lr", "0.002"]), cnn)
+    assert explicit.lr == 0.002  # a rate the user gave is kept

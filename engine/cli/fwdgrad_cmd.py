@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="samples per worker per round (default 64)")
     p.add_argument("--optimizer", default="adam", help="sgd | momentum | nesterov | adam | rmsprop (default adam)")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: measured per optimizer and guess, scaled up for mean/weighted merging)")
+                   help="learning rate (default: measured per optimizer and guess, scaled up for mean/weighted merging, 10x for a head on frozen conv features)")
     p.add_argument("--momentum", type=float, default=None, help="momentum / nesterov coefficient")
     p.add_argument("--clip-norm", type=float, default=None, help="clip each estimate to this L2 norm")
     p.add_argument("--decay", default="cosine",
@@ -109,12 +109,15 @@ def config_from_args(args: argparse.Namespace, model=None):
     scope = args.scope or ("block" if auto or isinstance(projections, tuple) or args.guess == "local" else "global")
     if auto and scope == "global":
         projections = 1
+    from brigade.engine.fgdp import auto_lr_scale
+
+    lr_scale = auto_lr_scale(projections) if auto and model is not None else 1.0
     return FGDPConfig(
         workers=args.workers, merge=args.merge, directions=args.directions, guess=args.guess,
         projections=projections, dist=args.dist, scope=scope, blocks=blocks, optimizer=args.optimizer,
         lr=args.lr, optimizer_kw=okw, batch_size=args.batch_size, shards=args.shards,
         seed=args.seed, timeout_s=args.timeout, actors=args.actors, coordinator=args.coordinator,
-        placement=args.placement, cpus_per_worker=args.cpus_per_worker,
+        placement=args.placement, cpus_per_worker=args.cpus_per_worker, lr_scale=lr_scale,
     )
 
 
