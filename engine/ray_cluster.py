@@ -5,7 +5,8 @@ before it gives up, and a driver whose head node died waits out Ray's 60 s recon
 So before ``ray.init`` the address is resolved (``auto`` included) and its TCP port tried
 (:func:`probe_address`, a second at most), Ray's own connect timeouts are bounded where the
 user has not set them, and :func:`gcs_alive` lets the backend's wait loop notice a dead
-head node within seconds.
+head node within seconds. A cluster with token authentication that refuses this client's
+token (wrong, missing, RAY_AUTH_MODE unset) is told in milliseconds too (:mod:`.ray_auth`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Iterator
 
 from .errors import PipelineConfigError, PipelineError
 from .quiet import quiet_ray
+from .ray_auth import auth_refusal, probe_auth
 
-__all__ = ["ensure_ray", "probe_address", "resolve_address", "gcs_alive", "ClusterGoneError",
-           "ClusterLostError", "joined_gcs_address", "CONNECT_TIMEOUT_S", "workers_inherit",
-           "private_cluster", "cluster_summary"]
+__all__ = ["ensure_ray", "probe_address", "probe_cluster", "resolve_address", "gcs_alive",
+           "ClusterGoneError", "ClusterLostError", "joined_gcs_address", "CONNECT_TIMEOUT_S",
+           "workers_inherit", "private_cluster", "cluster_summary"]
 
 # (GCS address, environment) of the private cluster this process started: its worker
 # processes inherit that environment, so stage actors need no runtime_env of their own.
@@ -106,6 +108,15 @@ def probe_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> str:
     return resolved
 
 
+def probe_cluster(address: str) -> str:
+    """:func:`probe_address`, then whether the GCS there takes this client's auth token
+    (:func:`~.ray_auth.probe_auth`): both failures are one line within seconds, where
+    ``ray.init`` would retry, then raise an error that does not say why."""
+    resolved = probe_address(address)
+    probe_auth(address, resolved)
+    return resolved
+
+
 def gcs_alive(address: str | None, timeout_s: float = 1.0) -> bool:
     """Whether the GCS at ``host:port`` still accepts connections (None: unknown, True)."""
     if not address:
@@ -149,7 +160,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         env = actor_env()
         kwargs.update(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
     else:
-        probe_address(address)  # seconds, not Ray's minutes of retries
+        probe_cluster(address)  # seconds, not Ray's minutes of retries
     quiet_ray()
     added = [k for k in _JOIN_TIMEOUTS if address is not None and k not in os.environ]
     os.environ.update({k: _JOIN_TIMEOUTS[k] for k in added})
@@ -158,6 +169,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         with _environment(env):
             ray.init(address="local" if address is None else address, **kwargs)
     except ConnectionError as err:
+        refused = auth_refusal(err, address) if address else None  # probe_auth skipped it
+        if refused is not None:
+            raise refused from None
         raise ClusterGoneError(
             f"no Ray cluster answers at --address {address} ({err}); check the address "
             "`ray start --head` printed, or omit --address to start a local cluster"

@@ -174,3 +174,94 @@ def test_brigade_submit_runs_train_as_a_job(head_node):
                    sid, "--", *TRAIN, "--json", str(out)], env, timeout=180)
     assert f"Job '{sid}' succeeded" in printed and "test accuracy" in printed, printed
     check_figures(out)
+
+
+# Clients the head node must refuse: (name, auth variables, the message's words; {at} is
+# the address refused).
+REFUSALS = [
+    ("wrong-token", {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)},
+     "the Ray cluster at {at} refused the auth token from RAY_AUTH_TOKEN; set "
+     "RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it, to the cluster's token"),
+    ("no-token", {"RAY_AUTH_MODE": "token"},
+     "RAY_AUTH_MODE=token but no auth token found for {at} (RAY_AUTH_TOKEN and "
+     "RAY_AUTH_TOKEN_PATH unset, no ~/.ray/auth_token); set RAY_AUTH_TOKEN, or "
+     "RAY_AUTH_TOKEN_PATH"),
+    ("auth-mode-unset", {},
+     "the Ray cluster at {at} requires token authentication and RAY_AUTH_MODE is unset, so "
+     "no token was sent; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH"),
+]
+
+
+def client_env(head_node: dict, home: Path, auth: dict[str, str]) -> dict[str, str]:
+    """The head node's environment with only ``auth`` for authentication, and a HOME of its
+    own (no ~/.ray/auth_token to fall back on)."""
+    env = {k: v for k, v in head_node["env"].items() if not k.startswith("RAY_AUTH")}
+    home.mkdir(exist_ok=True)
+    return {**env, **auth, "HOME": str(home)}
+
+
+def refused_line(cmd: list[str], env: dict[str, str], prefix: str) -> str:
+    """Run a command the cluster must refuse: within 30 s, exit status 2, no traceback, one
+    line from brigade (starting with ``prefix``); that line."""
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    took, out = time.monotonic() - start, proc.stdout + proc.stderr
+    assert proc.returncode == 2, f"exit {proc.returncode}:\n{out[-4000:]}"
+    assert took < 30, f"refused only after {took:.0f} s:\n{out[-4000:]}"
+    assert "Traceback" not in out, out
+    lines = [ln for ln in out.splitlines() if ln.startswith("brigade ")]
+    assert len(lines) == 1 and lines[0].startswith(prefix), out
+    return lines[0]
+
+
+@pytest.mark.parametrize("case,auth,words", REFUSALS, ids=[r[0] for r in REFUSALS])
+@pytest.mark.parametrize("command", ["train", "submit"])
+def test_a_client_without_the_clusters_token_is_refused(head_node, tmp_path, command, case,
+                                                        auth, words):
+    """``brigade train --address GCS`` and ``brigade submit --address DASHBOARD``, each with
+    a wrong token, no token, and RAY_AUTH_MODE unset: one line naming the address and what
+    to set, exit 2, within seconds (the token is tried before torch is imported, and before
+    anything is sent). Measured against this head node, Ray 2.60 unaided, before brigade
+    tried the token:
+
+    - wrong token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN random hex): ``ray.init`` retries
+      GetClusterId once a second ("gcs_client.cc: Failed to get cluster ID from GCS server:
+      Unauthenticated: RPC error: InvalidAuthToken: Authentication token is missing or
+      incorrect"), ~20 s by default, 4 s under brigade's join budget, then raises
+      ``ConnectionError: Failed to connect to Ray cluster at ...``; ``brigade train`` said
+      "no Ray cluster answers at --address ...", as if nothing listened there (exit 2).
+    - no token (RAY_AUTH_MODE=token, nothing in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+      ~/.ray/auth_token): ``ray.init`` refuses before it connects, ``ray.exceptions.
+      AuthenticationError: Token authentication is enabled but no authentication token was
+      found``, which ``brigade train`` printed as a traceback (exit 1). (Ray's own GcsClient
+      aborts the whole process on it, a C++ check failure: brigade never makes one then.)
+    - RAY_AUTH_MODE unset: an explicit address never turns token mode on (``auto`` does,
+      where a token exists), so no token is sent, and the GCS refuses it as a wrong one:
+      the same 4 s of retries and the same misleading line.
+    - the job server answers 401 (no token sent: cases 2 and 3) or 403 (wrong token), which
+      ``ray job submit`` under ``brigade submit`` printed as an ``AuthenticationError``
+      traceback (exit 1), within 2 s.
+    """
+    env = client_env(head_node, tmp_path / "home", auth)
+    at = head_node["address"] if command == "train" else head_node["dashboard"]
+    cmd = ([BRIGADE, "train", "--address", at] if command == "train"
+           else [BRIGADE, "submit", "--address", at, "--"])
+    line = refused_line([*cmd, *TRAIN], env, f"brigade {command}: error: ")
+    assert words.format(at=at) in line, line
+
+
+def test_ensure_ray_reads_a_token_refusal_from_ray_init(head_node, tmp_path):
+    """The API path, and the one case the token is not tried before ``ray.init``: ``auto``
+    with RAY_AUTH_MODE unset and a (wrong) ~/.ray/auth_token, where ``ray.init`` turns token
+    mode on by itself; its ConnectionError (4 s of retries) becomes the same one line."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    code = ("import sys\nfrom brigade.engine.ray_auth import ClusterAuthError\n"
+            "from brigade.engine.ray_cluster import ensure_ray\ntry:\n    ensure_ray('auto')\n"
+            "except ClusterAuthError as err:\n    print('brigade api: error:', err)\n"
+            "    sys.exit(2)\n")
+    env = client_env(head_node, home, {})
+    line = refused_line([sys.executable, "-c", code], env, "brigade api: error: ")
+    assert ("the Ray cluster at auto refused the auth token from ~/.ray/auth_token; set "
+            "RAY_AUTH_TOKEN") in line, line

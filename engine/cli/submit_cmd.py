@@ -123,15 +123,25 @@ def probe_job_server(address: str) -> None:
             f"{DEFAULT_ADDRESS}, or $RAY_API_SERVER_ADDRESS)") from None
 
 
+def _probe_token(address: str, env: dict[str, str]) -> None:
+    """The job server must take the client's token before anything is sent: ``ray job
+    submit`` prints a refused one (401, 403) as a traceback."""
+    from brigade.engine.ray_auth import probe_job_server_auth
+
+    probe_job_server_auth(address if "://" in address else f"http://{address}", env)
+
+
 def run(args: argparse.Namespace) -> int:
     import shlex
 
+    env = _client_env()
     if not args.dry_run:
-        probe_job_server(args.address or os.environ.get("RAY_API_SERVER_ADDRESS")
-                         or DEFAULT_ADDRESS)
+        address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
+        probe_job_server(address)
+        _probe_token(address, env)
     cmd = job_command(args)
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
-    code = subprocess.call(cmd, env=_client_env())
+    code = subprocess.call(cmd, env=env)
     return 0 if code == 0 else 1

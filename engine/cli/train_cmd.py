@@ -55,15 +55,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _probe_cluster(args: argparse.Namespace) -> None:
-    """An unreachable --address (or RAY_ADDRESS) fails first, before torch is imported:
-    one line within seconds (``preflight`` checks it again, for API callers)."""
+    """An unreachable --address (or RAY_ADDRESS), or a cluster that refuses this client's
+    auth token, fails first, before torch is imported: one line within seconds
+    (``preflight`` and ``ensure_ray`` check it again, for API callers)."""
     import os
 
     address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
     if getattr(args, "backend", "ray") in (None, "ray") and address:
-        from brigade.engine.ray_cluster import probe_address
+        from brigade.engine.ray_cluster import probe_cluster
 
-        probe_address(address)
+        probe_cluster(address)
 
 
 def _spawn_torchrun(args: argparse.Namespace, cfg) -> int:
