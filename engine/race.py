@@ -146,7 +146,9 @@ def time_to_target(curve: list[list[float]], target: float | None) -> float | No
 
 def best_lane(lanes: list[dict]) -> dict:
     """The lane a method is reported by: the soonest to the target; among lanes that never
-    reach it (or without a target), the highest final accuracy."""
+    reach it (or without a target), the highest final accuracy. A lane whose loss diverged
+    is a rate the user cannot keep, so it is reported only where every rate diverged."""
+    lanes = [r for r in lanes if r.get("diverged_at_step") is None] or lanes
     reached = [r for r in lanes if r["time_to_target_s"] is not None]
     if reached:
         return min(reached, key=lambda r: (r["time_to_target_s"], -r["final_test_accuracy"]))
@@ -168,6 +170,14 @@ def lane_updates(timeline, stages: int, accumulate: int = 1) -> list[int]:
     return [c + r // max(1, accumulate) for c, r in zip(counts, recon)]
 
 
+class _Diverged(Exception):
+    """A lane's training loss became nan or inf at ``step``: that rate ends there."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(step)
+        self.step = step
+
+
 class _Lane:
     """One method at one rate: its pipeline, its charged clock and its curve."""
 
@@ -183,6 +193,7 @@ class _Lane:
         self.clock = 0.0
         self.curve: list[list[float]] = []
         self.losses: list[float] = []
+        self.diverged_at: int | None = None
 
     def evaluate(self, pipe) -> float:
         """Accuracy on the probe split, clock stopped (the caller does not charge it)."""
@@ -199,50 +210,56 @@ class _Lane:
         figures."""
         from .train import window_steps
 
-        rc = self.rc
         pipe = self.run.start_pipeline()
         with pipe:
-            window = window_steps(self.cfg, pipe)
-            self.evaluate(pipe)
-            interval = rc.interval_s
-            next_eval = interval if interval is not None else None
-            per_step = None
-            epoch_end = len(self.run.loader) * rc.epochs if rc.epochs else None
-            last_epoch = 0
-            while not self._done(epoch_end):
-                n = window if per_step else 1  # the first step measures a step's time
-                if per_step and next_eval is not None:  # land near the next evaluation
-                    n = max(1, min(window, math.ceil((next_eval - self.clock) / per_step)))
-                if per_step and rc.budget_s is not None:  # and not far past the budget
-                    n = max(1, min(n, math.ceil((rc.budget_s - self.clock) / per_step)))
-                if epoch_end is not None:  # runs end on epoch boundaries: one evaluation each
-                    per_epoch = len(self.run.loader)
-                    n = min(n, epoch_end - self.run.done,
-                            per_epoch - self.run.done % per_epoch)
-                chunk = self.run._next_batches(n)
-                t0 = time.perf_counter()
-                outs = pipe.run([(x, y) for _, x, y in chunk])
-                spent = time.perf_counter() - t0
-                self.clock += spent
-                per_step = spent / len(outs)
-                self.run.done += len(outs)
-                self._record(outs)
-                epoch = chunk[-1][0]
-                epoch_done = epoch_end is not None and self.run.done % len(self.run.loader) == 0
-                due = (next_eval is not None and self.clock >= next_eval) or (
-                    next_eval is None and (epoch_done or epoch != last_epoch))
-                if due:
-                    acc = self.evaluate(pipe)
-                    while next_eval is not None and next_eval <= self.clock:
-                        next_eval += interval
-                    last_epoch = epoch + 1 if epoch_done else epoch  # evaluated: this one
-                    if tick:
-                        tick(self.clock, {"method": self.method, "acc": acc})
-                elif tick:
-                    tick(self.clock, {"method": self.method, "loss": self.losses[-1]})
+            try:
+                self._train(pipe, window_steps(self.cfg, pipe), tick)
+            except _Diverged as err:  # this rate is out of the race; the others go on
+                self.diverged_at = err.step
             if not self.curve or self.curve[-1][0] != round(self.clock, 4):
                 self.evaluate(pipe)
             return self._figures(pipe)
+
+    def _train(self, pipe, window: int, tick) -> None:
+        """Steps in windows until the budget (or the epochs) is spent, evaluating when due."""
+        rc = self.rc
+        self.evaluate(pipe)
+        interval = rc.interval_s
+        next_eval = interval if interval is not None else None
+        per_step = None
+        epoch_end = len(self.run.loader) * rc.epochs if rc.epochs else None
+        last_epoch = 0
+        while not self._done(epoch_end):
+            n = window if per_step else 1  # the first step measures a step's time
+            if per_step and next_eval is not None:  # land near the next evaluation
+                n = max(1, min(window, math.ceil((next_eval - self.clock) / per_step)))
+            if per_step and rc.budget_s is not None:  # and not far past the budget
+                n = max(1, min(n, math.ceil((rc.budget_s - self.clock) / per_step)))
+            if epoch_end is not None:  # runs end on epoch boundaries: one evaluation each
+                per_epoch = len(self.run.loader)
+                n = min(n, epoch_end - self.run.done,
+                        per_epoch - self.run.done % per_epoch)
+            chunk = self.run._next_batches(n)
+            t0 = time.perf_counter()
+            outs = pipe.run([(x, y) for _, x, y in chunk])
+            spent = time.perf_counter() - t0
+            self.clock += spent
+            per_step = spent / len(outs)
+            self.run.done += len(outs)
+            self._record(outs)
+            epoch = chunk[-1][0]
+            epoch_done = epoch_end is not None and self.run.done % len(self.run.loader) == 0
+            due = (next_eval is not None and self.clock >= next_eval) or (
+                next_eval is None and (epoch_done or epoch != last_epoch))
+            if due:
+                acc = self.evaluate(pipe)
+                while next_eval is not None and next_eval <= self.clock:
+                    next_eval += interval
+                last_epoch = epoch + 1 if epoch_done else epoch  # evaluated: this one
+                if tick:
+                    tick(self.clock, {"method": self.method, "acc": acc})
+            elif tick:
+                tick(self.clock, {"method": self.method, "loss": self.losses[-1]})
 
     def _done(self, epoch_end: int | None) -> bool:
         if epoch_end is not None:
@@ -250,10 +267,9 @@ class _Lane:
         return self.clock >= self.rc.budget_s
 
     def _record(self, outs: list[dict]) -> None:
-        from .train import _check_finite
-
-        for out in outs:
-            _check_finite(out["loss"], self.run.done, None)
+        for i, out in enumerate(outs):
+            if not math.isfinite(out["loss"]):
+                raise _Diverged(self.run.done - len(outs) + i + 1)
             self.losses.append(out["loss"])
         if self.writer is not None:
             self.writer.scalar("train_loss", outs[-1]["loss"], self.run.done, self.clock)
@@ -278,6 +294,7 @@ class _Lane:
             "idle_fraction": idle, "final_test_accuracy": final,
             "time_to_target_s": time_to_target(self.curve, self.rc.target),
             "curve": self.curve, "final_train_loss": self.losses[-1] if self.losses else None,
+            "diverged_at_step": self.diverged_at,
         }
 
 

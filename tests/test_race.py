@@ -92,3 +92,17 @@ def test_bad_race_arguments_exit_2_before_anything_runs(args, message, capsys, t
 def test_race_config_checks_each_lane_train_config():
     with pytest.raises(PipelineConfigError, match="--optimizer|unknown optimizer"):
         RaceConfig(methods=["backprop"], budget_s=1, optimizer="nope")
+
+
+def test_a_rate_that_diverges_leaves_the_race_and_the_others_go_on(tmp_path, capsys):
+    """A grid rate whose loss becomes nan/inf ends its lane at that step (recorded, shown);
+    the race runs its other lanes and reports the method at a rate that kept finite."""
+    out = tmp_path / "race.json"
+    assert main(["race", *SMALL, "--methods", "backprop", "--epochs", "1",
+                 "--lrs", "0.05,1e12", "--json", str(out)]) == 0
+    lanes = {r["lr"]: r for r in json.loads(out.read_text())["lanes"]}
+    assert lanes[0.05]["diverged_at_step"] is None
+    bad = lanes[1e12]
+    assert bad["diverged_at_step"] is not None and 1 <= bad["diverged_at_step"] <= bad["steps"] + 1
+    assert json.loads(out.read_text())["methods"]["backprop"]["lr"] == 0.05
+    assert f"diverged at step {bad['diverged_at_step']}" in capsys.readouterr().out

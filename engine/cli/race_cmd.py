@@ -107,6 +107,12 @@ def _s(v: float | None) -> str:
     return "never" if v is None else f"{v:.1f}"
 
 
+def _final(lane: dict) -> str:
+    """The final accuracy, or the step where the lane's loss became nan/inf."""
+    step = lane.get("diverged_at_step")
+    return f"diverged at step {step}" if step is not None else f"{lane['final_test_accuracy']:.4f}"
+
+
 def print_table(result: dict, console: Console) -> None:
     """One row per method at its best rate; the grid's other rates below when there is one."""
     cfg = result["config"]
@@ -120,7 +126,7 @@ def print_table(result: dict, console: Console) -> None:
         table.add_column(c, justify="left" if c in ("method", "optim") else "right")
     for name, r in result["methods"].items():
         table.add_row(name, r["optimizer"], f"{r['lr']:g}", _s(r["time_to_target_s"]),
-                      f"{r['final_test_accuracy']:.4f}", f"{r['samples_per_s']:.0f}",
+                      _final(r), f"{r['samples_per_s']:.0f}",
                       ",".join(map(str, r["updates"])),
                       ",".join(f"{100 * f:.0f}%" for f in r["idle_fraction"]))
     console.print(table)
@@ -129,8 +135,7 @@ def print_table(result: dict, console: Console) -> None:
         for c in ("method", "lr", "s to target", "final acc"):
             grid.add_column(c, justify="right")
         for r in result["lanes"]:
-            grid.add_row(r["method"], f"{r['lr']:g}", _s(r["time_to_target_s"]),
-                         f"{r['final_test_accuracy']:.4f}")
+            grid.add_row(r["method"], f"{r['lr']:g}", _s(r["time_to_target_s"]), _final(r))
         console.print(grid)
     ref_name = cfg["methods"][0]  # the reference: the first of --methods
     ref = result["methods"][ref_name]
