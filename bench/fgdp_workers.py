@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         train = train.take(args.train_limit)
     started = False
     if not ray.is_initialized():
+        from brigade.engine.quiet import quiet_ray
+
+        quiet_ray()  # no "Token authentication is enabled" banner above the table
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING",
                  log_to_driver=False)
         started = True

@@ -76,12 +76,14 @@ def _state(shown: str) -> tuple[bool, bool]:
     return token_mode, _has_token(shown, token_mode)
 
 
-def probe_auth(address: str, resolved: str, timeout_s: float = 2.0) -> None:
+def probe_auth(address: str, resolved: str, timeout_s: float = 3.0) -> str | None:
     """Whether the GCS at ``resolved`` (``host:port``, answering TCP) accepts this client's
     token; a ClusterAuthError naming ``address`` and the fix when it does not.
 
     A missing token in token mode fails before any call (Ray's client aborts the process on
-    it). Any other failure of the call (no GCS there, a timeout) is left to ``ray.init``.
+    it). Any other failure of the call is returned as its gRPC status name (``UNAVAILABLE``
+    where no gRPC server speaks on the port, ``DEADLINE_EXCEEDED`` where nothing answers),
+    None when the call succeeded or was not made, for the caller to judge.
     ``auto`` with RAY_AUTH_MODE unset and a token at hand is skipped: ``ray.init`` then turns
     token mode on by itself, and its refusal is read by :func:`auth_refusal`.
     """
@@ -91,28 +93,30 @@ def probe_auth(address: str, resolved: str, timeout_s: float = 2.0) -> None:
     token_mode, has_token = _state(shown)
     unset_auto = address.strip() == "auto" and "RAY_AUTH_MODE" not in os.environ
     if is_k8s_token_auth_enabled() or (unset_auto and has_token):
-        return
-    if (token_mode and not has_token) or _gcs_refuses(resolved, timeout_s):
+        return None
+    status = None if token_mode and not has_token else _gcs_status(resolved, timeout_s)
+    if (token_mode and not has_token) or status == "UNAUTHENTICATED":
         raise ClusterAuthError(_message(shown, token_mode, has_token))
+    return status
 
 
-def _gcs_refuses(resolved: str, timeout_s: float) -> bool:
-    """One ``GetClusterId`` call; True only when the GCS answers UNAUTHENTICATED."""
+def _gcs_status(resolved: str, timeout_s: float) -> str | None:
+    """One ``GetClusterId`` call: None when it succeeds, else its gRPC status name."""
     try:
         import grpc
         from ray._private.grpc_utils import init_grpc_channel
         from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
     except ImportError:  # pragma: no cover - ray without grpc: ray.init reports
-        return False
+        return None
     channel = init_grpc_channel(resolved)
     try:
         stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
         stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
     except grpc.RpcError as err:
-        return err.code() == grpc.StatusCode.UNAUTHENTICATED
+        return err.code().name
     finally:
         channel.close()
-    return False
+    return None
 
 
 def auth_refusal(err: BaseException, address: str) -> ClusterAuthError | None:

@@ -30,6 +30,10 @@ __all__ = ["ensure_ray", "probe_address", "probe_cluster", "resolve_address", "g
 _STARTED: tuple[str, dict[str, str]] | None = None
 
 CONNECT_TIMEOUT_S = 2.0  # a TCP connect on a LAN takes milliseconds; a dead host, forever
+# One GCS call answers in milliseconds; a port that takes TCP but speaks no gRPC (another
+# service, a proxy) would have ray.init retrying for minutes (166 s measured).
+AUTH_PROBE_S = 3.0
+NOT_A_GCS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "UNIMPLEMENTED")
 
 # Ray's GCS connect budgets while a driver joins a cluster, bounded so that a port that
 # accepts connections but is no GCS (a proxy, another service) is an error within seconds,
@@ -113,7 +117,13 @@ def probe_cluster(address: str) -> str:
     (:func:`~.ray_auth.probe_auth`): both failures are one line within seconds, where
     ``ray.init`` would retry, then raise an error that does not say why."""
     resolved = probe_address(address)
-    probe_auth(address, resolved)
+    status = probe_auth(address, resolved, AUTH_PROBE_S)
+    if status in NOT_A_GCS:
+        shown = address if resolved == address else f"{address} ({resolved})"
+        raise ClusterGoneError(
+            f"something listens at --address {shown} but no Ray cluster answers there "
+            f"(gRPC {status} after {AUTH_PROBE_S:g} s); pass the GCS address `ray start --head` "
+            "printed (port 6379 by default), or omit --address to start a local cluster")
     return resolved
 
 
