@@ -344,7 +344,8 @@ def run_race(rc: RaceConfig, progress: Callable[[float, float, dict], None] | No
         lanes.append(result)
         spent_before += result["train_s"] if total is None else rc.budget_s
     best = {m: best_lane([r for r in lanes if r["method"] == m]) for m in rc.methods}
-    return {"config": asdict(rc), "methods": best, "lanes": lanes}
+    return {"config": asdict(rc), "methods": best, "lanes": lanes,
+            "eval_examples": len(data[2].y)}
 
 
 def plot_race(result: dict[str, Any], path: str, title: str | None = None) -> None:
@@ -369,7 +370,8 @@ def plot_race(result: dict[str, Any], path: str, title: str | None = None) -> No
         ax.axhline(cfg["target"], color="grey", linestyle="--", linewidth=1,
                    label=f"target {cfg['target']:g}")
     ax.set_xlabel("training wall-clock seconds (evaluation not charged)")
-    ax.set_ylabel(f"test accuracy (first {cfg['eval_size']} test examples)")
+    shown = result.get("eval_examples", cfg["eval_size"])  # the test split may be smaller
+    ax.set_ylabel(f"test accuracy (first {shown} test examples)")
     ax.set_title(title or f"{cfg['model']} on {cfg['data']}: {cfg['stages']} stages, "
                           f"m={cfg['microbatches']}, backend {cfg['backend']}")
     ax.grid(alpha=0.3)

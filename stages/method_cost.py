@@ -103,11 +103,11 @@ def _dni_boundary(h: Tensor, labels: Tensor, options: dict) -> float:
     """The synthesizer at a cut: build it as the DNI stage would (zero last layer, its
     hidden layers, Adam with fan-in rates), then time one prediction and one regression
     step onto a target of h's shape."""
-    from .synthetic import make_synthesizer, param_groups
+    from .synthetic import param_groups, synthesizer_for
 
     num_classes = options.get("num_classes") if options.get("conditioned") else None
-    sg = make_synthesizer(tuple(h.shape), options.get("sg_hidden_layers", 1), num_classes,
-                          **(options.get("sg_options") or {}))
+    sg = synthesizer_for(tuple(h.shape), options.get("sg_hidden_layers", 1), num_classes,
+                         options.get("sg_hidden"), options.get("sg_options"))
     lr = options.get("sg_lr", 1e-3)
     opt = torch.optim.Adam(param_groups(sg, lr, options.get("sg_lr_scaling", True)), lr=lr)
     lab = labels if num_classes else None

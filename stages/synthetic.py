@@ -54,7 +54,7 @@ from .errors import ConfigError
 
 _TINY = 1e-30  # the scale's floor: all-zero targets must not divide by zero
 
-__all__ = ["MLPSynthesizer", "ConvSynthesizer", "make_synthesizer", "one_hot", "param_groups",
+__all__ = ["MLPSynthesizer", "ConvSynthesizer", "make_synthesizer", "synthesizer_for", "one_hot", "param_groups",
            "REFERENCE_FAN_IN"]
 
 REFERENCE_FAN_IN = 1024  # the fan-in at which a layer's learning rate is the base lr
@@ -242,6 +242,24 @@ def make_synthesizer(
     if len(shape) == 4:
         return ConvSynthesizer(shape[1], hidden_layers, num_classes, **options)
     return MLPSynthesizer(math.prod(shape[1:]), hidden_layers, num_classes=num_classes, **options)
+
+
+def synthesizer_for(
+    example_activation_shape: Sequence[int],
+    hidden_layers: int = 0,
+    num_classes: int | None = None,
+    hidden: int | None = None,
+    options: dict | None = None,
+) -> _Synthesizer:
+    """``make_synthesizer`` with a hidden width of at most ``hidden`` (units of a flat
+    synthesizer, channels of a conv one; None: the activation's own width): the DNI stage
+    and the balancer's cost hook build the same module through this one call."""
+    shape = tuple(int(s) for s in example_activation_shape)
+    options = dict(options or {})
+    if hidden is not None:
+        key, width = ("hidden_channels", shape[1]) if len(shape) == 4 else ("hidden", math.prod(shape[1:]))
+        options.setdefault(key, min(int(hidden), width))
+    return make_synthesizer(shape, hidden_layers, num_classes, **options)
 
 
 def param_groups(sg: nn.Module, lr: float, scale_by_fan_in: bool = True) -> list[dict]:

@@ -382,3 +382,29 @@ def test_sg_learning_rate_scales_with_fan_in():
     st0, _ = two_stages(sg_lr_scaling=False)
     st0.forward(0, torch.randn(2, 6))
     assert {g["lr"] for g in st0.sg_optimizer.param_groups} == {st0.sg_lr}
+
+
+def test_each_rule_has_its_synthesizer_width_capped_at_the_activation():
+    """dni's synthesizer is a 64-unit bottleneck, cdni's 256, ``sg_hidden`` overrides both,
+    no synthesizer is wider than its activation, and the balancer's cost hook builds the
+    very module the stage trains."""
+    from brigade.stages import dni
+    from brigade.stages.rules import get_method
+    from brigade.stages.synthetic import synthesizer_for
+
+    model = nn.Sequential(nn.Sequential(nn.Linear(6, 512), nn.ReLU()), nn.Linear(512, 3))
+    for name, width in (("dni", dni.DNI_SG_HIDDEN), ("cdni", dni.CDNI_SG_HIDDEN)):
+        rule = get_method(name)
+        kw = rule.prepare(rule.options(), model, None)
+        assert kw["sg_hidden"] == width
+        sg = synthesizer_for((4, 512), 1, kw.get("num_classes") if name == "cdni" else None, kw["sg_hidden"])
+        assert sg.net[0].out_features == width and sg.net[-1].out_features == 512
+        assert rule.prepare(rule.options(sg_hidden=32), model, None)["sg_hidden"] == 32
+    assert synthesizer_for((4, 16), 1, None, 64).net[0].out_features == 16  # capped
+    assert synthesizer_for((4, 8, 5, 5), 1, None, 4).net[0].out_channels == 4
+    with pytest.raises(ConfigError, match="sg_hidden=0"):
+        get_method("dni").options(sg_hidden=0)
+
+    stage = DNIStage(model[0], StageSpec(0, 2), lambda p: torch.optim.SGD(p, lr=0.1), sg_hidden=64)
+    stage.forward(0, torch.randn(4, 6))
+    assert stage.sg.net[0].out_features == 64

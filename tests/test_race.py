@@ -34,6 +34,7 @@ def test_race_charges_training_only_and_writes_json_plot_and_tensorboard(tmp_pat
     assert "race: mlp on synthetic" in printed and "every rate of the grid" in printed
     result = json.loads(out.read_text())
     assert set(result["methods"]) == {"backprop", "dni"} and len(result["lanes"]) == 4
+    assert result["eval_examples"] == 64  # --eval-size 64, the plot's axis label
     for lane in result["lanes"]:
         curve = lane["curve"]
         assert curve[0][0] == 0.0 and len(curve) >= 2

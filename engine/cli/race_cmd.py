@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 
 from rich.console import Console
 from rich.table import Table
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     with output.progress_bar(err, "racing", disable=args.quiet) as update:
         result = run_race(rc, progress=update)
-    print_table(result, Console())
+    # nine columns: never narrower than 120 (a pipe or log file would get 80 and cut names)
+    print_table(result, Console(width=max(120, shutil.get_terminal_size((120, 24)).columns)))
     if args.json:
         output.write_json(args.json, result)
     if args.plot:
