@@ -7,7 +7,10 @@ Each stage actor's resident memory (VmRSS from /proc, the process ids the Pipeli
 is sampled every ``--every`` steps. After warm-up (``--warmup``, step 500) memory must not
 grow: no activations, futures or queue items may leak. Prints, per run and stage, RSS at
 steps 100, 500, 1,000 and the last, and the slope after warm-up (least squares over the
-samples from ``--warmup`` on, MB per 1,000 steps; the target is <= 1).
+samples from ``--warmup`` on, MB per 1,000 steps; the target is <= 1), split into private
+memory (RssAnon: the heap, where a leak shows) and shared memory pages touched (RssShmem:
+Ray's object store is mapped into every worker, and the pages its objects pass through count
+in VmRSS up to the store's size, with no leak).
 """
 
 from __future__ import annotations
@@ -44,12 +47,15 @@ RUNS = {
 MARKS = (100, 500, 1000, 2000)  # steps whose RSS the table shows (those within --steps)
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process, from /proc (Linux)."""
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """Resident memory of a process, from /proc (Linux): ``VmRSS`` (all of it), ``RssAnon``
+    (private: the heap, where a leak shows) or ``RssShmem`` (shared memory pages it has
+    touched: Ray's object store, mapped into every worker, counts here as its objects come
+    and go, up to the store's size, without any leak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
 
 
 def slope_mb_per_k(samples: list[tuple[int, list[int]]], stage: int, start: int) -> float:
@@ -79,6 +85,8 @@ def soak(name: str, args) -> dict:
     import ray
 
     samples: list[tuple[int, list[int]]] = []
+    private: list[tuple[int, list[int]]] = []  # RssAnon per stage
+    shared: list[tuple[int, list[int]]] = []  # RssShmem per stage
     in_use: list[tuple[int, list[int]]] = []  # glibc malloc's bytes in use, per stage
     blocks: list[tuple[int, list[int]]] = []  # Python objects' blocks allocated, per stage
     pending: list[int] = []
@@ -99,6 +107,8 @@ def soak(name: str, args) -> dict:
             pipe.reset_timeline()  # the driver's event log is not what we measure
             if done % args.every < n or done == args.steps:  # windows may step past a mark
                 samples.append((done, [rss_bytes(p) for p in pids]))
+                private.append((done, [rss_bytes(p, "RssAnon") for p in pids]))
+                shared.append((done, [rss_bytes(p, "RssShmem") for p in pids]))
                 mem = ray.get([a.memory.remote() for a in pipe._backend.actors])
                 in_use.append((done, [m["malloc_in_use"] for m in mem]))
                 blocks.append((done, [m["python_blocks"] for m in mem]))
@@ -112,11 +122,16 @@ def soak(name: str, args) -> dict:
             "growth_bytes": [b - a for a, b in zip(at_warm, last)],
             "slope_mb_per_1000": [slope_mb_per_k(samples, i, args.warmup)
                                   for i in range(len(pids))],
+            "private_slope_mb_per_1000": [slope_mb_per_k(private, i, args.warmup)
+                                          for i in range(len(pids))],
+            "shared_slope_mb_per_1000": [slope_mb_per_k(shared, i, args.warmup)
+                                         for i in range(len(pids))],
             "in_use_slope_mb_per_1000": [slope_mb_per_k(in_use, i, args.warmup)
                                          for i in range(len(pids))],
             "python_blocks_per_1000": [2**20 * slope_mb_per_k(blocks, i, args.warmup)
                                        for i in range(len(pids))],
-            "pending_messages_at_end": pending, "samples": samples, "malloc_in_use": in_use}
+            "pending_messages_at_end": pending, "samples": samples, "malloc_in_use": in_use,
+            "private": private, "shared": shared}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                               for s, rss in r["samples"])
             print(f"{name}: {r['steps']} steps in {r['wall_s']:.0f} s, slope after step "
                   f"{args.warmup}: {[round(g, 2) for g in r['slope_mb_per_1000']]} MB/1000 "
-                  f"steps (malloc in use: "
+                  f"steps (private RssAnon: {[round(g, 2) for g in r['private_slope_mb_per_1000']]}, "
+                  f"shared RssShmem: {[round(g, 2) for g in r['shared_slope_mb_per_1000']]}, "
+                  f"malloc in use: "
                   f"{[round(g, 2) for g in r['in_use_slope_mb_per_1000']]}); RSS MB per "
                   f"stage by step: {curve}", file=sys.stderr, flush=True)
             if args.json:  # after every run: a long soak keeps what it has measured
@@ -157,13 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(title=f"actor resident memory (MB) by step; slope fitted from step "
                         f"{args.warmup} to {args.steps}")
     for col in ("run", "method", "stage", *(f"@{m}" for m in marks), "MB / 1000 steps",
-                "malloc in use, MB / 1000 steps", "Python blocks / 1000 steps",
+                "private (RssAnon)", "shared (RssShmem)", "malloc in use, MB / 1000 steps", "Python blocks / 1000 steps",
                 "messages left"):
         table.add_column(col, justify="right")
     for r in rows:
         for s, slope in enumerate(r["slope_mb_per_1000"]):
             table.add_row(r["name"], r["method"], str(s),
                           *(f"{r['rss_at'][m][s] / 2**20:.1f}" for m in marks), f"{slope:+.2f}",
+                          f"{r['private_slope_mb_per_1000'][s]:+.2f}",
+                          f"{r['shared_slope_mb_per_1000'][s]:+.2f}",
                           f"{r['in_use_slope_mb_per_1000'][s]:+.2f}",
                           f"{r['python_blocks_per_1000'][s]:+.0f}",
                           str(r["pending_messages_at_end"][s]))
