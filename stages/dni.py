@@ -380,7 +380,7 @@ class DNIOptions:
         if self.sg_hidden is not None and (isinstance(self.sg_hidden, bool) or not (
                 isinstance(self.sg_hidden, int) and self.sg_hidden > 0)):
             raise ConfigError(f"sg_hidden={self.sg_hidden!r}: the synthesizer's hidden width "
-                              "must be a positive integer (or None for the activation's width)")
+                              "must be a positive integer (or None for the rule's default)")
         if not (isinstance(self.sg_lr, (int, float)) and self.sg_lr > 0):
             raise ConfigError(f"sg_lr={self.sg_lr!r} must be a positive number")
         if not 0.0 <= self.update_prob <= 1.0:
