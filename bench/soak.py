@@ -47,15 +47,20 @@ RUNS = {
 MARKS = (100, 500, 1000, 2000)  # steps whose RSS the table shows (those within --steps)
 
 
-def rss_bytes(pid: int, field: str = "VmRSS") -> int:
-    """Resident memory of a process, from /proc (Linux): ``VmRSS`` (all of it), ``RssAnon``
-    (private: the heap, where a leak shows) or ``RssShmem`` (shared memory pages it has
-    touched: Ray's object store, mapped into every worker, counts here as its objects come
-    and go, up to the store's size, without any leak)."""
+def rss_bytes(pid: int) -> dict[str, int]:
+    """Resident memory of a process from one read of /proc (Linux): ``VmRSS`` (all of it),
+    ``RssAnon`` (private: the heap, where a leak shows) and ``RssShmem`` (shared memory pages
+    it has touched: Ray's object store, mapped into every worker, counts here as its objects
+    come and go, up to the store's size, without any leak)."""
+    want = ("VmRSS", "RssAnon", "RssShmem")
+    found = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} for pid {pid}")
+        key = line.split(":", 1)[0]
+        if key in want:
+            found[key] = int(line.split()[1]) * 1024
+    if len(found) < len(want):
+        raise RuntimeError(f"no {', '.join(k for k in want if k not in found)} for pid {pid}")
+    return found
 
 
 def slope_mb_per_k(samples: list[tuple[int, list[int]]], stage: int, start: int) -> float:
@@ -106,9 +111,10 @@ def soak(name: str, args) -> dict:
             done += n
             pipe.reset_timeline()  # the driver's event log is not what we measure
             if done % args.every < n or done == args.steps:  # windows may step past a mark
-                samples.append((done, [rss_bytes(p) for p in pids]))
-                private.append((done, [rss_bytes(p, "RssAnon") for p in pids]))
-                shared.append((done, [rss_bytes(p, "RssShmem") for p in pids]))
+                mem_now = [rss_bytes(p) for p in pids]
+                samples.append((done, [m["VmRSS"] for m in mem_now]))
+                private.append((done, [m["RssAnon"] for m in mem_now]))
+                shared.append((done, [m["RssShmem"] for m in mem_now]))
                 mem = ray.get([a.memory.remote() for a in pipe._backend.actors])
                 in_use.append((done, [m["malloc_in_use"] for m in mem]))
                 blocks.append((done, [m["python_blocks"] for m in mem]))

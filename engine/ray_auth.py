@@ -17,7 +17,8 @@ import os
 
 from .errors import PipelineConfigError
 
-__all__ = ["ClusterAuthError", "probe_auth", "probe_job_server_auth", "auth_refusal"]
+__all__ = ["ClusterAuthError", "probe_auth", "probe_job_server_auth", "auth_refusal",
+           "shown_address"]
 
 TOKEN_FIX = ("RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it, to the cluster's "
              "token (`ray get-auth-token` on its head node prints it)")
@@ -26,6 +27,11 @@ TOKEN_FIX = ("RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it, to th
 class ClusterAuthError(PipelineConfigError):
     """The cluster at an address refused this client's auth token (wrong, missing, or
     token mode off); the message names the address and what to set."""
+
+
+def shown_address(address: str, resolved: str) -> str:
+    """``address`` as the user gave it, with what it resolved to where that differs."""
+    return address if resolved == address else f"{address} ({resolved})"
 
 
 def _token_source() -> str:
@@ -89,13 +95,15 @@ def probe_auth(address: str, resolved: str, timeout_s: float = 3.0) -> str | Non
     """
     from ray._raylet import is_k8s_token_auth_enabled
 
-    shown = address if resolved == address else f"{address} ({resolved})"
+    shown = shown_address(address, resolved)
     token_mode, has_token = _state(shown)
     unset_auto = address.strip() == "auto" and "RAY_AUTH_MODE" not in os.environ
     if is_k8s_token_auth_enabled() or (unset_auto and has_token):
         return None
-    status = None if token_mode and not has_token else _gcs_status(resolved, timeout_s)
-    if (token_mode and not has_token) or status == "UNAUTHENTICATED":
+    if token_mode and not has_token:
+        raise ClusterAuthError(_message(shown, token_mode, has_token))
+    status = _gcs_status(resolved, timeout_s)
+    if status == "UNAUTHENTICATED":
         raise ClusterAuthError(_message(shown, token_mode, has_token))
     return status
 

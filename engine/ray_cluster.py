@@ -19,7 +19,7 @@ from typing import Iterator
 
 from .errors import PipelineConfigError, PipelineError
 from .quiet import quiet_ray
-from .ray_auth import auth_refusal, probe_auth
+from .ray_auth import auth_refusal, probe_auth, shown_address
 
 __all__ = ["ensure_ray", "probe_address", "probe_cluster", "resolve_address", "gcs_alive",
            "ClusterGoneError", "ClusterLostError", "joined_gcs_address", "CONNECT_TIMEOUT_S",
@@ -35,10 +35,11 @@ CONNECT_TIMEOUT_S = 2.0  # a TCP connect on a LAN takes milliseconds; a dead hos
 AUTH_PROBE_S = 3.0
 NOT_A_GCS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "UNIMPLEMENTED")
 
-# Ray's GCS connect budgets while a driver joins a cluster, bounded so that a port that
-# accepts connections but is no GCS (a proxy, another service) is an error within seconds,
-# not ~20 one-second retries; an exported RAY_<name> wins. Set for the ray.init call only
-# (a local head started later in the same process keeps Ray's defaults).
+# Ray's GCS connect budgets while a driver joins a cluster; an exported RAY_<name> wins. Set
+# for the ray.init call only (a local head started later in the same process keeps Ray's
+# defaults). The retry count is read by ray._private.node at ray.init; the two timeouts go
+# to Ray's C++ config, which was seen not to change once ray is imported (a port that took
+# TCP but was no GCS still took 166 s), so probe_cluster, not these, catches such a port.
 _JOIN_TIMEOUTS = {
     "RAY_gcs_server_port_wait_time_s": "4",   # GCS client attempts, about 1 s each
     "RAY_gcs_rpc_server_connect_timeout_s": "4",
@@ -99,7 +100,7 @@ def probe_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> str:
     ``host:port``. A ClusterGoneError naming the address and the fix when nothing listens."""
     resolved = resolve_address(address)
     host, port = _split(resolved)
-    shown = address if resolved == address else f"{address} ({resolved})"
+    shown = shown_address(address, resolved)
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
             pass
@@ -119,7 +120,7 @@ def probe_cluster(address: str) -> str:
     resolved = probe_address(address)
     status = probe_auth(address, resolved, AUTH_PROBE_S)
     if status in NOT_A_GCS:
-        shown = address if resolved == address else f"{address} ({resolved})"
+        shown = shown_address(address, resolved)
         raise ClusterGoneError(
             f"something listens at --address {shown} but no Ray cluster answers there "
             f"(gRPC {status} after {AUTH_PROBE_S:g} s); pass the GCS address `ray start --head` "
