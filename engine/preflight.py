@@ -42,7 +42,7 @@ def preflight_text(cfg) -> str:
 
     data = _CHECKED.get(id(cfg))
     read = data_text(cfg, *data) if data is not None else f"{cfg.data} data made"
-    checked = "model" if cfg.single_process else "model, split, schedule"
+    checked = "model, split, schedule"
     if cfg.resume:
         checked += ", checkpoint to resume"
     return f"checked the job before starting anything: {read}; {checked}"
@@ -64,8 +64,6 @@ def preflight(cfg) -> list[str]:
         _CHECKED[id(cfg)] = (train, test)
     model_kwargs = _model_kwargs(cfg, train.shape, train.num_classes)
     model = build_model(cfg.model, **model_kwargs)
-    if cfg.single_process:
-        return []
     balance = _check_pipeline(cfg, model)
     if cfg.resume:
         _check_resume(cfg, model_kwargs, balance)

@@ -139,11 +139,6 @@ class TrainConfig:
             )
         if rule.check_training is not None:
             as_config_error(rule.check_training, self)
-        if self.single_process and self.checkpoint:  # --resume/--max-restarts need one
-            raise PipelineConfigError(
-                f"the single-process {rule.single_process} (--stages 1 --backend local) "
-                "does not checkpoint; drop --checkpoint/--resume/--max-restarts, or run the "
-                "pipelined form (--stages 2 or more)")
         pipe.options = _non_default(self.rule_options)  # the rest are the rule's defaults
         # the rule's schedule options (stale's k) on the config too, so that a resume's
         # identity check (preflight) compares what the pipeline will run
@@ -168,14 +163,6 @@ class TrainConfig:
         obj = as_config_error(rule.make_options, **kwargs)
         self.options = {k: getattr(obj, name) for k, name in by_key.items()}  # resolved
         return obj
-
-    @property
-    def single_process(self) -> bool:
-        """One stage on the local backend of a rule with a whole-model trainer (fwdgrad's
-        single-process estimator: full batches, every guess); any other run pipelines."""
-        p = self.pipeline
-        return (bool(get_method(p.method).single_process) and p.stages == 1
-                and not p.balance and p.backend == "local")
 
 
 def _non_default(options) -> dict[str, Any]:
@@ -272,12 +259,6 @@ def run_training(cfg: TrainConfig, progress=None, log=None, announce=None,
         phases.record("data", time.perf_counter() - t0, data_text(cfg, train, test))
     model_kwargs = _model_kwargs(cfg, train.shape, train.num_classes)
     log = log or (lambda line: None)
-    if cfg.single_process:
-        report = _train_forward_gradient(cfg, train, test, model_kwargs, progress, log)
-        report["config"] = flat_dict(cfg)
-        report["model_kwargs"] = model_kwargs
-        _time_figures(report, phases)
-        return report
     run = _Run(cfg, train, test, model_kwargs, progress, log, phases)
     restarts = 0
     while True:
@@ -595,63 +576,6 @@ def _partition_figures(pipe: Pipeline) -> dict[str, Any] | None:
         return None
     return {"by": part.by, "method": part.method, "balance": list(part.balance),
             "cost_s": [r.cost_s for r in part.rows]}
-
-
-def _train_forward_gradient(cfg, train, test, model_kwargs, progress, log) -> dict[str, Any]:
-    """Single-process forward-gradient training (no backward pass): the baseline that the
-    data-parallel ``brigade fwdgrad`` and the pipelined form are compared with (the rule's
-    ``single_process`` trainer)."""
-    from brigade.stages.fwdgrad import ForwardGradient
-
-    opts = cfg.rule_options
-    model = build_model(cfg.model, **model_kwargs)
-    fg = ForwardGradient(model, nn.CrossEntropyLoss(), guess=opts.guess,
-                         projections=opts.projections, seed=cfg.seed)
-    loader = Batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed)
-    total = cfg.steps if cfg.steps is not None else len(loader) * cfg.epochs
-    opt = _optimizer_factory(cfg, total)(model.parameters())
-    done, samples, train_s, epoch_losses, epochs = 0, 0, 0.0, {}, []
-
-    def evaluate(epoch: int, complete: bool) -> None:
-        losses = epoch_losses.get(epoch, [])
-        rec = {"epoch": epoch + 1, "steps": done, "complete": complete,
-               "train_loss": sum(losses) / len(losses) if losses else float("nan"),
-               **model_evaluate(model, test)}
-        epochs.append(rec)
-        log(epoch_line(rec))
-
-    while done < total:
-        epoch = loader.epoch
-        for x, y in loader:
-            t0 = time.perf_counter()
-            loss = float(fg.step(x, y, opt)["loss"])
-            train_s += time.perf_counter() - t0
-            _check_finite(loss, done, None)
-            epoch_losses.setdefault(epoch, []).append(loss)
-            done += 1
-            samples += len(y)  # an epoch's last batch may be short
-            if progress:
-                progress(done, total, {"epoch": epoch + 1, "loss": loss})
-            if done == total:
-                break
-        if loader.epoch > epoch and (cfg.eval_every_epoch or done == total):
-            evaluate(epoch, complete=True)
-    if not epochs or epochs[-1]["steps"] != done:
-        evaluate(max(epoch_losses), complete=False)
-
-    return {
-        "train_loss": [sum(v) / len(v) for _, v in sorted(epoch_losses.items())],
-        "steps": done, "wall_s": train_s,
-        "samples_per_s": samples / train_s if train_s else 0.0,
-        "final_test_accuracy": epochs[-1]["test_accuracy"],
-        "final_test_loss": epochs[-1]["test_loss"], "epochs": epochs,
-        "bubble_fraction": None, "bubble_note": bubble_note("local", 1), "simulated": None,
-        "microbatches": 1, "batch_size": cfg.batch_size, "window": 1,
-        "balance": [len(model)], "timeline": None,
-        "stages": [{"worker": 0, "stages": [0], "busy_s": train_s, "idle_fraction": 0.0,
-                    "peak_stored_activation_bytes": 0}],
-        "state_dict": model.state_dict(), "restarts": [], "checkpoint": None,
-    }
 
 
 def _jsonable(obj: Any) -> Any:

@@ -37,17 +37,21 @@ the stage), and the jvps normalise with the batch statistics without moving them
 the single-process estimator. Optimizer options that look at all parameters at once (the
 ``clip_norm`` of ``fg_optim``) act per stage here. Not pipelined: activation perturbation.
 
-The local guess (``guess='local'``, Fournier et al. 2023) pipelines with one unit per
-stage: ``F`` computes the stage's guess ``u``, the gradient of its own auxiliary head's loss
-(``make_head``; backprop inside the stage only, its input detached), and sends on ``(h',
-[J_h·t ; J_θ·u])``: the earlier stages' rows pushed through, plus its own row. The last
-stage's own gradient is exact (the real loss is local there); it sends back ``d``, one
-number per earlier stage (∇L along that stage's guess, times ``n_j / N``), and ``D`` adds
-``(d / |u|²) u`` to the stage's gradient: the projection of the true gradient on the
-guess. ``u`` depends on the microbatch, so a stage keeps it (parameter-sized) from F to D.
-With one microbatch a step equals ``ForwardGradient(guess='local', blocks=balance)`` (the
-heads trained alike, Adam at ``head_lr``); with several, each microbatch's estimate is its
-own guess's projection, weighted by its share.
+The local guess (``guess='local'``, Fournier et al. 2023) pipelines by *units*: a unit is
+a group of consecutive blocks scored by one auxiliary head (``make_head``). ``F`` computes
+each unit's guess ``u``, the gradient of its head's loss (backprop inside the unit only, its
+input detached), and sends on ``(h', [J_h·t ; J_θ·u])``: the earlier units' rows pushed
+through, plus one row per unit of its own. The model's last unit has an exact gradient (the
+real loss is local there); the last stage sends back ``d``, one number per earlier unit (∇L
+along that unit's guess, times ``n_j / N``), and ``D`` adds ``(d / |u|²) u`` to each unit's
+gradient: the projection of the true gradient on the guess. ``u`` depends on the
+microbatch, so a stage keeps it (parameter-sized) from F to D. The units: ``blocks``
+(children per unit, cut by the stages), or by default one per stage; a pipeline of one
+stage, where that one unit would get the exact gradient (plain backprop), takes one unit
+per block (``param_blocks``), as the single-process estimator does. With one microbatch a
+step equals ``ForwardGradient(guess='local', blocks=...)`` with the same units (the heads
+trained alike, Adam at ``head_lr``); with several, each microbatch's estimate is its own
+guess's projection, weighted by its share.
 """
 
 from __future__ import annotations
@@ -103,10 +107,14 @@ def stage_options(
     if choose("guess", guess, ("random", "local")) == "local":
         from .rules import num_classes_of
 
-        # each stage is one unit, its guess its own head's gradient: nothing to resolve on
-        # the whole model but the heads' class count
+        # each unit's guess is its own head's gradient: nothing to resolve on the whole
+        # model but the heads' class count and, with ``blocks``, each child's unit
+        if blocks is not None:
+            param_blocks(model, blocks)  # checks that they cover the model's children
+        units = None if blocks is None else [k for k, b in enumerate(blocks) for _ in range(b)]
         return {"counts": (), "param_units": [], "child_params": [], "seed": int(seed),
-                "dist": dist, "guess": "local", "num_classes": num_classes_of(model, "fwdgrad")}
+                "dist": dist, "guess": "local", "num_classes": num_classes_of(model, "fwdgrad"),
+                "child_units": units, "num_units": None if blocks is None else len(blocks)}
     if isinstance(projections, str):
         if projections.strip().lower() != "auto":
             raise ConfigError(
@@ -143,6 +151,15 @@ class _Segment:
     index: list[int]  # the parameters' positions in the whole model
 
 
+@dataclass
+class _LocalUnit:
+    """Consecutive children of a stage scored by one head (the local guess's unit)."""
+
+    module: nn.Module
+    unit: int  # its number in the whole model: its row of tangent, its entry of d
+    index: list[int]  # the parameters' positions in the stage
+
+
 class ForwardGradientStage(StageBase):
     """A slice of the model trained by forward gradients, driven by ``F``, ``D`` and ``U``."""
 
@@ -163,11 +180,14 @@ class ForwardGradientStage(StageBase):
         num_classes: int | None = None,
         pool: int = 2,
         head_lr: float = 1e-3,
+        child_units: Sequence[int] | None = None,
+        num_units: int | None = None,
     ) -> None:
         self._setup(module, spec, optimizer_factory, loss_fn, device)
         self.guess = choose("guess", guess, ("random", "local"))
+        self.seed = int(seed)
         if self.guess == "local":
-            self._init_local(num_classes, pool, head_lr, seed)
+            self._init_local(num_classes, pool, head_lr, child_units, num_units)
         self.counts = tuple(int(c) for c in counts)
         self.row_start = [sum(self.counts[:u]) for u in range(len(self.counts))]
         self.rows = sum(self.counts)  # numbers in d: one per projection of every unit
@@ -341,114 +361,170 @@ class ForwardGradientStage(StageBase):
     # -- bookkeeping --------------------------------------------------------------------------
     def state_dict_extra(self) -> dict[str, Any]:
         """The step counter (the directions' key; the seed comes with the options); with
-        the local guess also the head and its optimizer."""
+        the local guess also each unit's head and its optimizer."""
         if self.guess != "local":
             return {"t": self.t}
-        return {"t": self.t, "head_shape": self._head_shape,
-                "head": None if self.head is None else self.head.state_dict(),
-                "head_optimizer": None if self.head is None else self.head_optimizer.state_dict()}
+        return {"t": self.t,
+                "heads": {u: {"shape": shape, "head": self.heads[u].state_dict(),
+                              "optimizer": self.head_optimizers[u].state_dict()}
+                          for u, shape in self._head_shapes.items()}}
 
     def load_state_dict_extra(self, state: dict[str, Any]) -> None:
         self.t = int(state["t"])
         self._coef, self._vs = None, {}
-        if state.get("head") is not None:
-            if self.head is None:
-                self._build_head(tuple(state["head_shape"]))
-            self.head.load_state_dict(state["head"])
-            self.head_optimizer.load_state_dict(state["head_optimizer"])
+        for u, saved in state.get("heads", {}).items():
+            u = int(u)
+            if u not in self.heads:
+                self._build_head(u, tuple(saved["shape"]))
+            self.heads[u].load_state_dict(saved["head"])
+            self.head_optimizers[u].load_state_dict(saved["optimizer"])
 
-    # -- the local guess (Fournier et al. 2023), one unit per stage ----------------------------
-    def _init_local(self, num_classes: int | None, pool: int, head_lr: float, seed: int) -> None:
-        """Each stage's guess is its own head's gradient (the last stage's: the true one)."""
-        if not self.spec.is_last and not (isinstance(num_classes, int) and num_classes > 0):
+    # -- the local guess (Fournier et al. 2023), one unit per block group ---------------------
+    def _init_local(self, num_classes: int | None, pool: int, head_lr: float,
+                    child_units: Sequence[int] | None, num_units: int | None) -> None:
+        """Each unit's guess is its own head's gradient (the model's last unit's: the true
+        one). The units are the stage's blocks of ``child_units`` (the ``blocks`` option);
+        without it one unit per stage, or, on a pipeline of one stage (where one unit would
+        be the exact gradient: backprop), one per block of ``param_blocks``, as the
+        single-process estimator."""
+        self.units, self.num_units = self._local_units(child_units, num_units)
+        if any(u.unit < self.num_units - 1 for u in self.units) and not (
+                isinstance(num_classes, int) and num_classes > 0):
             raise ConfigError(f"stage {self.spec.index}: the local guess needs num_classes, "
                               f"a positive integer; got {num_classes!r}")
         self.num_classes, self.pool, self.head_lr = num_classes, int(pool), float(head_lr)
         self.head_loss = nn.CrossEntropyLoss()
-        self.head: nn.Module | None = None
-        self.head_optimizer: torch.optim.Optimizer | None = None
-        self._head_shape: tuple[int, ...] | None = None
-        self._guesses: dict[int, tuple[list[torch.Tensor], float]] = {}  # mb -> (u, |u|²)
-        self._grad: list[torch.Tensor] | None = None  # Σ_j (w_j d_j / |u_j|²) u_j
+        self.heads: dict[int, nn.Module] = {}  # unit -> its auxiliary head
+        self.head_optimizers: dict[int, torch.optim.Optimizer] = {}
+        self._head_shapes: dict[int, tuple[int, ...]] = {}
+        self._guesses: dict[tuple[int, int], tuple[list[torch.Tensor], float]] = {}
+        self._grad: list[torch.Tensor] | None = None  # Σ_j (w_j d_j / |u_j|²) u_j per unit
 
-    def _build_head(self, shape: tuple[int, ...]) -> None:
-        """The stage's auxiliary head (``make_head``), from a seed of its own; Adam at
+    def _local_units(self, child_units: Sequence[int] | None,
+                     num_units: int | None) -> tuple[list[_LocalUnit], int]:
+        """The stage's units (consecutive children of one block) and the model's unit count."""
+        position = {id(p): i for i, p in enumerate(self.module.parameters())}
+
+        def unit(module: nn.Module, k: int) -> _LocalUnit:
+            return _LocalUnit(module, k, [position[id(p)] for p in module.parameters()])
+
+        if child_units is None:
+            if self.spec.num_stages > 1:
+                return [unit(self.module, self.spec.index)], self.spec.num_stages
+            blocks = param_blocks(self.module)
+            return [unit(b.module, k) for k, b in enumerate(blocks)], len(blocks)
+        named = list(self.module.named_children()) if isinstance(self.module, nn.Sequential) \
+            else [("0", self.module)]
+        first, last = int(named[0][0]), int(named[-1][0])
+        for i, j in ((first - 1, first), (last, last + 1)):
+            if 0 <= i and j < len(child_units) and child_units[i] == child_units[j]:
+                raise ConfigError(
+                    f"stage {self.spec.index}: local-guess block {child_units[j]} spans "
+                    f"children {i} and {j}, which are on different stages; give blocks that "
+                    "the stage cut does not split (blocks=..., balance=...)")
+        groups: list[tuple[int, list[nn.Module]]] = []
+        for name, child in named:
+            k = child_units[int(name)]
+            if groups and groups[-1][0] == k:
+                groups[-1][1].append(child)
+            else:
+                groups.append((k, [child]))
+        return ([unit(mods[0] if len(mods) == 1 else nn.Sequential(*mods), k)
+                 for k, mods in groups], int(num_units))
+
+    def _build_head(self, unit: int, shape: tuple[int, ...]) -> None:
+        """Unit ``unit``'s auxiliary head (``make_head``), from a seed of its own; Adam at
         ``head_lr`` trains it on its local loss, as the single-process estimator does."""
-
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + self.spec.index + 1)
-            self.head = make_head(shape, self.num_classes, self.pool).to(self.device)
-        self._head_shape = tuple(shape)
-        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=self.head_lr)
+            torch.manual_seed(self.seed * 1_000_003 + unit + 1)
+            self.heads[unit] = make_head(shape, self.num_classes, self.pool).to(self.device)
+        self._head_shapes[unit] = tuple(shape)
+        self.head_optimizers[unit] = torch.optim.Adam(self.heads[unit].parameters(),
+                                                      lr=self.head_lr)
 
     def _forward_local(self, mb: int, h: torch.Tensor, t: torch.Tensor | None,
                        target: torch.Tensor | None, weight: float,
                        label: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Local loss and its gradient u (input detached: backprop inside the stage only),
-        then the tangent: the earlier stages' rows pushed through, and this stage's own
-        row ``J_θ·u``. The last stage returns ``(loss, d)``: its own gradient is exact (the
-        real loss is local there), d holds ∇L along each earlier stage's guess, times
-        ``weight`` (the microbatch's share)."""
-        params = list(self.module.parameters())
+        """Unit by unit: its local loss and that loss's gradient u (input detached:
+        backprop inside the unit only), then the tangent: the earlier units' rows pushed
+        through, and the unit's own row ``J_θ·u``. The model's last unit has an exact
+        gradient (the real loss is local there); the last stage returns ``(loss, d)``, d
+        holding ∇L along each earlier unit's guess, times ``weight`` (the share)."""
+        if self.spec.is_last and target is None:
+            raise ConfigError(f"stage {self.spec.index}: last stage forward needs a target")
+        label = target if label is None else label  # the last stage's heads score the target
+        for unit in self.units:
+            exact = unit.unit == self.num_units - 1
+            if not exact and label is None:
+                raise ConfigError(f"stage {self.spec.index}: the local guess needs the "
+                                  "microbatch's labels (label=...)")
+            h, t = self._push_local(mb, unit, h, t, weight, target if exact else None, label)
+        if not self.spec.is_last:
+            return h, t
+        loss, d = self._loss_and_d(h, t, target.to(self.device))
+        self._losses.append(float(loss * weight))
+        return loss * weight, d * weight
+
+    def _push_local(self, mb: int, unit: _LocalUnit, h: torch.Tensor, t: torch.Tensor | None,
+                    weight: float, target: torch.Tensor | None, label: torch.Tensor | None):
+        """One unit: its gradient (exact with ``target``, else its head's guess, kept
+        until D), and ``(h', tangent')``."""
+        params = list(unit.module.parameters())
         inp = h.detach()
         with torch.enable_grad():
-            out = self.module(inp)  # the running statistics move once, here
-            if self.spec.is_last:
-                if target is None:
-                    raise ConfigError(f"stage {self.spec.index}: last stage forward needs a target")
-                target = target.to(self.device)
-                exact = torch.autograd.grad(self.loss_fn(out, target) * weight, params,
-                                            allow_unused=True)
+            out = unit.module(inp)  # the running statistics move once, here
+            if target is not None:
+                loss = self.loss_fn(out, target.to(self.device)) * weight
+                grads = torch.autograd.grad(loss, params, allow_unused=True) if params else ()
             else:
-                if label is None:
-                    raise ConfigError(f"stage {self.spec.index}: the local guess needs the "
-                                      "microbatch's labels (label=...)")
-                if self.head is None:
-                    self._build_head(tuple(out.shape[1:]))
-                heads = list(self.head.parameters())
-                gs = torch.autograd.grad(self.head_loss(self.head(out), label.to(self.device)),
-                                         params + heads, allow_unused=True)
+                if unit.unit not in self.heads:
+                    self._build_head(unit.unit, tuple(out.shape[1:]))
+                heads = list(self.heads[unit.unit].parameters())
+                grads = torch.autograd.grad(
+                    self.head_loss(self.heads[unit.unit](out), label.to(self.device)),
+                    params + heads, allow_unused=True)
         before = None
         if t is not None and t.shape[0]:
-            _, before = jvp_forward(self.module, inp, t, n=t.shape[0], perturb=False)
+            _, before = jvp_forward(unit.module, inp, t, n=t.shape[0], perturb=False)
         out = out.detach()
-        if self.spec.is_last:
-            self._add(params, [torch.zeros_like(p) if g is None else g for g, p in zip(exact, params)])
-            loss, d = self._loss_and_d(out, before, target)
-            self._losses.append(float(loss * weight))
-            return loss * weight, d * weight
-        u = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(gs[:len(params)], params)]
-        for p, g in zip(heads, gs[len(params):]):  # the head learns its local loss
+        if target is not None:
+            self._add(unit, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+            return out, before
+        u = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+        for p, g in zip(heads, grads[len(params):]):  # the head learns its local loss
             if g is not None:
                 p.grad = g * weight if p.grad is None else p.grad + g * weight
-        self._guesses[mb] = (u, sum(float(x.double().pow(2).sum()) for x in u))
+        self._guesses[(mb, unit.unit)] = (u, sum(float(x.double().pow(2).sum()) for x in u))
         self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes())
         if params:
-            _, own = jvp_forward(self.module, inp, None, n=1, vs=[x.unsqueeze(0) for x in u])
+            _, own = jvp_forward(unit.module, inp, None, n=1, vs=[x.unsqueeze(0) for x in u])
         else:
             own = torch.zeros((1, *out.shape), dtype=out.dtype, device=out.device)
         return out, own if before is None else torch.cat([before, own])
 
-    def _add(self, params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
+    def _add(self, unit: _LocalUnit, grads: list[torch.Tensor]) -> None:
+        """Add a unit's gradient estimate into the stage's sum over the step."""
         if self._grad is None:
-            self._grad = [torch.zeros_like(p) for p in params]
-        for acc, g in zip(self._grad, grads):
-            acc.add_(g)
+            self._grad = [torch.zeros_like(p) for p in self.module.parameters()]
+        for i, g in zip(unit.index, grads):
+            self._grad[i].add_(g)
 
     def _accumulate_local(self, mb: int, d: torch.Tensor) -> None:
-        """D: ``g += (w_j d_j / |u_j|²) u_j``, d_j the last stage's derivative along this
-        stage's guess (the last stage's gradient is already exact)."""
-        if d.numel() != self.spec.num_stages - 1:
+        """D: ``g += (w_j d_j / |u_j|²) u_j`` for each of the stage's guessed units, d_j
+        the last stage's derivative along that unit's guess (the exact unit is done)."""
+        if d.numel() != self.num_units - 1:
             raise ConfigError(f"stage {self.spec.index}: d of microbatch {mb} has {d.numel()} "
-                              f"numbers, expected {self.spec.num_stages - 1} (one per earlier stage)")
-        if self.spec.is_last:
-            return
-        u, norm2 = self._guesses.pop(mb)
-        scale = float(d[self.spec.index]) / norm2 if norm2 > 0 else 0.0
-        self._add(list(self.module.parameters()), [x * scale for x in u])
+                              f"numbers, expected {self.num_units - 1} (one per unit but the "
+                              "last)")
+        for unit in self.units:
+            if unit.unit == self.num_units - 1:
+                continue
+            u, norm2 = self._guesses.pop((mb, unit.unit))
+            scale = float(d[unit.unit]) / norm2 if norm2 > 0 else 0.0
+            self._add(unit, [x * scale for x in u])
 
     def _update_local(self) -> None:
-        """Step the stage with its accumulated estimate, and the head with its gradient."""
+        """Step the stage with its accumulated estimate, and the heads with their gradients."""
         params = list(self.module.parameters())
         grads = self._grad or [torch.zeros_like(p) for p in params]
         for p, g in zip(params, grads):
@@ -456,9 +532,9 @@ class ForwardGradientStage(StageBase):
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if self.head_optimizer is not None:
-            self.head_optimizer.step()
-            self.head_optimizer.zero_grad(set_to_none=True)
+        for opt in self.head_optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         self._grad = None
         self.t += 1
 
@@ -603,7 +679,6 @@ register_method(MethodSpec(
     forward=(Message("(h, tangent rows)", "(1+r)·B·F", _tangent_size),),
     backward=(Message("d = ∇L·v, last stage -> every stage", "R", _d_size),),
     exposure=_exposure, config_fields=("seed",), costs=CostHooks(balancer=FWDGRAD_COST),
-    single_process="forward-gradient estimator",
     no_autocast="its forward is a torch.func.jvp",
     summary="forward gradients: tangents ride forward, only d = ∇L·v comes back",
     reference="Baydin et al. 2022 (arXiv 2202.08587); local guess: Fournier et al. 2023"))

@@ -144,8 +144,7 @@ class MethodSpec:
       per microbatch).
     - ``check_training(train_config)``: the rule's own checks of a ``brigade train`` job,
       run with the others before any side effect (fwdgrad refuses ``--lr-schedule step``).
-    - ``config_fields``: ``brigade train`` settings that feed its options (the seed). ``single_process``: non-empty where, with one stage on the local
-      backend, the rule has a whole-model trainer (it names it: "forward-gradient estimator").
+    - ``config_fields``: ``brigade train`` settings that feed its options (the seed).
     - ``no_autocast``: non-empty where the rule's forward is not an autocast region (why;
       ``--autocast`` is then refused).
     - ``costs``: hooks for the simulator and the balancer.
@@ -173,7 +172,6 @@ class MethodSpec:
     fixed: Mapping[str, Any] = field(default_factory=dict)
     config_fields: tuple[str, ...] = ()
     no_autocast: str = ""
-    single_process: str = ""
     costs: CostHooks = CostHooks()
     probe: Any = None  # a probes.ProbeHook
     summary: str = ""

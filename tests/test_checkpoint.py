@@ -155,6 +155,9 @@ RULES = {
     "dgl": ["--method", "dgl", "--window", "2"],
     "fwdgrad": ["--method", "fwdgrad", "--projections", "2", "--optimizer", "sgd",
                 "--lr", "0.01"],
+    # the local guess keeps a head (and its Adam) per unit; one stage: a unit per block
+    "fwdgrad-local": ["--method", "fwdgrad", "--guess", "local", "--window", "2"],
+    "fwdgrad-local-one-stage": ["--method", "fwdgrad", "--guess", "local", "--stages", "1"],
 }
 
 

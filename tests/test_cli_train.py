@@ -59,8 +59,6 @@ def test_train_writes_json_state_dict_and_trace_then_report_reads_it(tmp_path, c
     (["--data", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
     (["--stale-k", "2"], "--stale-k applies to --method stale"),
     (["--sg-lr", "0.1"], "--sg-lr applies to --method dni or cdni"),
-    (["--method", "fwdgrad", "--stages", "1", "--checkpoint", "ck"],
-     "single-process forward-gradient estimator (--stages 1 --backend local) does not checkpoint"),
 ])
 def test_bad_train_arguments_exit_2_naming_the_value(args, message, capsys):
     base = ["train", "--model", "mlp", "--width", "16", "--data", "synthetic", "--backend",

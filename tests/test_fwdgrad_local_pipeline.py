@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from brigade.engine import Pipeline
-from brigade.stages.fwdgrad import ForwardGradient, LocalHeads, make_head
+from brigade.stages.fwdgrad import ForwardGradient, LocalHeads, make_head, param_blocks
 from brigade.stages.partition import split
 from brigade.stages.rules import get_method
 
@@ -126,3 +126,52 @@ def test_torchrun_run_equals_the_local_run(tmp_path):
     want, got, report = local_and_torchrun(tmp_path, flags, local=["--stages", "2"])
     assert_same(got, want)
     assert report["config"]["guess"] == "local"
+
+
+def seeded_heads(model, x, blocks):
+    """LocalHeads whose head k is the one the pipeline builds for unit k (seeded k + 1)."""
+    heads = LocalHeads(model, x, 3, blocks=blocks)
+    h = x
+    for k, block in enumerate(param_blocks(model, blocks)[:-1]):
+        h = block.module(h)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(k + 1)
+            heads.heads[k].load_state_dict(make_head(tuple(h.shape[1:]), 3).state_dict())
+    return heads
+
+
+def estimator(model, batches, blocks):
+    """The whole-model local-guess estimator with the given units (None: one per block)."""
+    model = copy.deepcopy(model)
+    heads = seeded_heads(model, batches[0][0], blocks)
+    fg = ForwardGradient(model, nn.CrossEntropyLoss(), guess="local", blocks=blocks,
+                         heads=heads, head_lr=1e-3)
+    opt = sgd(model.parameters())
+    return model.state_dict(), [fg.step(xb, yb, opt)["loss"] for xb, yb in batches]
+
+
+@pytest.mark.parametrize("balance, blocks", [
+    (4, None),  # one stage: one unit per block, not one exact unit (that would be backprop)
+    ([2, 2], (1, 1, 1, 1)),  # two units on each stage
+    ([3, 1], (1, 2, 1)),  # the last stage's only unit exact, two on the first
+    ([1, 3], (1, 1, 2)),  # a guessed unit before the exact one on the last stage
+])
+def test_several_units_per_stage_equal_the_estimator_with_those_blocks(balance, blocks):
+    model, batches = mlp(), data(3)
+    want, want_losses = estimator(model, batches, blocks)
+    with Pipeline(copy.deepcopy(model), stages=balance if blocks else 1, schedule="fwdgrad",
+                  method="fwdgrad", guess="local", blocks=blocks, microbatches=1,
+                  optimizer=sgd, loss_fn=nn.CrossEntropyLoss(), backend="local") as pipe:
+        losses = [o["loss"] for o in pipe.run(batches)]
+        got = pipe.state_dict()
+    assert losses == pytest.approx(want_losses, rel=1e-5)
+    assert_same(got, want)
+    moved = [k for k in want if not torch.equal(want[k], mlp().state_dict()[k])]
+    assert moved == list(want)  # every unit learned: no head's guess was lost
+
+
+def test_a_unit_that_the_stage_cut_splits_is_refused():
+    with pytest.raises(Exception, match=r"local-guess block 0 spans children 0 and 1"):
+        Pipeline(mlp(), stages=[1, 3], schedule="fwdgrad", method="fwdgrad", guess="local",
+                 blocks=(2, 2), microbatches=1, optimizer=sgd, loss_fn=nn.CrossEntropyLoss(),
+                 backend="local").shutdown()

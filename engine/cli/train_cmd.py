@@ -117,11 +117,7 @@ def run_here(args: argparse.Namespace, cfg=None) -> int:
     if args.save:
         output.save_state_dict(report["state_dict"], args.save)
     if args.trace:
-        if report["timeline"] is None:  # the single-process estimator runs no pipeline
-            console.print("[yellow]--trace: a single-process run has no pipeline timeline; "
-                          "nothing written[/]")
-        else:
-            write_chrome_trace(report["timeline"], args.trace)  # opens in Perfetto
+        write_chrome_trace(report["timeline"], args.trace)  # opens in Perfetto
     if args.json:
         output.write_json(args.json, output.json_figures(report))
     return 0
