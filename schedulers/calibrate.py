@@ -3,8 +3,9 @@
 A measured :class:`Timeline` (from the engine) holds every action's span. Its per-stage
 means of each kind are the profiled costs; the message latency is the mean gap between
 a producer finishing its send and the waiting consumer starting (mean, as for the costs:
-the latencies on a run's critical path add up), and a send costs the lower quartile of its
-spans (the rest is waiting for the receiver). Simulating the same schedule with those costs
+the latencies on a run's critical path add up), and each stage's sends cost their mean
+span, charged as send spans of their own (communication, not busy time, as the run counts
+them). Simulating the same schedule with those costs
 gives the prediction a measured run is compared with (``brigade report``): where they
 differ, the difference is the engine's overhead beyond compute and messages (driver round
 trips between steps, contention) and the spread of the costs around their means, which a
@@ -51,28 +52,34 @@ def schedule_of(timeline: Timeline) -> Schedule:
 
 
 def _means(events: list[Event]) -> dict[tuple[int, str], float]:
-    """Mean duration per (stage, kind) of compute events, plus the cost of their sends.
+    """Mean duration per (stage, kind) of compute events.
 
-    Means, not medians: the prediction should reproduce the run's total busy time. A
-    send's span is not its cost: a blocking send (gloo's rendezvous for large tensors)
-    also waits until the receiver posts its receive, which is the receiver's busy time.
-    The lower quartile of the send spans is the transfer itself.
+    Means, not medians: the prediction should reproduce the run's total busy time.
     """
     spans: dict[tuple[int, str], list[float]] = defaultdict(list)
-    sends: dict[tuple[int, str], list[float]] = defaultdict(list)
     for e in events:
-        target = spans if e.category == "compute" else sends if e.category == "send" else None
-        if target is not None:
-            target[(e.stage, e.kind)].append(e.duration)
-    return {
-        key: statistics.fmean(v) + (send_cost(sends[key]) if sends.get(key) else 0.0)
-        for key, v in spans.items()
-    }
+        if e.category == "compute":
+            spans[(e.stage, e.kind)].append(e.duration)
+    return {key: statistics.fmean(v) for key, v in spans.items()}
+
+
+def _send_costs(events: list[Event], stages: int) -> list[float]:
+    """Per stage, what one message it sends costs its sender (``Costs.send``; 0 where it
+    sent none): the mean send span, waits included. A simulated send is a span of its own,
+    not busy time, as in the measured run; so the mean reproduces the worker's
+    communication time, whether the span was copying (the same-host ring) or waiting for
+    the receiver to post its receive (gloo between hosts)."""
+    spans: dict[int, list[float]] = defaultdict(list)
+    for e in events:
+        if e.category == "send" and 0 <= e.stage < stages:
+            spans[e.stage].append(e.duration)
+    return [send_cost(spans[s]) if spans.get(s) else 0.0 for s in range(stages)]
 
 
 def send_cost(spans: list[float]) -> float:
-    """What a send costs, from its measured spans: their lower quartile (see ``_means``)."""
-    return sorted(spans)[len(spans) // 4]
+    """What a send costs its sender, from its measured spans: their mean (see
+    ``_send_costs``)."""
+    return statistics.fmean(spans)
 
 
 def _latency(timeline: Timeline, schedule: Schedule) -> float:
@@ -139,6 +146,7 @@ def costs_from_timeline(timeline: Timeline, latency: float | None = None) -> Cos
     total_mb = schedule.microbatches * max(1, int(timeline.meta.get("steps", 1)))
     return costs_from_spans(
         _means(timeline.events), schedule.num_stages,
+        send=_send_costs(timeline.events, schedule.num_stages),
         latency=_latency(timeline, schedule) if latency is None else latency,
         microbatch_size=timeline.samples / total_mb if total_mb else 1,
     )

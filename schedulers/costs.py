@@ -13,6 +13,11 @@ Durations the simulator charges (each kind's ``cost`` fields in :mod:`.kinds`, s
     D  0          (fwdgrad: add the scalars d to the step's coefficients)
     SF, SB  bytes / bandwidth on the sender;  RF, RB  0 (the receiver waits ``latency``)
 
+An unlowered action that sends to other workers also spends ``send`` (per stage, seconds per
+message: serialising and copying it into the transport) after its compute; the timeline
+shows it as a ``send`` span, so it counts as communication, not busy time, as in a
+measured run (where ``brigade`` records each send on its own).
+
 Under ``fwdgrad`` an ``F`` is a forward with tangents (a jvp per projection), several times
 a plain forward; a stage's first ``F`` of a step also draws the step's directions (kept for
 its later ones), so it costs the most: give ``f`` as the mean over a step's forwards, as
@@ -42,7 +47,7 @@ __all__ = ["Costs", "PER_STAGE", "LINKED_FIELDS"]
 
 PerStage = float | Sequence[float]
 # Fields that take one value per stage.
-PER_STAGE = ("f", "b", "i", "w", "u", "sg", "r", "activation_bytes")
+PER_STAGE = ("f", "b", "i", "w", "u", "sg", "r", "send", "activation_bytes")
 # Fields derived from each other (b = i + w): a field given or zeroed settles the others.
 LINKED_FIELDS = {"b": ("b", "i", "w"), "i": ("b", "i", "w"), "w": ("b", "i", "w")}
 _SCALARS = ("latency", "bandwidth", "microbatch_size")
@@ -60,6 +65,7 @@ class Costs:
     u: PerStage = 0.0
     sg: PerStage = 0.0
     r: PerStage | None = None
+    send: PerStage = 0.0
     latency: float = 0.0
     bandwidth: float = 0.0
     activation_bytes: PerStage = 0.0
@@ -137,7 +143,7 @@ class Costs:
                         f"cost {name} has {len(value)} values; to split it into {virtual} "
                         f"chunks per worker give one per worker ({workers})")
                 value = value * virtual
-            if name not in ("activation_bytes", "stores_activations"):
+            if name not in ("activation_bytes", "stores_activations", "send"):  # per message
                 value = [x / virtual for x in value] if isinstance(value, list) \
                     else value / virtual
             out[name] = value

@@ -77,9 +77,10 @@ def simulate(schedule: "Schedule", costs: Costs | None = None,
     c = (costs or Costs()).resolve(schedule.num_stages, schedule.name)
     deps = Dependencies(schedule)
     given = durations or {}
+    sending = _sending(schedule, deps, c)
     run = run_in_order(
         schedule,
-        duration=lambda a: given[a] if a in given else duration(a, c, deps),
+        duration=lambda a: given[a] if a in given else duration(a, c, deps) + sending.get(a, 0.0),
         delay=lambda d, a: _delay(d, a, deps, c),
         deps=deps,
     )
@@ -87,15 +88,30 @@ def simulate(schedule: "Schedule", costs: Costs | None = None,
         raise ScheduleError("deadlock while simulating\n" + schedule.grid(
             marks={a: "stuck" for a, _ in run.stuck.values()}))
     return Timeline(
-        events=_events(schedule, run),
+        events=_events(schedule, run, sending),
         num_workers=schedule.num_workers,
         samples=schedule.total_microbatches * c.microbatch_size,
         meta=_meta(schedule, c),
     )
 
 
-def _events(schedule: "Schedule", run) -> list[Event]:
-    """Compute/send/recv spans, and a wait span wherever a worker sat before an action."""
+def _sending(schedule: "Schedule", deps: Dependencies, c: Costs) -> dict[Action, float]:
+    """Seconds each unlowered action spends sending: ``send`` of its stage per worker-
+    crossing message, one per stage that consumes it (a lowered send pays for itself)."""
+    if not any(c.send):
+        return {}
+    to: dict[Action, set[int]] = {}
+    for row in schedule.workers:
+        for a in row:
+            for dep in deps.of(a):
+                if kind_of(dep.kind).category != "send" and deps.crosses(dep, a):
+                    to.setdefault(dep, set()).add(a.stage)
+    return {a: c.send[a.stage] * len(stages) for a, stages in to.items()}
+
+
+def _events(schedule: "Schedule", run, sending: Mapping[Action, float]) -> list[Event]:
+    """Compute/send/recv spans (an action's sends after its compute, as the engine
+    records them), and a wait span wherever a worker sat before an action."""
     events = []
     for w, row in enumerate(schedule.workers):
         free = 0.0
@@ -103,8 +119,11 @@ def _events(schedule: "Schedule", run) -> list[Event]:
             start, end = run.start[a], run.end[a]
             if start > free:
                 events.append(Event(w, a.stage, a.kind, a.microbatch, free, start, "wait"))
-            category = kind_of(a.kind).category
-            events.append(Event(w, a.stage, a.kind, a.microbatch, start, end, category))
+            split = max(start, end - sending.get(a, 0.0))
+            events.append(Event(w, a.stage, a.kind, a.microbatch, start, split,
+                                kind_of(a.kind).category))
+            if split < end:
+                events.append(Event(w, a.stage, a.kind, a.microbatch, split, end, "send"))
             free = end
     return events
 

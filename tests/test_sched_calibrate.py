@@ -21,16 +21,42 @@ def test_costs_round_trip_from_a_simulated_timeline():
     assert predict(tl).throughput == pytest.approx(tl.throughput)
 
 
-def test_a_send_costs_its_transfer_not_its_wait():
-    """Two 0.1 s sends and two that waited 10 s for their receiver: the cost is 0.1 (the
-    lower quartile; a median would say 5.05, a mean 5.05)."""
+def test_sends_are_their_own_cost_and_not_busy_time():
+    """Two 0.1 s sends and two that waited 10 s: the forward's compute stays 1.0, the stage's
+    send cost is their mean (the run spent 20.2 s sending), and the simulation charges it as
+    send spans after the compute: idle, as the measured bubble counts it."""
     tl = _simulated()
     forwards = [e for e in tl.events if e.stage == 0 and e.kind == "F" and e.category == "compute"]
     extra = []
     for i, e in enumerate(forwards):
         extra.append(Event(e.worker, e.stage, "F", e.microbatch, e.end, e.end + (10.0 if i < 2 else 0.1), "send"))
     measured = Timeline(tl.events + extra, tl.num_workers, tl.samples, dict(tl.meta))
-    assert costs_from_timeline(measured).f[0] == pytest.approx(1.1)
+    costs = costs_from_timeline(measured)
+    assert costs.f[0] == pytest.approx(1.0) and costs.send == pytest.approx([5.05, 0.0])
+    sim = predict(measured, costs)
+    sends = [e for e in sim.events if e.category == "send"]
+    assert [(e.stage, e.kind) for e in sends] == [(0, "F")] * 4  # one message per forward
+    assert all(e.duration == pytest.approx(5.05) for e in sends)
+    assert sim.busy(0) == pytest.approx(_simulated().busy(0))  # sends are not busy time
+
+
+def test_a_run_with_send_costs_round_trips_its_own_simulation():
+    """Simulated with per-message send costs, re-costed from its own timeline, simulated
+    again: the same bubble and throughput; every message a worker boundary carries has a
+    send span (1F1B on 2 stages: 4 forwards out of stage 0, 4 backwards out of stage 1)."""
+    tl = _simulated(costs=Costs(f=[1.0, 2.0], b=[2.0, 4.0], send=[0.3, 0.2], latency=0.1))
+    counts = {}
+    for e in tl.events:
+        if e.category == "send":
+            counts[(e.stage, e.kind)] = counts.get((e.stage, e.kind), 0) + 1
+    assert counts == {(0, "F"): 4, (1, "B"): 4}
+    costs = costs_from_timeline(tl)
+    assert costs.send == pytest.approx([0.3, 0.2])
+    again = predict(tl, costs)
+    assert again.bubble_fraction == pytest.approx(tl.bubble_fraction, rel=1e-9)
+    assert again.throughput == pytest.approx(tl.throughput, rel=1e-9)
+    plain = _simulated()
+    assert tl.bubble_fraction > plain.bubble_fraction  # sending is idle, not busy
 
 
 @pytest.mark.parametrize("name,options", [
