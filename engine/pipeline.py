@@ -527,10 +527,12 @@ class Pipeline:
         self._release_ray()
 
     def _release_ray(self) -> None:
+        """Leave (or stop) the Ray cluster this pipeline joined (or started); not a head
+        that stopped answering (:func:`~.ray_cluster.leave_ray`)."""
         if self._owns_ray:
-            import ray
+            from .ray_cluster import leave_ray
 
-            ray.shutdown()
+            leave_ray()
             self._owns_ray = False
 
     def __enter__(self) -> "Pipeline":

@@ -28,7 +28,7 @@ import os
 import re
 import time
 import warnings
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -38,12 +38,17 @@ from .actors import from_wire, start_actors, to_wire, wait_all
 from .clock import measure_offset, stamp
 from .config import ClusterConfig
 from .errors import PipelineConfigError, PipelineError, StageFailedError
-from .ray_cluster import ClusterLostError, gcs_alive, joined_gcs_address
+from .ray_cluster import (gcs_alive, head_lost, joined_gcs_address, lost_cluster_error,
+                          mark_lost)
 from .placement import bundles, fair_share, shortfall, trusted_shortfall, trusted_workers
 from .spec import WorkerSpec, build_worker
 from .worker import StepResult
 
-__all__ = ["RayBackend", "actor_env", "to_wire", "from_wire"]
+__all__ = ["RayBackend", "actor_env", "to_wire", "from_wire", "HEAD_CHECK_S"]
+
+# How often a wait on the stages asks whether a joined cluster's head still answers (a TCP
+# connect, milliseconds): Ray itself waits out a 60 s reconnect window.
+HEAD_CHECK_S = 2.0
 
 
 class _StageActor:
@@ -219,7 +224,7 @@ class RayBackend:
         self.worker_stages = [sorted(s.modules) for s in specs]
         self.actors: list[Any] = []
         self.gcs_address = joined_gcs_address()  # watched: a dead head fails in seconds
-        self.lost = False
+        self.head_checked = time.monotonic()
         trusted_resource = cluster.trusted_resource
         trusted = None
         if trusted_resource:
@@ -312,9 +317,13 @@ class RayBackend:
         return results
 
     def _get(self, refs: list) -> list:
-        """``ray.get`` in completion order, so the first failure is raised at once."""
+        """``ray.get`` in completion order, so the first failure is raised at once; the
+        joined cluster's head is checked before (at most every HEAD_CHECK_S) and during
+        the wait (after each poll that brought nothing)."""
+        if time.monotonic() - self.head_checked >= HEAD_CHECK_S:
+            self._check_cluster()  # steps may go on finishing without it (p2p needs no GCS)
         return wait_all(
-            refs, self.timeout_s, self._fail, self._timed_out, poll_s=2.0,
+            refs, self.timeout_s, self._fail, self._timed_out, poll_s=HEAD_CHECK_S,
             on_idle=self._check_cluster,
         )
 
@@ -325,16 +334,35 @@ class RayBackend:
             "timeout_s if steps are that slow"
         )
 
+    def _head_gone(self) -> bool:
+        """Whether the joined cluster's head stopped answering (asked again until it is
+        known lost). Its actors and placement group went with it and are forgotten here:
+        a Ray call about them would wait on the dead GCS. A private cluster's head dies
+        with this process: never."""
+        if not self.gcs_address:
+            return False
+        if not head_lost(self.gcs_address) and not gcs_alive(self.gcs_address):
+            mark_lost(self.gcs_address)
+        if head_lost(self.gcs_address):
+            self.actors, self.placement_group = [], None
+            return True
+        return False
+
+    def _lose(self, err: BaseException | None = None) -> NoReturn:
+        """The one line naming the cluster whose head is gone (where stages died with it,
+        their errors say only that they died)."""
+        raise lost_cluster_error(self.gcs_address) from err
+
     def _check_cluster(self) -> None:
-        """A joined cluster whose head stopped answering: fail now, naming it (Ray's own
-        reconnect window is 60 s); nothing is sent to the dead GCS on the way out."""
-        if not gcs_alive(self.gcs_address):
-            self.lost = True
-            self._kill()
-            raise ClusterLostError(self.gcs_address)
+        """A joined cluster whose head stopped answering fails now, naming it (Ray's own
+        reconnect window is 60 s)."""
+        self.head_checked = time.monotonic()
+        if self._head_gone():
+            self._lose()
 
     def _fail(self, worker: int, err: Exception) -> None:
-        self._check_cluster()  # actors die with their head node: say which it was
+        if self._head_gone():  # actors die with their head node: say which it was
+            self._lose(err)
         self._kill()  # no graceful close: a failure must surface at once
         raise StageFailedError(worker, self.worker_stages[worker], _root_cause(err)) from err
 
@@ -362,7 +390,7 @@ class RayBackend:
         """Close the p2p group (bounded by ``close_timeout_s``), then kill every actor."""
         import ray
 
-        if self.actors and self.transport != "ray" and not self.lost:
+        if self.actors and self.transport != "ray" and not self._head_gone():
             try:
                 refs = [a.close_transport.remote(close_timeout_s) for a in self.actors]
                 ray.wait(refs, num_returns=len(refs), timeout=close_timeout_s + 1.0)
@@ -375,8 +403,7 @@ class RayBackend:
         then hand the placement group's resources back to the cluster."""
         import ray
 
-        if self.lost:  # the GCS is gone: its actors and groups with it; calls would hang
-            self.actors, self.placement_group = [], None
+        if self._head_gone():  # nothing to kill: they went with the head
             return
         for actor in self.actors:
             try:

@@ -5,7 +5,9 @@ before it gives up, and a driver whose head node died waits out Ray's 60 s recon
 So before ``ray.init`` the address is resolved (``auto`` included) and its TCP port tried
 (:func:`probe_address`, a second at most), Ray's own connect timeouts are bounded where the
 user has not set them, and :func:`gcs_alive` lets the backend's wait loop notice a dead
-head node within seconds. A cluster with token authentication that refuses this client's
+head node within seconds. Once it has (:func:`mark_lost`), nothing more waits on the dead
+GCS: :func:`leave_ray` skips ``ray.shutdown()`` and Ray's own exit hook is taken off (either
+blocks for seconds there). A cluster with token authentication that refuses this client's
 token (wrong, missing, RAY_AUTH_MODE unset) is told in milliseconds too (:mod:`.ray_auth`).
 """
 
@@ -23,11 +25,17 @@ from .ray_auth import auth_refusal, probe_auth, shown_address
 
 __all__ = ["ensure_ray", "probe_address", "probe_cluster", "resolve_address", "gcs_alive",
            "ClusterGoneError", "ClusterLostError", "joined_gcs_address", "CONNECT_TIMEOUT_S",
-           "workers_inherit", "private_cluster", "cluster_summary"]
+           "workers_inherit", "private_cluster", "cluster_summary", "lost_cluster_error",
+           "mark_lost", "head_lost", "leave_ray"]
 
 # (GCS address, environment) of the private cluster this process started: its worker
 # processes inherit that environment, so stage actors need no runtime_env of their own.
 _STARTED: tuple[str, dict[str, str]] | None = None
+# (address as given, host:port it resolved to) of the cluster ensure_ray joined: a lost head
+# is named as the user typed it (the GCS address Ray reports may be another of its IPs).
+_JOINED: tuple[str, str] | None = None
+# The GCS address of a joined cluster whose head stopped answering (mark_lost).
+_LOST: str | None = None
 
 CONNECT_TIMEOUT_S = 2.0  # a TCP connect on a LAN takes milliseconds; a dead host, forever
 # One GCS call answers in milliseconds; a port that takes TCP but speaks no gRPC (another
@@ -54,9 +62,9 @@ class ClusterGoneError(PipelineConfigError):
 class ClusterLostError(PipelineError):
     """The head node of the cluster a run joined stopped answering mid-run."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, port: str | None = None) -> None:
         self.address = address
-        port = address.rpartition(":")[2]
+        port = port or address.rpartition(":")[2]
         super().__init__(
             f"the Ray cluster at {address} stopped answering mid-run (its head node is gone); "
             f"restart it (`ray start --head --port {port}`) and run again, with --resume "
@@ -156,7 +164,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     process; measured on 2 busy cores (load 21-26), two actors took 6.6-9.0 s that way
     against 9.2-11.7 s with their own ``runtime_env``.
     """
-    global _STARTED
+    global _STARTED, _JOINED, _LOST
     import ray
 
     if ray.is_initialized():
@@ -171,11 +179,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         env = actor_env()
         kwargs.update(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
     else:
-        probe_cluster(address)  # seconds, not Ray's minutes of retries
+        resolved = probe_cluster(address)  # seconds, not Ray's minutes of retries
     quiet_ray()
     added = [k for k in _JOIN_TIMEOUTS if address is not None and k not in os.environ]
     os.environ.update({k: _JOIN_TIMEOUTS[k] for k in added})
-    _STARTED = None
+    _STARTED = _JOINED = _LOST = None
     try:
         with _environment(env):
             ray.init(address="local" if address is None else address, **kwargs)
@@ -192,6 +200,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
             os.environ.pop(key, None)
     if address is None:
         _STARTED = (ray.get_runtime_context().gcs_address, env)
+    else:
+        _JOINED = (address, resolved)
     return True
 
 
@@ -251,3 +261,40 @@ def _is_private() -> bool:
 
     node = getattr(ray._private.worker.global_worker, "node", None)
     return bool(node is not None and getattr(node, "head", False))
+
+
+def lost_cluster_error(gcs_address: str) -> ClusterLostError:
+    """The one line for a joined cluster whose head at ``gcs_address`` stopped answering,
+    naming the address as the user gave it where this process joined through it."""
+    port = gcs_address.rpartition(":")[2]
+    shown = gcs_address
+    if _JOINED is not None and _JOINED[1].rpartition(":")[2] == port:
+        shown = shown_address(*_JOINED)
+    return ClusterLostError(shown, port)
+
+
+def mark_lost(gcs_address: str) -> None:
+    """Remember that the head at ``gcs_address`` stopped answering, and take Ray's atexit
+    ``ray.shutdown`` off. Why: with the GCS gone, shutting the core worker down waits on it
+    (5.3 s measured, then more at exit), so a failed run would not end within seconds."""
+    global _LOST
+    import atexit
+
+    from ray._private import worker
+
+    _LOST = gcs_address
+    atexit.unregister(worker.shutdown)
+
+
+def head_lost(gcs_address: str | None = None) -> bool:
+    """Whether :func:`mark_lost` marked the head at ``gcs_address`` (None: any) lost."""
+    return _LOST is not None and gcs_address in (None, _LOST)
+
+
+def leave_ray() -> None:
+    """``ray.shutdown()``, unless the joined cluster's head is lost: then it would wait on
+    the dead GCS, and there is nothing left to leave (its actors went with it)."""
+    import ray
+
+    if not head_lost():
+        ray.shutdown()

@@ -8,7 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["gone", "wait_gone", "descendants", "with_cmdline", "run_session", "shm_files"]
+__all__ = ["gone", "wait_gone", "descendants", "with_cmdline", "holding_files", "run_session",
+           "shm_files"]
 
 
 def shm_files() -> set[str]:
@@ -68,6 +69,22 @@ def with_cmdline(marker: str, pids=None) -> list[int]:
         try:
             if marker in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="ignore"):
                 found.append(p)
+        except OSError:
+            pass
+    return found
+
+
+def holding_files(prefix: str) -> list[int]:
+    """Processes with a file open below ``prefix`` (a path): Ray's agents rename their
+    command line (``ray::DashboardAgent``), so :func:`with_cmdline` does not see them, but
+    they keep their node's log files open."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd).startswith(prefix) for fd in (entry / "fd").iterdir()):
+                found.append(int(entry.name))
         except OSError:
             pass
     return found

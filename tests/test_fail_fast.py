@@ -85,3 +85,29 @@ def test_a_port_that_is_no_ray_cluster_is_one_line_within_10_s(silent_listener):
     assert proc.returncode != 0 and took < 10, (proc.returncode, took, line)
     assert f"something listens at --address {silent_listener} but no Ray cluster answers" in line
     assert "6379" in line
+
+
+def test_a_lost_head_is_named_as_given_and_not_waited_on(monkeypatch):
+    """A head that stopped answering mid-run: the line names the address the user gave (Ray
+    reports the GCS at another of the head's addresses), and once it is marked lost neither
+    leave_ray() nor Ray's exit hook calls ray.shutdown(), which would wait on the dead GCS."""
+    import atexit
+
+    import ray
+
+    from brigade.engine import ray_cluster as rc
+
+    monkeypatch.setattr(rc, "_JOINED", ("auto", "127.0.0.1:6390"))
+    monkeypatch.setattr(rc, "_LOST", None)
+    assert str(rc.lost_cluster_error("192.0.2.2:6390")).startswith(
+        "the Ray cluster at auto (127.0.0.1:6390) stopped answering mid-run")
+    assert "at 10.0.0.1:7000 " in str(rc.lost_cluster_error("10.0.0.1:7000"))  # not joined so
+    assert "`ray start --head --port 6390`" in str(rc.lost_cluster_error("192.0.2.2:6390"))
+    calls = []
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(atexit, "unregister", calls.append)
+    assert not rc.head_lost()
+    rc.mark_lost("192.0.2.2:6390")
+    assert rc.head_lost() and rc.head_lost("192.0.2.2:6390") and not rc.head_lost("10.0.0.1:1")
+    rc.leave_ray()
+    assert calls == [ray._private.worker.shutdown]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import os
 import sys
 
 __all__ = ["main", "UsageError", "build_parser"]
@@ -138,6 +139,18 @@ def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict
     return parser, modules
 
 
+def _leave(status: int, console_script: bool) -> int:
+    """``status``, for main() to return; but the console script of a run whose Ray cluster
+    lost its head node exits at once (``os._exit``): Ray's core worker threads and exit
+    hooks would wait on the dead GCS, past the seconds in which the failure must end."""
+    cluster = sys.modules.get("brigade.engine.ray_cluster")
+    if console_script and cluster is not None and cluster.head_lost():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``brigade`` console script."""
     given = list(sys.argv[1:] if argv is None else argv)
@@ -154,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except _runtime_errors() as err:
         print(f"brigade {args.command}: failed: {err}", file=sys.stderr)
-        return 1
+        return _leave(1, console_script=argv is None)
     except KeyboardInterrupt:
         print(f"brigade {args.command}: interrupted", file=sys.stderr)
         return 130
