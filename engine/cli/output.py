@@ -147,7 +147,8 @@ def print_run_figures(report: dict, console) -> None:
                       f"{sim['samples_per_s']:,.0f}")
         console.print(table)
         console.print("(simulated: the same schedule, workers, m and steps, with the run's "
-                      "own mean costs and message latency)", soft_wrap=True)
+                      "own mean costs, message latency and send time; sends are not busy "
+                      "time in either column)", soft_wrap=True)
     else:
         console.print("bubble: none")
     if report.get("bubble_note"):
