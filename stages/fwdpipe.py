@@ -557,8 +557,8 @@ class ForwardGradientOptions:
         "help": "directions per step: an integer, or auto (one per block, many on the last)"})
     guess: str = field(default="random", metadata={
         "flag": "--guess", "choices": ("random", "local"), "plural": "guesses",
-        "help": "direction guesses: random, or from local auxiliary losses (each stage's "
-                "own head)"})
+        "help": "direction guesses: random, or from local auxiliary losses (a head per "
+                "stage; per block on one stage)"})
     scope: str | None = field(default=None, metadata={"help": "global or block"})
     blocks: tuple[int, ...] | None = field(default=None,
                                            metadata={"help": "children per block"})
