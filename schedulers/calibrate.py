@@ -28,7 +28,7 @@ from .schedule import Schedule
 from .simulate import simulate
 from .timeline import Event, Timeline
 
-__all__ = ["costs_from_spans", "costs_from_timeline", "schedule_of", "predict", "send_cost",
+__all__ = ["costs_from_spans", "costs_from_timeline", "schedule_of", "predict",
            "action_seconds", "predict_from_profile"]
 
 
@@ -73,13 +73,7 @@ def _send_costs(events: list[Event], stages: int) -> list[float]:
     for e in events:
         if e.category == "send" and 0 <= e.stage < stages:
             spans[e.stage].append(e.duration)
-    return [send_cost(spans[s]) if spans.get(s) else 0.0 for s in range(stages)]
-
-
-def send_cost(spans: list[float]) -> float:
-    """What a send costs its sender, from its measured spans: their mean (see
-    ``_send_costs``)."""
-    return statistics.fmean(spans)
+    return [statistics.fmean(spans[s]) if spans.get(s) else 0.0 for s in range(stages)]
 
 
 def _latency(timeline: Timeline, schedule: Schedule) -> float:

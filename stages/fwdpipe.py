@@ -185,7 +185,6 @@ class ForwardGradientStage(StageBase):
     ) -> None:
         self._setup(module, spec, optimizer_factory, loss_fn, device)
         self.guess = choose("guess", guess, ("random", "local"))
-        self.seed = int(seed)
         if self.guess == "local":
             self._init_local(num_classes, pool, head_lr, child_units, num_units)
         self.counts = tuple(int(c) for c in counts)
