@@ -467,3 +467,26 @@ def test_each_rule_has_its_synthesizer_width_capped_at_the_activation():
     stage = DNIStage(model[0], StageSpec(0, 2), lambda p: torch.optim.SGD(p, lr=0.1), sg_hidden=64)
     stage.forward(0, torch.randn(4, 6))
     assert stage.sg.net[0].out_features == 64
+
+
+def test_each_rule_has_its_synthesizer_rate():
+    """cdni's synthesizer learns at 1e-4, dni's at 1e-3 (measured, stages/dni.py), and a
+    stage built from the prepared options trains its synthesizer at that rate; ``sg_lr``
+    overrides both, and a rate that is not a positive number is refused."""
+    from brigade.stages import dni
+    from brigade.stages.rules import get_method
+
+    model = nn.Sequential(nn.Sequential(nn.Linear(6, 32), nn.ReLU()), nn.Linear(32, 3))
+    for name, rate in (("dni", dni.DNI_SG_LR), ("cdni", dni.CDNI_SG_LR)):
+        rule = get_method(name)
+        kw = rule.prepare(rule.options(), model, None)
+        assert kw["sg_lr"] == rate
+        assert rule.prepare(rule.options(sg_lr=0.02), model, None)["sg_lr"] == 0.02
+        kw = {**kw, **rule.fixed, "sg_lr_scaling": False}
+        stage = DNIStage(model[0], StageSpec(0, 2), lambda p: torch.optim.SGD(p, lr=0.1), **kw)
+        stage.forward(0, torch.randn(4, 6), label=torch.tensor([0, 1, 2, 0]))
+        assert {g["lr"] for g in stage.sg_optimizer.param_groups} == {rate}
+    assert (dni.DNI_SG_LR, dni.CDNI_SG_LR) == (1e-3, 1e-4)
+    for bad in (0, -1e-3, True, "fast"):
+        with pytest.raises(ConfigError, match="sg_lr="):
+            get_method("cdni").options(sg_lr=bad)
