@@ -533,8 +533,8 @@ DNI_SG_HIDDEN, CDNI_SG_HIDDEN = 64, 256
 # well (seed 1: 0.952, as cdni). A slower synthesizer moves stage 0 by less of that noise:
 # cdni at 1e-4 gave 0.966 / 0.958 / 0.965 for seeds 0-2 against 0.962 / 0.952 / 0.961 at
 # 1e-3 (backprop 0.965 / 0.970 / 0.954; 3e-4: 0.963 / 0.956; 3e-3: seed 1 0.944). dni keeps
-# 1e-3: 1e-4 gave 0.959 / 0.950 against 0.955 / 0.951.
-DNI_SG_LR, CDNI_SG_LR = 1e-3, 1e-4
+# 1e-3, the stage class's own default: 1e-4 gave 0.959 / 0.950 against 0.955 / 0.951.
+DNI_SG_LR, CDNI_SG_LR = _DEFAULTS["sg_lr"], 1e-4
 _COMMON = dict(stage_class=DNIStage, schedules=("dni",), handlers=_HANDLERS, options=DNIOptions,
                default_lr_schedule="cosine", backward=(_DX,),
                updates_per_step=_per_microbatch,

@@ -108,7 +108,7 @@ def _dni_boundary(h: Tensor, labels: Tensor, options: dict) -> float:
     num_classes = options.get("num_classes") if options.get("conditioned") else None
     sg = synthesizer_for(tuple(h.shape), options.get("sg_hidden_layers", 1), num_classes,
                          options.get("sg_hidden"), options.get("sg_options"))
-    lr = options.get("sg_lr") or 1e-3  # prepared options carry the rule's rate
+    lr = options.get("sg_lr", 1e-3)
     opt = torch.optim.Adam(param_groups(sg, lr, options.get("sg_lr_scaling", True)), lr=lr)
     lab = labels if num_classes else None
     target = torch.randn_like(h) * 1e-3
