@@ -103,13 +103,15 @@ def _dni_boundary(h: Tensor, labels: Tensor, options: dict) -> float:
     """The synthesizer at a cut: build it as the DNI stage would (zero last layer, its
     hidden layers, Adam with fan-in rates), then time one prediction and one regression
     step onto a target of h's shape."""
-    from .synthetic import param_groups, synthesizer_for
+    from .synthetic import param_groups, synthesizer_for, synthesizer_optimizer
 
     num_classes = options.get("num_classes") if options.get("conditioned") else None
     sg = synthesizer_for(tuple(h.shape), options.get("sg_hidden_layers", 1), num_classes,
                          options.get("sg_hidden"), options.get("sg_options"))
     lr = options.get("sg_lr", 1e-3)
-    opt = torch.optim.Adam(param_groups(sg, lr, options.get("sg_lr_scaling", True)), lr=lr)
+    kind = options.get("sg_optimizer", "adam")
+    opt = synthesizer_optimizer(param_groups(sg, lr, options.get("sg_lr_scaling", True)),
+                                kind if isinstance(kind, str) else "adam", lr)
     lab = labels if num_classes else None
     target = torch.randn_like(h) * 1e-3
 
