@@ -66,7 +66,7 @@ optimizer for checkpoints.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -77,8 +77,8 @@ from .base import StageBase
 from .errors import ConfigError, choose
 from .method_cost import DNI_COST
 from .probes import SYNTHETIC_GRADIENT_PROBE
-from .rules import (CostHooks, Exposure, Message, MethodSpec, activation_size, batch_size,
-                    num_classes_of, register_method)
+from .rules import (CostHooks, Exposure, Message, MethodSpec, _options_as_kwargs,
+                    activation_size, batch_size, num_classes_of, register_method)
 from .stage import OptimizerFactory, StageSpec
 from .synthetic import param_groups, synthesizer_for, synthesizer_optimizer
 
@@ -446,8 +446,7 @@ def _prepare(conditioned: bool, sg_hidden: int, sg_lr: float):
     """The stage keywords on the driver: the rule's synthesizer width and rate unless they
     are given, and cDNI reads the class count off the model."""
     def prepare(options: DNIOptions, model: nn.Module, schedule: Any) -> dict[str, Any]:
-        kwargs = {f.name: getattr(options, f.name) for f in fields(options)
-                  if not f.metadata.get("schedule")}
+        kwargs = _options_as_kwargs(options, model, schedule)
         if kwargs["sg_hidden"] is None:
             kwargs["sg_hidden"] = sg_hidden
         if kwargs["sg_lr"] is None:
