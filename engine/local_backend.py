@@ -34,11 +34,12 @@ class LocalBackend:
 
     def run_step(
         self, training: bool, programs: list[list[Action]], messages: list[list[tuple]],
-        mode: str = "run",
+        mode: str = "run", keep: list[dict] | None = None,
     ) -> list[StepResult]:
-        """Execute one step's action lists; returns each worker's result."""
-        for worker, msgs, program in zip(self.workers, messages, programs):
-            worker.begin(training, msgs, program, mode)
+        """Execute one step's action lists; returns each worker's result (``keep``: per
+        worker, the actions after which to copy weights, see ``Worker.begin``)."""
+        for w, (worker, msgs, program) in enumerate(zip(self.workers, messages, programs)):
+            worker.begin(training, msgs, program, mode, keep[w] if keep else None)
         queues = [deque(p) for p in programs]
         while any(queues):
             progressed = False

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from .microbatch import loss_weights, split_batch
 from .phases import PhaseLog
 from .spec import WorkerSpec
 
-__all__ = ["Pipeline", "MAX_EVENTS"]
+__all__ = ["Pipeline", "MAX_EVENTS", "keep_points"]
 
 MAX_EVENTS = 500_000  # measured events kept on the driver (about 100 MB at most)
 
@@ -53,6 +54,30 @@ def _concatenate(base: schedulers.Schedule, steps: int, phase: int) -> list[list
                 out.append(Action(a.stage, a.kind, j))
         program.append(out)
     return program
+
+
+def keep_points(row: list[Action], steps: list[int], microbatches: int) -> dict[Action, int]:
+    """Where a worker's program leaves each stage's weights as kept step ``t`` made them:
+    after the stage's last action on a microbatch of step ``t``, and after the updates of
+    that stage that follow it before the stage's next other work (an update's index is
+    not always a step: PETRA's counts accumulations). Why not at U(t): DNI and PETRA
+    update inside other actions, and a decoupled stage may run step t+1 before it."""
+    wanted = set(steps)
+    last: dict[tuple[int, int], int] = {}  # (stage, step) -> index of its last action
+    for i, a in enumerate(row):
+        if a.kind != "U" and a.microbatch // microbatches in wanted:
+            last[(a.stage, a.microbatch // microbatches)] = i
+    points: dict[Action, int] = {}
+    for (stage, t), i in last.items():
+        end = i
+        for k in range(i + 1, len(row)):
+            if row[k].stage != stage:
+                continue
+            if row[k].kind != "U":
+                break
+            end = k
+        points[row[end]] = t
+    return points
 
 
 _POSITIONAL_DEFAULTS = dict(stages=2, schedule=None, method="backprop", microbatches=4,
@@ -296,19 +321,32 @@ class Pipeline:
         """One optimizer step on one batch: forward, backward and update on every stage."""
         return self.run([(x, y)])[0]
 
-    def run(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, float]]:
+    def run(self, batches: list[tuple[torch.Tensor, torch.Tensor]],
+            keep: Sequence[int] = ()) -> list[dict[str, Any]]:
         """Train on several batches in one pipelined run; one result per batch (step).
 
         Flush schedules give exactly what as many ``step`` calls give, with one driver
         round trip instead of one per step. Decoupled schedules (dni, petra) fill and drain
         once per run, not once per step: pass many batches at a time.
+
+        ``keep``: steps of this run (0-based) whose weights to hand back without stopping
+        the run: their results carry ``weights`` (a whole-model state dict, as each stage
+        held it when its work on the step ended) and ``weights_at`` (the latest of those
+        ends, on ``time.perf_counter``'s clock). Evaluating them later costs the run only
+        the copies, where a run cut at the step would fill and drain the pipeline again.
         """
         self._check_open()
         if not batches:
             return []
         m = self.config.microbatches
+        bad = [t for t in keep if not 0 <= t < len(batches)]
+        if bad:
+            raise PipelineConfigError(f"keep steps {bad} are outside this run of "
+                                      f"{len(batches)} steps (0-{len(batches) - 1})")
         xs, ys = self._inputs(batches)
-        results = self._run(True, self._program(len(batches)), xs, ys)
+        program = self._program(len(batches))
+        points = [keep_points(row, list(keep), m) for row in program] if keep else None
+        results = self._run(True, program, xs, ys, keep=points)
         per_mb = dict(pair for r in results for pair in r.losses)
         out = []
         for t, (x, _) in enumerate(batches):
@@ -317,7 +355,19 @@ class Pipeline:
             self._samples += x.shape[0]
             loss = sum(per_mb[t * m + j] for j in range(m))
             out.append({"loss": float(loss), "step": self._steps})
+        self._attach_kept(results, out)
         return out
+
+    def _attach_kept(self, results: list, out: list[dict[str, Any]]) -> None:
+        """Each kept step's stage weights merged into its result, timed on the driver's
+        clock."""
+        offsets = self._backend.clock_offsets()
+        for r in results:
+            for t, _stage, done, state in r.kept:
+                entry = out[t]
+                entry.setdefault("weights", {}).update(state)
+                entry["weights_at"] = max(entry.get("weights_at", -math.inf),
+                                          done - offsets[r.worker])
 
     def _inputs(self, batches: list[tuple[torch.Tensor, torch.Tensor]]
                 ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, float]]]:
@@ -396,7 +446,8 @@ class Pipeline:
         return Timeline(events=self._events_of(results), num_workers=self.config.num_workers,
                         samples=x.shape[0] * steps, meta=self._meta("profiled", steps))
 
-    def _run(self, training: bool, program, xs, ys, mode: str = "run") -> list:
+    def _run(self, training: bool, program, xs, ys, mode: str = "run",
+             keep: list[dict[Action, int]] | None = None) -> list:
         """Hand the inputs to the first stage's worker and targets to the last's (and, in
         training, the labels to every worker holding an earlier stage the rule shows them
         to: its exposure). Only a training step that is a plain run joins the timeline."""
@@ -409,7 +460,7 @@ class Pipeline:
             for w in {self.schedule.worker_of(s) for s in self.labels_to}:
                 messages[w] += [(("l", j), yj) for j, yj in enumerate(ys)]  # (label, weight)
         try:
-            results = self._backend.run_step(training, program, messages, mode)
+            results = self._backend.run_step(training, program, messages, mode, keep)
         except PipelineError:
             self.shutdown()  # the backend has killed its workers; release the cluster too
             raise

@@ -116,13 +116,14 @@ class _StageActor:
 
     def run_step(
         self, training: bool, actions: list[Action], messages: list[tuple], timeout: float,
-        mode: str = "run",
+        mode: str = "run", keep: dict | None = None,
     ) -> StepResult:
         """Run one step's program; returns losses, eval outputs and the timeline events."""
         import ray
 
         self.worker.begin(
-            training, [(k, from_wire(v, self.device)) for k, v in messages], actions, mode
+            training, [(k, from_wire(v, self.device)) for k, v in messages], actions, mode,
+            keep,
         )
         self.worker.run(actions, timeout, self.transport and self.transport.check)
         if self._in_flight:  # surface delivery failures and release the object refs
@@ -302,14 +303,15 @@ class RayBackend:
 
     def run_step(
         self, training: bool, programs: list[list[Action]], messages: list[list[tuple]],
-        mode: str = "run",
+        mode: str = "run", keep: list[dict] | None = None,
     ) -> list[StepResult]:
         """Start every actor's program and wait, failing fast if any actor fails."""
         refs = [
             actor.run_step.remote(
-                training, prog, [(k, to_wire(v)) for k, v in msgs], self.timeout_s, mode
+                training, prog, [(k, to_wire(v)) for k, v in msgs], self.timeout_s, mode,
+                keep[w] if keep else None,
             )
-            for actor, prog, msgs in zip(self.actors, programs, messages)
+            for w, (actor, prog, msgs) in enumerate(zip(self.actors, programs, messages))
         ]
         results = self._get(refs)
         for r in results:  # eval outputs travel as numpy; hand back owned tensors

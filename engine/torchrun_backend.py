@@ -103,12 +103,13 @@ class TorchrunBackend:
 
     def run_step(
         self, training: bool, programs: list[list[Action]], messages: list[list[tuple]],
-        mode: str = "run",
+        mode: str = "run", keep: list[dict] | None = None,
     ) -> list[StepResult]:
         """Run this rank's program; a failure anywhere fails every rank, naming the stage."""
         error = None
         try:
-            self.worker.begin(training, messages[self.rank], programs[self.rank], mode)
+            self.worker.begin(training, messages[self.rank], programs[self.rank], mode,
+                              keep[self.rank] if keep else None)
             self.worker.run(programs[self.rank], self.timeout_s, self.transport.check)
             result: Any = self.worker.end()
         except Exception as err:  # noqa: BLE001 - reported to every rank below

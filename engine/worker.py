@@ -58,6 +58,8 @@ class StepResult:
     outputs: dict[int, Any] = field(default_factory=dict)  # eval-mode logits per microbatch
     events: list[tuple] = field(default_factory=list)  # (worker, stage, kind, mb, t0, t1, cat)
     peak_stored_bytes: dict[int, int] = field(default_factory=dict)  # per stage
+    # (step, stage, clock, module state): a stage's weights as a kept step left them
+    kept: list[tuple[int, int, float, dict]] = field(default_factory=list)
 
 
 class Worker:
@@ -88,6 +90,7 @@ class Worker:
         self._mode = "run"
         self._snapshot: dict[int, dict[str, Any]] | None = None
         self._recorded: dict[Hashable, Any] = {}
+        self._keep: dict[Action, int] = {}
         # action kind -> handler: the rule's declaration (backprop's by default)
         self._handlers: dict[str, Handler] = dict(BACKPROP_HANDLERS if handlers is None
                                                   else handlers)
@@ -100,10 +103,12 @@ class Worker:
         messages: list[tuple[Hashable, Any]] = (),
         program: list[Action] = (),
         mode: str = "run",
+        keep: dict[Action, int] | None = None,
     ) -> None:
         """Start a run: set train/eval mode, deliver its inputs and targets, and note which
         forwards have no backward in ``program`` (they keep no activations). ``mode``: see
-        ``MODES``."""
+        ``MODES``. ``keep`` maps an action to a step: after it, a copy of its stage's
+        weights goes into the result as that step left them (:func:`keep_points`)."""
         if mode not in MODES:
             raise PipelineError(f"unknown step mode {mode!r}; modes are {', '.join(MODES)}")
         if mode == "record":
@@ -115,6 +120,7 @@ class Worker:
             messages = list(messages) + self._stand_ins(messages, program)
         self._mode = mode
         self.training = training
+        self._keep = dict(keep or {})
         self._result = StepResult(self.index)
         frees = {kind for kind, h in self._handlers.items() if h.frees}
         backward = {(a.stage, a.microbatch) for a in program if a.kind in frees}
@@ -199,6 +205,15 @@ class Worker:
         end = events[mark][4] if len(events) > mark else t1
         events.insert(mark, (self.index, action.stage, action.kind, action.microbatch,
                              t0, end, "compute"))
+        if action in self._keep:
+            self._keep_weights(action, t1)
+
+    def _keep_weights(self, action: Action, done: float) -> None:
+        """A copy of ``action``'s stage's weights, stamped ``done`` (this worker's clock):
+        when the kept step's work on the stage ended. The copy itself is the run's time."""
+        state = {k: v.detach().to("cpu", copy=True)
+                 for k, v in self.stages[action.stage].module.state_dict().items()}
+        self._result.kept.append((self._keep[action], action.stage, done, state))
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[int, dict[str, Any]]:

@@ -49,7 +49,9 @@ def test_a_pipelined_run_prints_its_phases_m_batch_and_simulated_figures(tmp_pat
     assert names[0] == "checked" and names[-1] == "stopped"
     assert {"placed", "first step", "evaluated"} <= set(names)
     assert "profiled" not in names  # uniform cut: no block profile
-    assert rep["microbatches"] == 4 and rep["batch_size"] == 32 and rep["window"] == 16
+    # 6 steps: the first alone (its line), then the other 5 in one run of about a second
+    assert rep["microbatches"] == 4 and rep["batch_size"] == 32 and rep["window"] == 5
+    assert "up to 5 steps per pipelined run" in text
     sim = rep["simulated"]
     assert 0.0 <= sim["bubble_fraction"] < 1.0 and sim["samples_per_s"] > 0
     assert rep["bubble_note"] and "local backend" in rep["bubble_note"]
@@ -124,3 +126,17 @@ def test_synthetic_test_split_is_drawn_like_the_training_split(like):
 
     assert accuracy(test) >= accuracy(train) - 0.02 and accuracy(test) > 0.9
     assert abs(train.x.mean() - test.x.mean()) < 0.05 and abs(train.x.std() - test.x.std()) < 0.05
+
+
+def test_a_flush_schedules_runs_last_about_a_second_and_a_decoupled_ones_32_steps():
+    from types import SimpleNamespace
+
+    from brigade.engine.train import MAX_AUTO_WINDOW, RUN_S, TrainConfig, window_steps
+
+    flush, decoupled = SimpleNamespace(decoupled=False), SimpleNamespace(decoupled=True)
+    cfg = TrainConfig()
+    assert window_steps(cfg, flush) == 16  # no step timed yet
+    assert window_steps(cfg, flush, 0.01) == round(RUN_S / 0.01)
+    assert window_steps(cfg, flush, 5.0) == 1 and window_steps(cfg, flush, 1e-6) == MAX_AUTO_WINDOW
+    assert window_steps(cfg, decoupled, 0.01) == 32  # where a run is cut changes its result
+    assert window_steps(TrainConfig(window=3), flush, 0.01) == 3

@@ -271,9 +271,9 @@ def pipeline_kwargs(c: dict) -> dict:
 def random_order(backend, rng: random.Random):
     """LocalBackend.run_step with the next action taken from a random ready worker each
     time: one of the interleavings that asynchronous processes may produce."""
-    def run_step(training, programs, messages, mode="run"):
-        for worker, msgs, program in zip(backend.workers, messages, programs):
-            worker.begin(training, msgs, program, mode)
+    def run_step(training, programs, messages, mode="run", keep=None):
+        for w, (worker, msgs, program) in enumerate(zip(backend.workers, messages, programs)):
+            worker.begin(training, msgs, program, mode, keep[w] if keep else None)
         queues = [deque(p) for p in programs]
         while any(queues):
             ready = [w for w, q in enumerate(queues) if q and backend.workers[w].ready(q[0])]

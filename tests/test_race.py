@@ -107,3 +107,34 @@ def test_a_rate_that_diverges_leaves_the_race_and_the_others_go_on(tmp_path, cap
     assert bad["diverged_at_step"] is not None and 1 <= bad["diverged_at_step"] <= bad["steps"] + 1
     assert json.loads(out.read_text())["methods"]["backprop"]["lr"] == 0.05
     assert f"diverged at step {bad['diverged_at_step']}" in capsys.readouterr().out
+
+
+def test_evaluations_inside_a_run_are_of_kept_weights_and_do_not_cut_it(monkeypatch):
+    """dgl (a run fills and drains once) evaluated every 0.05 s, a fraction of its run of
+    32 steps: the runs stay 32 steps (an epoch's or the budget's end aside) while the
+    curve gets a point per interval, from weights kept inside the runs."""
+    from brigade.engine import Pipeline
+    from brigade.stages.data import load_dataset
+
+    runs: list[tuple[int, list[int]]] = []
+    plain_run = Pipeline.run
+
+    def spy(self, batches, keep=()):
+        runs.append((len(batches), list(keep)))
+        return plain_run(self, batches, keep)
+
+    monkeypatch.setattr(Pipeline, "run", spy)
+    rc = RaceConfig(methods=["dgl"], model="mlp", data="synthetic", batch_size=64,
+                    microbatches=2, budget_s=1.0, eval_every_s=0.05, eval_size=64,
+                    backend="local")
+    lane = run_race(rc)["lanes"][0]
+    per_epoch = len(load_dataset("synthetic", split="train")) // 64
+    sizes = [n for n, _ in runs]
+    done = sizes[0]  # one step, to time a step
+    for n in sizes[1:-2]:  # the last two may be cut by the budget
+        done += n
+        assert n == 32 or done % per_epoch == 0, sizes  # the rule's run, or an epoch's end
+    inside = [t for n, keep in runs for t in keep if t < n - 1]
+    assert len(inside) >= 3 and len(lane["curve"]) >= len(inside), runs
+    times = [p[0] for p in lane["curve"]]
+    assert times == sorted(times) and times[-1] == pytest.approx(lane["train_s"], abs=1e-3)

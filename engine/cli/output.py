@@ -132,7 +132,7 @@ def print_run_figures(report: dict, console) -> None:
 
     window = report.get("window")
     console.print(_microbatch_text(report["batch_size"], report["microbatches"])
-                  + (f", {window} steps per pipelined run" if window else ""), soft_wrap=True)
+                  + (f", up to {window} steps per pipelined run" if window else ""), soft_wrap=True)
     sim = report.get("simulated")
     bubble = report.get("bubble_fraction")
     # where the stages take turns in one process, the measured idle share is no bubble
