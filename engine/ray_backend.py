@@ -131,6 +131,8 @@ class _StageActor:
             self._in_flight = []
         result = self.worker.end()
         result.outputs = {j: to_wire(v) for j, v in result.outputs.items()}
+        result.kept = [(t, s, at, {k: to_wire(v) for k, v in state.items()})
+                       for t, s, at, state in result.kept]
         return result
 
     def state_dicts(self) -> dict[int, dict]:
@@ -314,8 +316,10 @@ class RayBackend:
             for w, (actor, prog, msgs) in enumerate(zip(self.actors, programs, messages))
         ]
         results = self._get(refs)
-        for r in results:  # eval outputs travel as numpy; hand back owned tensors
+        for r in results:  # eval outputs and kept weights travel as numpy: owned tensors
             r.outputs = {j: from_wire(v) for j, v in r.outputs.items()}
+            r.kept = [(t, s, at, {k: from_wire(v) for k, v in state.items()})
+                      for t, s, at, state in r.kept]
         return results
 
     def _get(self, refs: list) -> list:
