@@ -8,9 +8,10 @@ time. The clock stops while it evaluates: evaluation is not charged to the metho
 method is judged by how fast its training moves the accuracy, not by how often it is looked
 at. Nor does looking stop the run: an evaluation that falls due inside a run is of the
 weights each stage held when its work on that step ended, copied as the run goes
-(``Pipeline.run(keep=)``) and evaluated after it, at the time the step ended. With a grid of learning rates (``lrs``) every method runs once per rate and is reported
-at its best (the rate that reaches the target soonest; if none does, the highest final
-accuracy), so no method is handicapped by a rate chosen for another.
+(``Pipeline.run(keep=)``) and evaluated after it, at the time the step ended. With a grid
+of learning rates (``lrs``) every method runs once per rate and is reported at its best
+(the rate that reaches the target soonest; if none does, the highest final accuracy), so
+no method is handicapped by a rate chosen for another.
 
 Per method the result holds ``final_test_accuracy`` (the whole test split, after training),
 ``time_to_target_s`` (the training seconds at the first evaluation that reached
@@ -298,10 +299,11 @@ class _Lane:
         """Runs until the budget (or the epochs) is spent. An evaluation due inside a run
         is of the weights kept at the first candidate step that ended at or after its time
         (``Pipeline.run(keep=)``, two candidates an interval: :func:`_keep_steps`), put
-        on the curve at the time that step ended: the run is not cut there. Why: a cut fills and drains the pipeline, which
-        costs a decoupled rule (dni, petra, dgl: one fill per run) a pipeline's depth of
-        idle time per evaluation, and costs a flush schedule nothing; at an evaluation
-        every 0.25 s that was a third of dgl's throughput."""
+        on the curve at the time that step ended: the run is not cut there. Why: a cut
+        fills and drains the pipeline, which costs a decoupled rule (dni, petra, dgl: one
+        fill per run) a pipeline's depth of idle time per evaluation, and costs a flush
+        schedule nothing; at an evaluation every 0.25 s that was a third of dgl's
+        throughput."""
         rc = self.rc
         self.evaluate(pipe)
         interval = rc.interval_s

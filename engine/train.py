@@ -588,6 +588,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 RUN_S = 1.0  # a flush schedule's default run: about this many seconds of training
+MAX_AUTO_WINDOW = 1024  # and at most this many steps
 
 
 def window_steps(cfg: TrainConfig, pipe: Pipeline, step_s: float | None = None) -> int:
@@ -603,12 +604,10 @@ def window_steps(cfg: TrainConfig, pipe: Pipeline, step_s: float | None = None) 
         return cfg.window
     if pipe.decoupled:
         return 32
-    if not step_s or step_s <= 0:
+    if step_s is None or step_s <= 0:
         return 16
     return max(1, min(MAX_AUTO_WINDOW, int(RUN_S / step_s)))
 
-
-MAX_AUTO_WINDOW = 1024
 
 
 def _check_finite(loss: float, step: int, pipe: Pipeline | None) -> None:

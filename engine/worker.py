@@ -205,7 +205,7 @@ class Worker:
         end = events[mark][4] if len(events) > mark else t1
         events.insert(mark, (self.index, action.stage, action.kind, action.microbatch,
                              t0, end, "compute"))
-        if action in self._keep:
+        if self._keep and action in self._keep:  # most runs keep nothing: no hashing
             self._keep_weights(action, t1)
 
     def _keep_weights(self, action: Action, done: float) -> None:
