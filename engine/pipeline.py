@@ -56,6 +56,12 @@ def _concatenate(base: schedulers.Schedule, steps: int, phase: int) -> list[list
     return program
 
 
+def _identity(batches) -> tuple[int, ...]:
+    """Which tensors a list of batches holds (a staged run is matched by them, not by
+    value: comparing values would cost what staging saves)."""
+    return tuple(id(t) for pair in batches for t in pair)
+
+
 def keep_points(row: list[Action], steps: list[int], microbatches: int) -> dict[Action, int]:
     """Where a worker's program leaves each stage's weights as kept step ``t`` made them:
     after the stage's last action on a microbatch of step ``t``, and after the updates of
@@ -167,6 +173,9 @@ class Pipeline:
         self._samples = 0
         self._steps = 0
         self._timeline_steps = 0  # steps the recorded events cover (reset_timeline clears)
+        # (identity, the batches themselves, token) of the inputs the last run shipped ahead
+        # (``run(then=...)``); the batches are held so their tensors' ids stay theirs
+        self._staged: tuple[tuple[int, ...], list, int] | None = None
         self._peak_bytes: dict[int, int] = {}
         self._owns_ray = False
         self.started_ray = False  # whether this pipeline started the Ray cluster it runs on
@@ -322,7 +331,8 @@ class Pipeline:
         return self.run([(x, y)])[0]
 
     def run(self, batches: list[tuple[torch.Tensor, torch.Tensor]],
-            keep: Sequence[int] = ()) -> list[dict[str, Any]]:
+            keep: Sequence[int] = (),
+            then: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[dict[str, Any]]:
         """Train on several batches in one pipelined run; one result per batch (step).
 
         Flush schedules give exactly what as many ``step`` calls give, with one driver
@@ -334,6 +344,10 @@ class Pipeline:
         held it when its work on the step ended) and ``weights_at`` (the latest of those
         ends, on ``time.perf_counter``'s clock). Evaluating them later costs the run only
         the copies, where a run cut at the step would fill and drain the pipeline again.
+        ``then``: the batches of the next run, when the caller knows them: the Ray backend
+        ships them to the stages while this run trains, and the next ``run`` given those
+        same batches (the same tensors) starts with them in place, so the stages do not
+        idle through the hand-over (the other backends have nothing to ship).
         """
         self._check_open()
         if not batches:
@@ -343,10 +357,17 @@ class Pipeline:
         if bad:
             raise PipelineConfigError(f"keep steps {bad} are outside this run of "
                                       f"{len(batches)} steps (0-{len(batches) - 1})")
-        xs, ys = self._inputs(batches)
+        messages = self._take_staged(batches)
+        if messages is None:
+            messages = self._messages(True, *self._inputs(batches))
         program = self._program(len(batches))
         points = [keep_points(row, list(keep), m) for row in program] if keep else None
-        results = self._run(True, program, xs, ys, keep=points)
+        upcoming = None
+        if then and getattr(self._backend, "stages_inputs", False):
+            upcoming = self._messages(True, *self._inputs(then))
+        results = self._run(True, program, messages=messages, keep=points, then=upcoming)
+        if upcoming is not None:
+            self._staged = (_identity(then), list(then), self._backend.staged)
         per_mb = dict(pair for r in results for pair in r.losses)
         out = []
         for t, (x, _) in enumerate(batches):
@@ -446,11 +467,17 @@ class Pipeline:
         return Timeline(events=self._events_of(results), num_workers=self.config.num_workers,
                         samples=x.shape[0] * steps, meta=self._meta("profiled", steps))
 
-    def _run(self, training: bool, program, xs, ys, mode: str = "run",
-             keep: list[dict[Action, int]] | None = None) -> list:
-        """Hand the inputs to the first stage's worker and targets to the last's (and, in
-        training, the labels to every worker holding an earlier stage the rule shows them
-        to: its exposure). Only a training step that is a plain run joins the timeline."""
+    def _take_staged(self, batches) -> int | None:
+        """The token of ``batches``' inputs where the last run shipped them (``then``)."""
+        staged, self._staged = self._staged, None
+        if staged is not None and staged[0] == _identity(batches):
+            return staged[2]
+        return None
+
+    def _messages(self, training: bool, xs, ys) -> list[list[tuple]]:
+        """Per worker, the driver's messages of a run: the inputs to the first stage's
+        worker, targets to the last's (and, in training, the labels to every worker holding
+        an earlier stage the rule shows them to: its exposure)."""
         n = self.schedule.num_stages
         first, last = self.schedule.worker_of(0), self.schedule.worker_of(n - 1)
         messages: list[list[tuple]] = [[] for _ in range(self.config.num_workers)]
@@ -459,8 +486,18 @@ class Pipeline:
         if training:
             for w in {self.schedule.worker_of(s) for s in self.labels_to}:
                 messages[w] += [(("l", j), yj) for j, yj in enumerate(ys)]  # (label, weight)
+        return messages
+
+    def _run(self, training: bool, program, xs=(), ys=(), mode: str = "run",
+             keep: list[dict[Action, int]] | None = None, messages=None, then=None) -> list:
+        """Run ``program`` on ``xs``/``ys`` (or on ``messages``, built or staged already);
+        ``then``: the next run's messages, to ship meanwhile. Only a training step that is
+        a plain run joins the timeline."""
+        if messages is None:
+            messages = self._messages(training, xs, ys)
+        extra = {"then": then} if then is not None else {}
         try:
-            results = self._backend.run_step(training, program, messages, mode, keep)
+            results = self._backend.run_step(training, program, messages, mode, keep, **extra)
         except PipelineError:
             self.shutdown()  # the backend has killed its workers; release the cluster too
             raise

@@ -452,20 +452,23 @@ class _Run:
         spent; an evaluation after every epoch. A flush schedule's first run is one step:
         its line tells the user the pipeline works, and when (the same weights as one run:
         a flush schedule's steps do not overlap). A decoupled schedule keeps its windows
-        whole: where its runs are cut changes what it computes."""
+        whole: where its runs are cut changes what it computes. Where nothing happens on
+        the driver between two runs (no evaluation, checkpoint or probe), the next run's
+        batches are drawn before this one starts and ship while it trains (``then``)."""
         first = window_steps(self.cfg, pipe) if pipe.decoupled else 1
         every = self.cfg.checkpoint_every
         step_s = None
+        ahead = None  # (the next run's batches, whether they end an epoch), drawn already
         while self.done < self.total:
-            n = window_steps(self.cfg, pipe, step_s) if self.run_train_s else first
-            n = min(n, self.total - self.done)
-            if self.cfg.checkpoint and every:
-                n = min(n, every - self.done % every)
-            if self.probes is not None:  # a probed step ends its window: weights as they were
-                n = min(n, self.probes.steps_to_next(self.done))
-            chunk = self._next_batches(n)
+            chunk, ends_epoch = ahead or self._draw(
+                self._run_length(pipe, self.done, step_s, first))
+            ahead = None
+            if self.run_train_s and self._may_draw_ahead(chunk, ends_epoch):
+                ahead = self._draw(self._run_length(pipe, self.done + len(chunk), step_s, first))
+            upcoming = ahead[0] if ahead else None
             t0 = time.perf_counter()
-            outs = pipe.run([(x, y) for _, x, y in chunk])
+            outs = pipe.run([(x, y) for _, x, y in chunk],
+                            then=[(x, y) for _, x, y in upcoming] if upcoming else None)
             spent = time.perf_counter() - t0
             if self.run_train_s == 0.0:
                 self.phases.record("first step", spent,
@@ -487,13 +490,44 @@ class _Run:
                 self.epoch_losses.setdefault(epoch, []).append(out["loss"])
                 self.done += 1
             epoch = chunk[-1][0]
-            if self.loader.epoch > epoch and self.cfg.eval_every_epoch:
+            if ends_epoch and self.cfg.eval_every_epoch:
                 self._evaluate(pipe, epoch, complete=True)
             if self.cfg.checkpoint and (self.done == self.total or
                                         (every and self.done // every > (self.done - len(outs)) // every)):
                 self.save(pipe)
             if self.progress:
                 self.progress(self.done, self.total, {"epoch": epoch + 1, "loss": outs[-1]["loss"]})
+
+    def _run_length(self, pipe: Pipeline, done: int, step_s: float | None, first: int) -> int:
+        """Steps in the run that starts after ``done`` steps: a window (the first run:
+        ``first``), cut at the budget's end, the next checkpoint step and the next probe."""
+        n = window_steps(self.cfg, pipe, step_s) if self.run_train_s else first
+        n = min(n, self.total - done)
+        every = self.cfg.checkpoint_every
+        if self.cfg.checkpoint and every:
+            n = min(n, every - done % every)
+        if self.probes is not None:  # a probed step ends its window: weights as they were
+            n = min(n, self.probes.steps_to_next(done))
+        return n
+
+    def _draw(self, n: int) -> tuple[list, bool]:
+        """The next ``n`` batches (:meth:`_next_batches`) and whether their epoch ends with
+        them (known now: the loader may have moved on by the time they train)."""
+        chunk = self._next_batches(n)
+        return chunk, self.loader.epoch > chunk[-1][0]
+
+    def _may_draw_ahead(self, chunk: list, ends_epoch: bool) -> bool:
+        """Whether the batches after ``chunk`` can be drawn before it trains: no step
+        budget's end, evaluation (an epoch ends with it), checkpoint (it saves the
+        loader's position) or probe between the two runs."""
+        after, every = self.done + len(chunk), self.cfg.checkpoint_every
+        if after >= self.total:
+            return False
+        if ends_epoch and self.cfg.eval_every_epoch:
+            return False
+        if self.cfg.checkpoint and every and after // every > self.done // every:
+            return False
+        return self.probes is None or not self.probes.due(after)
 
     def _evaluate(self, pipe: Pipeline, epoch: int, complete: bool) -> dict[str, Any]:
         """Test loss and accuracy now, as the record of ``epoch`` (logged)."""
@@ -595,7 +629,8 @@ def window_steps(cfg: TrainConfig, pipe: Pipeline, step_s: float | None = None) 
     """Steps in the next pipelined run. Decoupled schedules fill and drain once per run and
     what they compute depends on where runs are cut, so their runs are a fixed 32 steps.
     Flush schedules give the same weights in one run of many steps as step by step and
-    lose a driver round trip (~15-25 ms: results, events, the next run's data) per run, so
+    lose a driver round trip (7-20 ms: results, events; the next run's data ships while
+    this one trains, ``Pipeline.run(then=...)``, where nothing happens between them) per run, so
     their runs last about ``RUN_S`` at ``step_s`` seconds a step (the last run's), capped
     at 1,024 steps; 16 before a step has been timed. Measured, the README's main job (2
     Ray stages, 1F1B, m=4, batch 64, 110 steps, quiet 2 cores): measured bubble 0.435 in
