@@ -34,10 +34,11 @@ class LocalBackend:
 
     def run_step(
         self, training: bool, programs: list[list[Action]], messages: list[list[tuple]],
-        mode: str = "run", keep: list[dict] | None = None,
+        mode: str = "run", keep: list[dict] | None = None, then: list | None = None,
     ) -> list[StepResult]:
         """Execute one step's action lists; returns each worker's result (``keep``: per
-        worker, the actions after which to copy weights, see ``Worker.begin``)."""
+        worker, the actions after which to copy weights, see ``Worker.begin``). ``then``
+        (the next run's inputs) is ignored: they are in this process already."""
         for w, (worker, msgs, program) in enumerate(zip(self.workers, messages, programs)):
             worker.begin(training, msgs, program, mode, keep[w] if keep else None)
         queues = [deque(p) for p in programs]

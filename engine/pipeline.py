@@ -173,9 +173,9 @@ class Pipeline:
         self._samples = 0
         self._steps = 0
         self._timeline_steps = 0  # steps the recorded events cover (reset_timeline clears)
-        # (identity, the batches themselves, token) of the inputs the last run shipped ahead
-        # (``run(then=...)``); the batches are held so their tensors' ids stay theirs
-        self._staged: tuple[tuple[int, ...], list, int] | None = None
+        # (batches, token) of the inputs the last run shipped ahead (``run(then=...)``); held,
+        # so their tensors' ids stay theirs while they are matched by identity
+        self._staged: tuple[list, int] | None = None
         self._peak_bytes: dict[int, int] = {}
         self._owns_ray = False
         self.started_ray = False  # whether this pipeline started the Ray cluster it runs on
@@ -367,7 +367,7 @@ class Pipeline:
             upcoming = self._messages(True, *self._inputs(then))
         results = self._run(True, program, messages=messages, keep=points, then=upcoming)
         if upcoming is not None:
-            self._staged = (_identity(then), list(then), self._backend.staged)
+            self._staged = (list(then), self._backend.staged)
         per_mb = dict(pair for r in results for pair in r.losses)
         out = []
         for t, (x, _) in enumerate(batches):
@@ -470,8 +470,8 @@ class Pipeline:
     def _take_staged(self, batches) -> int | None:
         """The token of ``batches``' inputs where the last run shipped them (``then``)."""
         staged, self._staged = self._staged, None
-        if staged is not None and staged[0] == _identity(batches):
-            return staged[2]
+        if staged is not None and _identity(staged[0]) == _identity(batches):
+            return staged[1]
         return None
 
     def _messages(self, training: bool, xs, ys) -> list[list[tuple]]:
@@ -495,9 +495,8 @@ class Pipeline:
         a plain run joins the timeline."""
         if messages is None:
             messages = self._messages(training, xs, ys)
-        extra = {"then": then} if then is not None else {}
         try:
-            results = self._backend.run_step(training, program, messages, mode, keep, **extra)
+            results = self._backend.run_step(training, program, messages, mode, keep, then)
         except PipelineError:
             self.shutdown()  # the backend has killed its workers; release the cluster too
             raise

@@ -103,9 +103,10 @@ class TorchrunBackend:
 
     def run_step(
         self, training: bool, programs: list[list[Action]], messages: list[list[tuple]],
-        mode: str = "run", keep: list[dict] | None = None,
+        mode: str = "run", keep: list[dict] | None = None, then: list | None = None,
     ) -> list[StepResult]:
-        """Run this rank's program; a failure anywhere fails every rank, naming the stage."""
+        """Run this rank's program; a failure anywhere fails every rank, naming the stage.
+        ``then`` (the next run's inputs) is ignored: every rank holds the batches itself."""
         error = None
         try:
             self.worker.begin(training, messages[self.rank], programs[self.rank], mode,

@@ -456,7 +456,6 @@ class _Run:
         the driver between two runs (no evaluation, checkpoint or probe), the next run's
         batches are drawn before this one starts and ship while it trains (``then``)."""
         first = window_steps(self.cfg, pipe) if pipe.decoupled else 1
-        every = self.cfg.checkpoint_every
         step_s = None
         ahead = None  # (the next run's batches, whether they end an epoch), drawn already
         while self.done < self.total:
@@ -465,10 +464,9 @@ class _Run:
             ahead = None
             if self.run_train_s and self._may_draw_ahead(chunk, ends_epoch):
                 ahead = self._draw(self._run_length(pipe, self.done + len(chunk), step_s, first))
-            upcoming = ahead[0] if ahead else None
             t0 = time.perf_counter()
             outs = pipe.run([(x, y) for _, x, y in chunk],
-                            then=[(x, y) for _, x, y in upcoming] if upcoming else None)
+                            then=[(x, y) for _, x, y in ahead[0]] if ahead else None)
             spent = time.perf_counter() - t0
             if self.run_train_s == 0.0:
                 self.phases.record("first step", spent,
@@ -492,8 +490,8 @@ class _Run:
             epoch = chunk[-1][0]
             if ends_epoch and self.cfg.eval_every_epoch:
                 self._evaluate(pipe, epoch, complete=True)
-            if self.cfg.checkpoint and (self.done == self.total or
-                                        (every and self.done // every > (self.done - len(outs)) // every)):
+            if ((self.cfg.checkpoint and self.done == self.total)
+                    or self._saves_between(self.done - len(outs), self.done)):
                 self.save(pipe)
             if self.progress:
                 self.progress(self.done, self.total, {"epoch": epoch + 1, "loss": outs[-1]["loss"]})
@@ -520,14 +518,19 @@ class _Run:
         """Whether the batches after ``chunk`` can be drawn before it trains: no step
         budget's end, evaluation (an epoch ends with it), checkpoint (it saves the
         loader's position) or probe between the two runs."""
-        after, every = self.done + len(chunk), self.cfg.checkpoint_every
+        after = self.done + len(chunk)
         if after >= self.total:
             return False
         if ends_epoch and self.cfg.eval_every_epoch:
             return False
-        if self.cfg.checkpoint and every and after // every > self.done // every:
+        if self._saves_between(self.done, after):
             return False
         return self.probes is None or not self.probes.due(after)
+
+    def _saves_between(self, before: int, after: int) -> bool:
+        """Whether a ``--checkpoint-every`` step lies in (before, after]."""
+        every = self.cfg.checkpoint_every
+        return bool(self.cfg.checkpoint and every and after // every > before // every)
 
     def _evaluate(self, pipe: Pipeline, epoch: int, complete: bool) -> dict[str, Any]:
         """Test loss and accuracy now, as the record of ``epoch`` (logged)."""
@@ -629,7 +632,7 @@ def window_steps(cfg: TrainConfig, pipe: Pipeline, step_s: float | None = None) 
     """Steps in the next pipelined run. Decoupled schedules fill and drain once per run and
     what they compute depends on where runs are cut, so their runs are a fixed 32 steps.
     Flush schedules give the same weights in one run of many steps as step by step and
-    lose a driver round trip (7-20 ms: results, events; the next run's data ships while
+    lose a driver round trip (7-22 ms: results, events; the next run's data ships while
     this one trains, ``Pipeline.run(then=...)``, where nothing happens between them) per run, so
     their runs last about ``RUN_S`` at ``step_s`` seconds a step (the last run's), capped
     at 1,024 steps; 16 before a step has been timed. Measured, the README's main job (2

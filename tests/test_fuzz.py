@@ -271,7 +271,7 @@ def pipeline_kwargs(c: dict) -> dict:
 def random_order(backend, rng: random.Random):
     """LocalBackend.run_step with the next action taken from a random ready worker each
     time: one of the interleavings that asynchronous processes may produce."""
-    def run_step(training, programs, messages, mode="run", keep=None):
+    def run_step(training, programs, messages, mode="run", keep=None, then=None):
         for w, (worker, msgs, program) in enumerate(zip(backend.workers, messages, programs)):
             worker.begin(training, msgs, program, mode, keep[w] if keep else None)
         queues = [deque(p) for p in programs]

@@ -40,7 +40,7 @@ def test_staged_runs_train_what_unstaged_runs_train(ray_cluster):
         want = local.state_dict()
     with _pipe("ray") as remote:
         remote.run(b1, then=b2)
-        assert remote._staged is not None and remote._staged[2] == remote._backend.staged == 1
+        assert remote._staged is not None and remote._staged[1] == remote._backend.staged == 1
         # changed after staging: the staged run must train on what was shipped, which
         # proves it took the staged inputs rather than shipping b2 again
         original = [(x.clone(), y.clone()) for x, y in b2]
