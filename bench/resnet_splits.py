@@ -5,7 +5,8 @@
     python bench/resnet_splits.py --quick --no-measure             # seconds: a smoke run
     python bench/resnet_splits.py --models resnet50 --shapes imagenet --stages 4,8 --no-measure
 
-What it does, for every model (resnet18/34/50, revnet18/34/50), input shape (CIFAR 3x32x32,
+What it does, for every model (resnet18/34/50, revnet18/34/50; ``--models mlp --shapes
+mnist`` the MNIST MLP at its own width), input shape (CIFAR 3x32x32,
 ImageNet 3x224x224, synthetic data) and stage count (2, 4, 8):
 
 1. Profiles every block's forward and backward on this machine, one torch thread
@@ -15,11 +16,12 @@ ImageNet 3x224x224, synthetic data) and stage count (2, 4, 8):
 2. Balances by time (the exact contiguous min-max partition) and prints the stage table.
 3. Simulates every schedule from a profile of that split (``brigade.schedulers``: build,
    lower, simulate): gpipe, 1f1b, interleaved (2 chunks per worker), zb1p, and the decoupled
-   dni (every model) and petra (revnets). The costs are the per-stage action times of
-   brigade's own stage classes on the balanced split, one microbatch, one thread (backprop
-   F and B, zb1p F, I and W, DNI S and T, PETRA F and R; an SGD step for U), so they include
-   what the engine runs beyond the blocks (loss, saved-bytes hooks, the split backward,
-   synthetic gradients, reconstruction). Sends are charged to the sender
+   dni and dgl (every model) and petra (revnets). The costs are the per-stage action times
+   of brigade's own stage classes on the balanced split, one microbatch, one thread
+   (backprop F and B, zb1p F, I and W, DNI S and T, PETRA F and R, DGL F with its auxiliary
+   head's loss and backward; an SGD step for U), so they include what the engine runs
+   beyond the blocks (loss, saved-bytes hooks, the split backward, synthetic gradients,
+   reconstruction, auxiliary heads). Sends are charged to the sender
    (``--latency-ms``, ``--bandwidth-gbs``; the defaults, 0.2 ms and 1.7 GB/s, put a 4 MB
    hand-off at 2.7 ms, about what bench/transport.py measures for gloo on this kind of
    machine, 1.7-3.1 ms). Figures: step time, samples/s, bubble, idle fraction per worker, peak stored

@@ -79,7 +79,7 @@ def test_quick_simulated_run_writes_sane_rows(tmp_path):
             continue
         assert sum(r["balance"]) == blocks[r["model"]]
         assert len(r["balance"]) == r["stages"] * (2 if r["schedule"] == "interleaved" else 1)
-        steps = 2 if r["schedule"] in ("dni", "petra") else 1  # decoupled: one window
+        steps = 2 if r["schedule"] in ("dni", "petra", "dgl") else 1  # decoupled: one window
         assert r["simulated_steps"] == steps
         assert r["costs"] == "profiled"
     # p=5 > m=4: the 1F1B family needs a microbatch per stage; gpipe and the decoupled don't
@@ -115,7 +115,7 @@ def test_imagenet_shape_is_profiled_small_and_scaled(tmp_path):
 
 @pytest.mark.parametrize("args,names", [
     (["--models", "resnet19"], "resnet19"),
-    (["--shapes", "mnist"], "mnist"),
+    (["--shapes", "svhn"], "svhn"),
     (["--schedules", "1f1b,foo"], "foo"),
     (["--stages", "1"], "stage count 1 is out of range"),
     (["--stages", "two"], "two"),
@@ -267,3 +267,20 @@ def test_decoupled_target_names_what_removing_the_flush_can_gain():
     assert "(m+p-1)/m = 1.125x at p=2, m=8" in check["note"]
     row.update(microbatches=2, stages=4)
     assert "= 2.500x at p=4, m=2" in rs.target_checks([row])[0]["note"]
+
+
+def test_dgl_costs_charge_the_heads_backward_to_f_and_send_nothing_back():
+    """DGL's F is the forward, the head's loss and its backward: dearer than backprop's F on
+    the same stage, and no B, I, W or R (nothing comes back from the next stage)."""
+    from resnet_bench.costs import stage_costs
+    from resnet_bench.profiling import make_model, profile_model
+
+    cfg = rs.BenchConfig(**{**rs.QUICK, "models": ("resnet18",), "repeats": 3})
+    mp = profile_model(cfg, "resnet18", "cifar")
+    model = make_model(cfg, "resnet18", "cifar")
+    bp, dgl = (stage_costs(cfg, mp, model, 2, rule) for rule in ("backprop", "dgl"))
+    assert dgl.balance == bp.balance
+    for s in (0, 1):  # the backward inside (the last stage's on its real loss): ~2.5x
+        assert dgl.costs.f[s] > 1.5 * bp.costs.f[s], (s, dgl.costs.f, bp.costs.f)
+    assert bp.costs.b is not None and dgl.costs.b is None and dgl.costs.r is None
+    assert dgl.costs.sg == 0.0  # no synthesizer: no T

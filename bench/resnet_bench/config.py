@@ -21,20 +21,24 @@ __all__ = [
 ]
 
 
-MODELS = ("resnet18", "resnet34", "resnet50", "revnet18", "revnet34", "revnet50")
-# name -> ((channels, height, width), classes, stem)
-SHAPES: dict[str, tuple[tuple[int, int, int], int, str]] = {
+# the MNIST MLP (the README's main job) beside the convolutional nets: where a microbatch's
+# compute is a few milliseconds, so the messages' fixed costs show
+CONV_MODELS = ("resnet18", "resnet34", "resnet50", "revnet18", "revnet34", "revnet50")
+MODELS = (*CONV_MODELS, "mlp")
+# name -> ((channels, height, width), classes, stem: None for the MLP, which has none)
+SHAPES: dict[str, tuple[tuple[int, int, int], int, str | None]] = {
     "cifar": ((3, 32, 32), 10, "cifar"),
     "imagenet": ((3, 224, 224), 1000, "imagenet"),
+    "mnist": ((1, 28, 28), 10, None),
 }
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p", "dni", "petra")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p", "dni", "petra", "dgl")
 # brigade schedule -> the torch.distributed.pipelining schedule measured beside it
 TORCH_SCHEDULES = {"gpipe": "gpipe", "1f1b": "1f1b", "interleaved": "interleaved",
-                   "zb1p": "1f1b", "dni": "1f1b", "petra": "1f1b"}
+                   "zb1p": "1f1b", "dni": "1f1b", "petra": "1f1b", "dgl": "1f1b"}
 BACKENDS = ("ray", "torchrun")  # brigade's backends the measured splits run on
 _TORCH_CLASSES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
                   "interleaved": "ScheduleInterleaved1F1B"}
-_METHOD = {"dni": "dni", "petra": "petra"}  # schedule -> learning rule (else backprop)
+_METHOD = {"dni": "dni", "petra": "petra", "dgl": "dgl"}  # schedule -> learning rule (else backprop)
 _SPEEDUP_TARGET = 1.3   # decoupled throughput over torch 1F1B
 _RATIO_TARGET = 1.0     # brigade / torch step time, for the schedules below
 _RATIO_SCHEDULES = ("gpipe", "1f1b")
@@ -51,7 +55,7 @@ class BenchError(ConfigError):
 class BenchConfig:
     """Everything a run needs, checked once in ``__post_init__`` (errors name the fix)."""
 
-    models: tuple[str, ...] = MODELS
+    models: tuple[str, ...] = CONV_MODELS  # the MLP on request (bench/unlocked_regime.py)
     shapes: tuple[str, ...] = ("cifar", "imagenet")
     stages: tuple[int, ...] = (2, 4, 8)
     schedules: tuple[str, ...] = SCHEDULES
@@ -166,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", type=_csv(str), default=d.shapes, help="cifar,imagenet")
     p.add_argument("--stages", type=_csv(int), default=d.stages, help="stage counts (2,4,8)")
     p.add_argument("--schedules", type=_csv(str), default=d.schedules,
-                   help="gpipe,1f1b,interleaved,zb1p,dni,petra (petra: revnets only)")
+                   help="gpipe,1f1b,interleaved,zb1p,dni,petra,dgl (petra: revnets only)")
     p.add_argument("--microbatches", type=int, default=d.microbatches)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--width", type=int, default=d.width, help="base channels of every model")

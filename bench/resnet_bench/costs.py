@@ -15,7 +15,7 @@ from brigade.schedulers import Costs
 from brigade.schedulers.calibrate import costs_from_spans
 from brigade.stages.partition import min_max_partition, split
 
-from .config import BenchConfig, LR, _METHOD
+from .config import SHAPES, BenchConfig, LR, _METHOD
 from .profiling import ModelProfile, _threads, make_batch
 
 __all__ = ["SplitCosts", "split_costs", "stage_costs"]
@@ -77,7 +77,8 @@ def stage_costs(cfg: BenchConfig, mp: ModelProfile, model: nn.Sequential, parts:
     Why the stage classes and not the summed block times: the engine runs them, with what
     they add (the saved-bytes hooks, the loss, zb1p's split backward, DNI's synthetic
     gradient and per-microbatch update in S and its training in T, PETRA's reconstruction
-    in R). ``rule`` is backprop, zb1p (backprop with I and W timed), dni or petra.
+    in R, DGL's auxiliary head and its backward in F). ``rule`` is backprop, zb1p (backprop
+    with I and W timed), dni, petra or dgl.
     """
     from brigade.stages.stage import StageSpec, make_stage_module
 
@@ -92,7 +93,8 @@ def stage_costs(cfg: BenchConfig, mp: ModelProfile, model: nn.Sequential, parts:
             last = s == parts - 1
             if rule != "dni":  # DNI's S updates inside, per microbatch: no U of its own
                 seconds[(s, "U")] = _update_seconds(piece, cfg.repeats)
-            st = _make_stage(rule, make_stage_module(list(piece), first), StageSpec(s, parts), last)
+            st = _make_stage(rule, make_stage_module(list(piece), first), StageSpec(s, parts),
+                             last, classes=SHAPES[mp.shape][1])
             first += len(piece)
             measured, held, out_bytes = _time_actions(rule, st, inputs[s], y if last else None,
                                                       cfg.repeats)
@@ -105,13 +107,13 @@ def stage_costs(cfg: BenchConfig, mp: ModelProfile, model: nn.Sequential, parts:
     return SplitCosts(balance, costs, stored, mp.source)
 
 
-def _make_stage(rule: str, module: nn.Module, spec, last: bool):
+def _make_stage(rule: str, module: nn.Module, spec, last: bool, classes: int):
     """The stage class the engine builds for ``rule``, with its fixed options (zb1p's is
-    backprop's; PETRA never steps inside R here)."""
+    backprop's; PETRA never steps inside R here; DGL's heads predict ``classes``)."""
     from brigade.stages.rules import get_method, method_names
 
     rule_spec = get_method(rule if rule in method_names() else "backprop")
-    extra = {"accumulate": 10**9} if rule == "petra" else {}
+    extra = {"petra": {"accumulate": 10**9}, "dgl": {"num_classes": classes}}.get(rule, {})
     return rule_spec.stage_class(module, spec, lambda p: torch.optim.SGD(p, lr=LR),
                                  nn.CrossEntropyLoss() if last else None,
                                  **rule_spec.fixed, **extra)
@@ -137,7 +139,10 @@ def _one_microbatch(rule: str, st, j: int, x: torch.Tensor, y: torch.Tensor | No
     last = y is not None
     clock = time.perf_counter
     t0 = clock()
-    out = st.forward(j, x, y)
+    if rule == "dgl" and not last:  # F trains the stage on its head's loss: it needs labels
+        out = st.forward(j, x, None, label=torch.zeros(len(x), dtype=torch.long))
+    else:
+        out = st.forward(j, x, y)
     t1 = clock()
     if rule == "dni":
         out = out[0]
@@ -148,6 +153,8 @@ def _one_microbatch(rule: str, st, j: int, x: torch.Tensor, y: torch.Tensor | No
     if rule == "backprop":
         st.backward(j, grad)
         return {first: t1 - t0, "B": clock() - t1}, held, out_bytes
+    if rule == "dgl":  # its backward ran inside F (the head's loss); nothing comes back
+        return {first: t1 - t0}, held, out_bytes
     if rule == "zb1p":
         st.backward_input(j, grad)
         t2 = clock()

@@ -45,10 +45,13 @@ class ModelProfile:
 
 
 def make_model(cfg: BenchConfig, name: str, shape: str) -> nn.Sequential:
-    """The model as both runners build it: same seed, same options, so the same weights."""
+    """The model as both runners build it: same seed, same options, so the same weights.
+    ``--width`` and the stem are the convolutional nets'; the MLP keeps its own width (the
+    README main job's model)."""
     dims, classes, stem = SHAPES[shape]
     torch.manual_seed(cfg.seed)
-    return build_model(name, width=cfg.width, stem=stem, **shape_kwargs(dims, classes))
+    conv = {} if name == "mlp" else {"width": cfg.width, "stem": stem or "cifar"}
+    return build_model(name, **conv, **shape_kwargs(dims, classes))
 
 
 def make_batch(cfg: BenchConfig, shape: str, n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
