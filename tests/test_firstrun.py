@@ -128,15 +128,16 @@ def test_synthetic_test_split_is_drawn_like_the_training_split(like):
     assert abs(train.x.mean() - test.x.mean()) < 0.05 and abs(train.x.std() - test.x.std()) < 0.05
 
 
-def test_a_flush_schedules_runs_last_about_a_second_and_a_decoupled_ones_32_steps():
+def test_a_flush_schedules_runs_last_about_a_second_and_a_decoupled_ones_64_steps():
     from types import SimpleNamespace
 
-    from brigade.engine.train import MAX_AUTO_WINDOW, RUN_S, TrainConfig, window_steps
+    from brigade.engine.train import (DECOUPLED_WINDOW, MAX_AUTO_WINDOW, RUN_S, TrainConfig,
+                                      window_steps)
 
     flush, decoupled = SimpleNamespace(decoupled=False), SimpleNamespace(decoupled=True)
     cfg = TrainConfig()
     assert window_steps(cfg, flush) == 16  # no step timed yet
     assert window_steps(cfg, flush, 0.01) == round(RUN_S / 0.01)
     assert window_steps(cfg, flush, 5.0) == 1 and window_steps(cfg, flush, 1e-6) == MAX_AUTO_WINDOW
-    assert window_steps(cfg, decoupled, 0.01) == 32  # where a run is cut changes its result
+    assert window_steps(cfg, decoupled, 0.01) == DECOUPLED_WINDOW == 64  # cuts change results
     assert window_steps(TrainConfig(window=3), flush, 0.01) == 3

@@ -9,6 +9,7 @@ import pytest
 from brigade.engine.cli import main
 from brigade.engine.errors import PipelineConfigError
 from brigade.engine.race import RaceConfig, best_lane, run_race, time_to_target
+from brigade.engine.train import DECOUPLED_WINDOW
 
 SMALL = ["--model", "mlp", "--width", "16", "--data", "synthetic", "--batch-size", "16",
          "--microbatches", "2", "--quiet", "--eval-size", "64"]
@@ -111,7 +112,7 @@ def test_a_rate_that_diverges_leaves_the_race_and_the_others_go_on(tmp_path, cap
 
 def test_evaluations_inside_a_run_are_of_kept_weights_and_do_not_cut_it(monkeypatch):
     """dgl (a run fills and drains once) evaluated every 0.05 s, a fraction of its run of
-    32 steps: the runs stay 32 steps (an epoch's end aside) while the curve gets a point
+    64 steps: the runs stay 64 steps (an epoch's end aside) while the curve gets a point
     per interval, from weights kept inside the runs. Epochs, not a budget: a budget's end
     cuts runs at a length that depends on the machine's load."""
     from brigade.engine import Pipeline
@@ -134,7 +135,7 @@ def test_evaluations_inside_a_run_are_of_kept_weights_and_do_not_cut_it(monkeypa
     done = sizes[0]  # one step, to time a step
     for n in sizes[1:]:
         done += n
-        assert n == 32 or done % per_epoch == 0, sizes  # the rule's run, or an epoch's end
+        assert n == DECOUPLED_WINDOW or done % per_epoch == 0, sizes  # the rule's, or an epoch's end
     inside = [t for n, keep in runs for t in keep if t < n - 1]
     assert len(inside) >= 3, runs
     times = [p[0] for p in lane["curve"]]

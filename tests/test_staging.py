@@ -56,10 +56,8 @@ def test_staged_runs_train_what_unstaged_runs_train(ray_cluster):
         assert not torch.equal(x, x0)  # the test did change the tensors it staged
 
 
-def test_the_trainer_draws_ahead_only_where_nothing_happens_between_runs(monkeypatch, tmp_path):
-    """Runs of 4 steps over 2 epochs of 11 steps, a checkpoint every 6: each run's
-    ``then`` is the next run's batches (the same tensors), and none is given across an
-    epoch's end, a checkpoint step or the last step."""
+def _spy_on_runs(monkeypatch) -> list[tuple[list, list | None]]:
+    """Every ``Pipeline.run`` call's batches and ``then``, in order (the runs still run)."""
     calls: list[tuple[list, list | None]] = []
     real = Pipeline.run
 
@@ -68,6 +66,14 @@ def test_the_trainer_draws_ahead_only_where_nothing_happens_between_runs(monkeyp
         return real(self, batches, keep, then)
 
     monkeypatch.setattr(Pipeline, "run", spy)
+    return calls
+
+
+def test_the_trainer_draws_ahead_only_where_nothing_happens_between_runs(monkeypatch, tmp_path):
+    """Runs of 4 steps over 2 epochs of 11 steps, a checkpoint every 6: each run's
+    ``then`` is the next run's batches (the same tensors), and none is given across an
+    epoch's end, a checkpoint step or the last step."""
+    calls = _spy_on_runs(monkeypatch)
     cfg = TrainConfig(model="mlp", data="synthetic", synthetic_size=352, batch_size=32, epochs=2,
                       window=4, backend="local", checkpoint=str(tmp_path / "ck"),
                       checkpoint_every=6, width=16)
@@ -87,3 +93,21 @@ def test_the_trainer_draws_ahead_only_where_nothing_happens_between_runs(monkeyp
         assert done % 6 and done not in (11, 22), f"drew ahead across step {done}"
         assert [id(t) for p in then for t in p] == [id(t) for p in nxt[0] for t in p]
     assert sum(then is not None for _, then in calls) >= 2  # it did draw ahead
+
+
+@pytest.mark.parametrize("method, first_then", [("dgl", True), ("backprop", False)])
+def test_a_decoupled_first_run_ships_the_second_and_a_flush_one_cannot(monkeypatch, method,
+                                                                       first_then):
+    """A decoupled schedule's windows are fixed, so its first run carries the second's
+    batches; a flush schedule's second run is sized from its first (one step), so its
+    first run goes alone."""
+    calls = _spy_on_runs(monkeypatch)
+    cfg = TrainConfig(model="mlp", data="synthetic", synthetic_size=640, batch_size=32,
+                      steps=12, window=5 if method == "dgl" else None, method=method,
+                      backend="local", width=16)
+    run_training(cfg)
+    (first, then), (second, _) = calls[0], calls[1]
+    assert (then is not None) == first_then, [len(b) for b, _ in calls]
+    if first_then:
+        assert len(first) == 5 and [id(t) for p in then for t in p] == [
+            id(t) for p in second for t in p]
