@@ -451,23 +451,21 @@ class _Run:
         checkpoint step, so both land where they are asked) until the step budget is
         spent; an evaluation after every epoch. A flush schedule's first run is one step:
         its line tells the user the pipeline works, and when (the same weights as one run:
-        a flush schedule's steps do not overlap). A decoupled schedule keeps its windows
+        a flush schedule's steps do not overlap); its second is drawn before a step is
+        timed (``window_steps``' untimed length). A decoupled schedule keeps its windows
         whole: where its runs are cut changes what it computes. Where nothing happens on
         the driver between two runs (no evaluation, checkpoint or probe), the next run's
-        batches are drawn before this one starts and ship while it trains (``then``)."""
+        batches are drawn before this one starts and ship while it trains (``then``), the
+        first run included."""
         first = window_steps(self.cfg, pipe) if pipe.decoupled else 1
         step_s = None
         ahead = None  # (the next run's batches, whether they end an epoch), drawn already
         while self.done < self.total:
-            chunk, ends_epoch = ahead or self._draw(
-                self._run_length(pipe, self.done, step_s, first))
+            chunk, ends_epoch = ahead or self._draw(self._run_length(
+                pipe, self.done, step_s, None if self.run_train_s else first))
             ahead = None
-            # a flush schedule's second run is sized from its first (one step): not known
-            # before it; a decoupled schedule's windows are fixed, so its first run ships
-            # the second too
-            if ((self.run_train_s or pipe.decoupled)
-                    and self._may_draw_ahead(chunk, ends_epoch)):
-                ahead = self._draw(self._run_length(pipe, self.done + len(chunk), step_s, first))
+            if self._may_draw_ahead(chunk, ends_epoch):
+                ahead = self._draw(self._run_length(pipe, self.done + len(chunk), step_s))
             t0 = time.perf_counter()
             outs = pipe.run([(x, y) for _, x, y in chunk],
                             then=[(x, y) for _, x, y in ahead[0]] if ahead else None)
@@ -500,10 +498,11 @@ class _Run:
             if self.progress:
                 self.progress(self.done, self.total, {"epoch": epoch + 1, "loss": outs[-1]["loss"]})
 
-    def _run_length(self, pipe: Pipeline, done: int, step_s: float | None, first: int) -> int:
+    def _run_length(self, pipe: Pipeline, done: int, step_s: float | None,
+                    first: int | None = None) -> int:
         """Steps in the run that starts after ``done`` steps: a window (the first run:
         ``first``), cut at the budget's end, the next checkpoint step and the next probe."""
-        n = window_steps(self.cfg, pipe, step_s) if self.run_train_s else first
+        n = window_steps(self.cfg, pipe, step_s) if first is None else first
         n = min(n, self.total - done)
         every = self.cfg.checkpoint_every
         if self.cfg.checkpoint and every:
