@@ -23,6 +23,8 @@ __all__ = ["LocalBackend"]
 class LocalBackend:
     """Runs all workers in this process."""
 
+    stages_inputs = False  # run_step(then=...): the next run's inputs are here already
+
     def __init__(self, specs: list[WorkerSpec]) -> None:
         self.pids = [os.getpid()] * len(specs)
         self.workers: list[Worker] = []

@@ -363,7 +363,7 @@ class Pipeline:
         program = self._program(len(batches))
         points = [keep_points(row, list(keep), m) for row in program] if keep else None
         upcoming = None
-        if then and getattr(self._backend, "stages_inputs", False):
+        if then and self._backend.stages_inputs:
             upcoming = self._messages(True, *self._inputs(then))
         results = self._run(True, program, messages=messages, keep=points, then=upcoming)
         if upcoming is not None:

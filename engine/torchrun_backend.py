@@ -64,6 +64,8 @@ def broadcast_object(obj: Any) -> Any:
 class TorchrunBackend:
     """Runs this rank's worker; gathers every rank's results."""
 
+    stages_inputs = False  # run_step(then=...): every rank holds the batches itself
+
     def __init__(self, specs: list[WorkerSpec], cluster: ClusterConfig | None = None) -> None:
         """``cluster.transport``: "p2p" or "gloo" (``PipelineConfig`` has checked it)."""
         from .transport import P2PTransport, free_port

@@ -457,7 +457,7 @@ class _Run:
         the driver between two runs (no evaluation, checkpoint or probe), the next run's
         batches are drawn before this one starts and ship while it trains (``then``), the
         first run included."""
-        first = window_steps(self.cfg, pipe) if pipe.decoupled else 1
+        first = None if pipe.decoupled else 1  # None: the window, as every later run
         step_s = None
         ahead = None  # (the next run's batches, whether they end an epoch), drawn already
         while self.done < self.total:
